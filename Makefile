@@ -1,0 +1,44 @@
+# Set-up is part of every target: a fresh clone needs only `make convert` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# torch's CPU wheel for this version lies on the build machines' disk; a newer one would pull a CUDA build.
+TORCH_VERSION ?= 2.13.0
+TRANSFORMERS_VERSION ?= 5.24.0
+BIN := $(VENV)/bin
+
+SRC ?=
+DST ?=
+ARGS ?=
+DEMO_DIR ?= demo
+PYTEST_ARGS ?=
+
+.PHONY: install convert test test-slow clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install -q -e '.[test]' transformers==$(TRANSFORMERS_VERSION)
+	touch $@
+
+# `make convert` converts a small random Gemma-4 demo checkpoint; `make convert SRC=dir [DST=dir] [ARGS=...]`
+# converts a given folder (DST defaults to SRC-FP8).
+convert: install
+ifeq ($(SRC),)
+	rm -rf $(DEMO_DIR)/gemma-4-tiny
+	$(BIN)/python -m converter.demo $(DEMO_DIR)/gemma-4-tiny
+	$(BIN)/convert-fp8 --src $(DEMO_DIR)/gemma-4-tiny --dst $(DEMO_DIR)/gemma-4-tiny-FP8 --overwrite $(ARGS)
+else
+	$(BIN)/convert-fp8 --src $(SRC) --dst $(if $(DST),$(DST),$(patsubst %/,%,$(SRC))-FP8) $(ARGS)
+endif
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(DEMO_DIR) build *.egg-info .pytest_cache

@@ -1,0 +1,133 @@
+"""`convert-fp8`: a click group whose bare form converts; subcommands join it.
+
+The only module that imports click or tqdm, prints, or exits.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .configs import DEFAULT_MAX_SHARD_SIZE, DEFAULT_PRESET, ConvertOptions, format_size, parse_size
+from .errors import ConvertError
+
+EXAMPLES = """
+Examples:
+
+  convert-fp8 --src gemma-4-31B-it --dst gemma-4-31B-it-FP8
+
+  convert-fp8 --src model --dst model-FP8 --config gemma-4-31b-it --dry-run
+
+  convert-fp8 --src model --dst model-FP8 --exclude model.multi_modal_projector --max-shard-size 2GB
+"""
+
+
+def _size(ctx, param, value):
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.group(invoke_without_command=True, epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--src", type=click.Path(path_type=Path), help="Source checkpoint folder (BF16, F16 or F32 safetensors).")
+@click.option("--dst", type=click.Path(path_type=Path), help="Output folder for the FP8 checkpoint.")
+@click.option("--config", "preset_name", default=DEFAULT_PRESET, show_default=True,
+              help="Preset name from configs/ (gemma-4-31b-it, default) or a preset JSON file.")
+@click.option("--block-size", type=int, default=None, help="Square block edge for the scales [preset's, 64].")
+@click.option("--exclude", multiple=True, metavar="PATTERN",
+              help="Module path to keep unquantized, added to the preset's (repeatable; full dotted paths).")
+@click.option("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE), show_default="5GB", callback=_size,
+              help="Largest output shard, e.g. 5GB, 500MB, 2GiB.")
+@click.option("--dry-run", is_flag=True, help="Print the plan from headers alone; write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty --dst.")
+@click.option("--no-arch-check", is_flag=True, help="Skip the cross-check against transformers' own module set.")
+@click.option("--base-model", default=None, help="Base model id for the model card [source folder name].")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only errors and the final line.")
+@click.option("--debug", is_flag=True, envvar="CONVERT_FP8_DEBUG", help="Show tracebacks of errors.")
+@click.version_option(__version__, prog_name="convert-fp8")
+@click.pass_context
+def main(ctx, src, dst, preset_name, block_size, exclude, max_shard_size, dry_run, overwrite, no_arch_check,
+         base_model, quiet, debug):
+    """Convert a BF16 Hugging Face checkpoint to block-quantized FP8 (E4M3, per-block scales), streaming
+    tensor by tensor in bounded memory, byte-identical to transformers' FineGrainedFP8Config.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    if ctx.invoked_subcommand is not None:
+        return
+    if src is None or dst is None:
+        raise click.UsageError("--src and --dst are required (see --help)")
+    _run(debug, _convert, src=src, dst=dst, preset_name=preset_name, block_size=block_size, exclude=exclude,
+         max_shard_size=max_shard_size, dry_run=dry_run, overwrite=overwrite, arch_check=not no_arch_check,
+         base_model=base_model, quiet=quiet)
+
+
+def _convert(src, dst, preset_name, block_size, exclude, max_shard_size, dry_run, overwrite, arch_check,
+             base_model, quiet):
+    from .convert import convert, prepare
+    from .plan import describe_plan
+    from .presets import load_preset
+
+    options = ConvertOptions(
+        src=src, dst=dst, preset=load_preset(preset_name), extra_excludes=tuple(exclude), block_size=block_size,
+        max_shard_size=max_shard_size, overwrite=overwrite, arch_check=arch_check, base_model=base_model,
+    )
+    if dry_run:
+        _, plan, notes = prepare(options)
+        click.echo(describe_plan(plan))
+        for note in notes:
+            click.echo(f"note: {note}")
+        click.echo("dry run: nothing written")
+        return
+
+    bars = []
+
+    def start_bar(plan):
+        from tqdm import tqdm
+
+        bars.append(tqdm(total=plan.source_nbytes, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
+                         disable=quiet or os.environ.get("CONVERT_FP8_NO_PROGRESS") == "1"))
+
+    try:
+        summary = convert(options, progress=lambda n: bars[0].update(n), on_plan=start_bar)
+    finally:
+        for bar in bars:
+            bar.close()
+    if not quiet:
+        for note in summary.notes:
+            click.echo(f"note: {note}")
+        click.echo(
+            f"{summary.fp8_tensors} tensors to FP8, {summary.copied_tensors} copied, {summary.files_copied} other files; "
+            f"{format_size(summary.bytes_in)} in, {format_size(summary.bytes_out)} out in {summary.shards} shard(s); "
+            f"{summary.seconds:.1f} s ({summary.bytes_in / max(summary.seconds, 1e-9) / 1e9:.2f} GB/s); "
+            f"peak memory {format_size(summary.peak_rss_bytes)}"
+        )
+    click.echo(f"wrote {summary.dst}")
+
+
+def _run(debug: bool, func, **kwargs):
+    """Call `func`; map every error to one line on stderr and a non-zero exit (traceback only with --debug)."""
+    try:
+        return func(**kwargs)
+    except ConvertError as exc:
+        if debug:
+            raise
+        click.echo(f"convert-fp8: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("convert-fp8: interrupted; partial output removed", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the one place unknown errors become one line
+        if debug:
+            raise
+        click.echo(f"convert-fp8: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

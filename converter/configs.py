@@ -1,0 +1,134 @@
+"""Constants and frozen option types. No I/O here."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+FP8_DTYPE_NAME = "F8_E4M3"
+SCALE_DTYPE_NAME = "F32"
+SCALE_SUFFIX = "_scale_inv"
+
+DEFAULT_BLOCK_SIZE = 64
+DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # "5GB", as transformers counts it
+DEFAULT_PRESET = "default"
+
+# safetensors dtype code -> bytes per element
+DTYPE_SIZES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+
+# Source dtypes whose Linear weights are quantized (all are widened to float32 first, exactly).
+QUANTIZABLE_DTYPES = ("BF16", "F16", "F32")
+
+SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+
+
+@dataclass(frozen=True)
+class FP8Scheme:
+    """How weights are quantized: square blocks of `block_size`, E4M3 values, float32 inverse scales."""
+
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+    def __post_init__(self):
+        if self.block_size <= 0 or self.block_size % 16:
+            raise ValueError(f"block size must be a positive multiple of 16, got {self.block_size}")
+
+    def quantization_config(self, modules_to_not_convert: list[str], ignored_layers: list[str]) -> dict:
+        """The `quantization_config` entry of the output `config.json` (transformers, vLLM and SGLang read it)."""
+        return {
+            "quant_method": "fp8",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [self.block_size, self.block_size],
+            "modules_to_not_convert": list(modules_to_not_convert),
+            "ignored_layers": list(ignored_layers),
+            "dequantize": False,
+            "scale_fmt": "float",
+        }
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named set of defaults from `configs/`: exclusion patterns and block size."""
+
+    name: str
+    modules_to_not_convert: tuple[str, ...]
+    block_size: int = DEFAULT_BLOCK_SIZE
+    architectures: tuple[str, ...] = ()  # the architectures it was written for; others get a warning
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Everything one conversion run needs to know."""
+
+    src: Path
+    dst: Path
+    preset: Preset
+    extra_excludes: tuple[str, ...] = ()
+    block_size: int | None = None  # None: the preset's
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    overwrite: bool = False
+    arch_check: bool = True
+    base_model: str | None = None  # for the model card; defaults to the source folder name
+    scheme: FP8Scheme = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "scheme", FP8Scheme(self.block_size or self.preset.block_size))
+
+    @property
+    def exclude_patterns(self) -> tuple[str, ...]:
+        """Preset patterns then `--exclude` ones, in order, without repeats."""
+        return tuple(dict.fromkeys(self.preset.modules_to_not_convert + self.extra_excludes))
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a size as transformers' `max_shard_size` does: "5GB" is 5*10**9 bytes, "2GiB" is 2*2**30.
+
+    Raises:
+        ValueError: the text is not a positive size.
+    """
+    if isinstance(text, int):
+        value = text
+    else:
+        match = _SIZE_RE.match(text)
+        unit = match.group(2).upper() if match else None
+        if not match or unit not in _SIZE_UNITS:
+            raise ValueError(f"not a size: {text!r} (use e.g. 5GB, 500MB, 2GiB or a number of bytes)")
+        value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return value
+
+
+def format_size(nbytes: int) -> str:
+    """Human-readable decimal size: 1.23 GB."""
+    for unit, factor in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if nbytes >= factor:
+            return f"{nbytes / factor:.2f} {unit}"
+    return f"{nbytes} B"

@@ -1,0 +1,94 @@
+"""A small random checkpoint with the structure of gemma-4-31B-it, for `make convert` and the tests.
+
+Text and vision towers, tied lm_head, sliding and full attention layers (full ones without v_proj, as in the
+31B), a vision MLP width (100) that does not tile by 64, and planted values: an all-zero tile, an outlier and a
+tile of tiny values. Saved by transformers itself in many shards, with a word-level tokenizer and a chat
+template, so that every file kind of a real checkpoint is there.
+
+    python -m converter.demo OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+PLANTED_ZERO_TILE = "model.language_model.layers.0.mlp.gate_proj.weight"
+PLANTED_OUTLIER = "model.language_model.layers.1.self_attn.o_proj.weight"
+PLANTED_TINY_TILE = "model.language_model.layers.2.mlp.down_proj.weight"
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def gemma4_config(vocab_size: int = 512):
+    from transformers import Gemma4Config
+
+    return Gemma4Config(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=64, global_head_dim=128,
+            num_global_key_value_heads=1, attention_k_eq_v=True, hidden_size_per_layer_input=0,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            sliding_window=16, final_logit_softcapping=30.0, tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            hidden_size=64, intermediate_size=100, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, head_dim=32, position_embedding_size=64, standardize=True,
+        ),
+        tie_word_embeddings=True,
+    )
+
+
+def build_gemma4_checkpoint(path: Path, seed: int = 0, max_shard_size: str = "100KB", dtype=None) -> Path:
+    """Save a random tiny Gemma-4 (31B structure) checkpoint in `path` and return it."""
+    import torch
+    from transformers import Gemma4ForConditionalGeneration
+
+    dtype = dtype or torch.bfloat16
+    path = Path(path)
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(gemma4_config()).to(dtype).eval()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        params[PLANTED_ZERO_TILE][:64, :64] = 0
+        params[PLANTED_OUTLIER][3, 5] = 60.0
+        params[PLANTED_TINY_TILE][64:128, 0:64] *= 1e-6
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    _save_tokenizer(path, model.config.text_config.vocab_size)
+    return path
+
+
+def _save_tokenizer(path: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    words = [f"w{i}" for i in range(vocab_size - len(specials))]
+    vocab = {tok: i for i, tok in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
+        return 2
+    out = build_gemma4_checkpoint(Path(argv[0]))
+    files = sorted(p.name for p in out.iterdir())
+    print(f"demo checkpoint: {out} ({len(files)} files: {', '.join(files[:4])}, ...)")
+    print(json.dumps({"architectures": json.loads((out / "config.json").read_text())["architectures"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

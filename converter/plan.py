@@ -1,0 +1,319 @@
+"""The plan: every tensor's fate, the output shards and the output config, decided from headers alone.
+
+`make_plan` is pure: a `SourceIndex` and options in, a `Plan` out. Nothing is read or written, so an impossible
+conversion fails here, before any byte moves, and `--dry-run` shows exactly what a run would do.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from .configs import (
+    DTYPE_SIZES,
+    FP8_DTYPE_NAME,
+    QUANTIZABLE_DTYPES,
+    SCALE_DTYPE_NAME,
+    SCALE_SUFFIX,
+    SHARD_NAME,
+    FP8Scheme,
+    format_size,
+)
+from .errors import PlanError
+from .quantize import scale_shape, tiles_evenly
+from .source import SourceIndex, TensorInfo
+
+QUANTIZE, SCALE, COPY = "quantize", "scale", "copy"
+
+# Last module-name component of an nn.Embedding (2-D `.weight`, but not a Linear). Names ending in a
+# projection (`embed_vision.embedding_projection`) are Linears and do not match.
+_EMBEDDING_NAME = re.compile(
+    r"^(wte|wpe|shared|embed_tokens\w*|embed_positions|\w*embeddings|\w*_embedding|embedding|\w*embedding_table)$"
+)
+_FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: what it is made from, how, and why."""
+
+    name: str
+    source: str
+    action: str  # QUANTIZE, SCALE (the inverse scales of the FP8 weight just before it) or COPY
+    dtype: str
+    shape: tuple[int, ...]
+    reason: str
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_SIZES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One output shard: its final file name and its tensors in file order."""
+
+    name: str
+    tensors: tuple[TensorPlan, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A complete conversion, decided before anything is written."""
+
+    scheme: FP8Scheme
+    shards: tuple[ShardPlan, ...]
+    config: dict  # the output config.json
+    fp8_modules: tuple[str, ...]  # modules whose weight becomes FP8, in file order
+    kept_linears: dict[str, str]  # Linear-like module -> why it stays in the source dtype
+    modules_to_not_convert: tuple[str, ...]
+    ignored_layers: tuple[str, ...]
+    unmatched_patterns: tuple[tuple[str, str], ...]  # (pattern, note or suggestion)
+    files_to_copy: tuple[str, ...]
+    files_skipped: tuple[tuple[str, str], ...]
+    warnings: tuple[str, ...]
+    source_nbytes: int
+
+    @property
+    def tensors(self) -> list[TensorPlan]:
+        return [t for shard in self.shards for t in shard.tensors]
+
+    @property
+    def output_nbytes(self) -> int:
+        return sum(shard.nbytes for shard in self.shards)
+
+    def weight_map(self) -> dict[str, str]:
+        return {t.name: shard.name for shard in self.shards for t in shard.tensors}
+
+
+def should_convert_module(full_name: str, patterns: list[str] | tuple[str, ...] | None) -> bool:
+    """transformers' (5.23+) rule: a pattern skips a module when it matches, as a regex, from the start of the
+    name up to a module boundary, or when the name ends with it."""
+    if patterns is None:
+        return True
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return not any(re.match(rf"(?:{key}){boundary}", full_name) or full_name.endswith(key) for key in patterns)
+
+
+def should_convert_module_legacy(full_name: str, patterns) -> bool:
+    """transformers 5.5-5.22: a regex match at the start of the name with no boundary, or a suffix."""
+    return not any(re.match(key, full_name) or full_name.endswith(key) for key in patterns)
+
+
+def module_of(tensor_name: str) -> str:
+    """`a.b.weight` -> `a.b`."""
+    return tensor_name.rsplit(".", 1)[0] if "." in tensor_name else ""
+
+
+def classify(info: TensorInfo) -> tuple[str, str]:
+    """What a source tensor is, from its name, dtype and shape alone: (kind, reason).
+
+    kind is "linear" (an nn.Linear weight), "experts" (a fused expert tensor) or "other".
+    """
+    module, _, leaf = info.name.rpartition(".")
+    last = module.rpartition(".")[2]
+    if last == "experts" and len(info.shape) >= 3 and info.dtype in _FLOAT_DTYPES:
+        return "experts", "fused expert tensor"
+    if info.dtype not in _FLOAT_DTYPES:
+        return "other", f"not floating point ({info.dtype})"
+    if leaf != "weight":
+        return "other", "not a weight matrix" if len(info.shape) != 1 else "1-D"
+    if len(info.shape) != 2:
+        return "other", "1-D" if len(info.shape) == 1 else f"{len(info.shape)}-D, not a Linear weight"
+    if _EMBEDDING_NAME.match(last):
+        return "other", "embedding"
+    return "linear", "Linear weight"
+
+
+def make_plan(
+    source: SourceIndex,
+    scheme: FP8Scheme,
+    exclude_patterns: tuple[str, ...],
+    max_shard_size: int,
+) -> Plan:
+    """Decide every tensor's fate, the output shards and the output config.
+
+    Raises:
+        PlanError: the source is already quantized, or a pattern is not a valid regular expression.
+    """
+    if "quantization_config" in source.config:
+        method = source.config["quantization_config"].get("quant_method", "?")
+        raise PlanError(f"{source.root}/config.json: the source is already quantized ({method}); give a BF16 checkpoint")
+    for pattern in exclude_patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise PlanError(f"exclude pattern {pattern!r} is not a valid regular expression: {exc}") from None
+
+    block = scheme.block_size
+    groups: list[list[TensorPlan]] = []
+    fp8_modules: list[str] = []
+    kept: dict[str, str] = {}
+    linear_like: list[str] = []  # every module transformers might turn into an FP8 module
+    for info in source.tensors.values():
+        kind, reason = classify(info)
+        module = module_of(info.name)
+        if kind == "other":
+            groups.append([_copy(info, reason)])
+            continue
+        if module not in linear_like:
+            linear_like.append(module)
+        matched = _first_match(module, exclude_patterns)
+        if matched is not None:
+            why = f"excluded by {matched!r}"
+        elif kind == "experts":
+            why = "fused expert tensors are not converted by this version"
+        elif not tiles_evenly(info.shape, block):
+            why = f"shape {info.shape[0]}x{info.shape[1]} does not tile by {block}"
+        elif info.dtype not in QUANTIZABLE_DTYPES:
+            why = f"dtype {info.dtype} is not quantized (only {', '.join(QUANTIZABLE_DTYPES)})"
+        else:
+            fp8_modules.append(module)
+            scale_name = module + ".weight" + SCALE_SUFFIX
+            groups.append(
+                [
+                    TensorPlan(info.name, info.name, QUANTIZE, FP8_DTYPE_NAME, info.shape, "FP8"),
+                    TensorPlan(scale_name, info.name, SCALE, SCALE_DTYPE_NAME, scale_shape(info.shape, block), "scale"),
+                ]
+            )
+            continue
+        kept.setdefault(module, why)
+        groups.append([_copy(info, why)])
+
+    # Linears kept for a reason other than a pattern must be excluded by full name, or transformers builds an
+    # FP8 module for them and raw-casts the unquantized weight into it.
+    by_name = [m for m, why in kept.items() if not why.startswith("excluded by")]
+    modules_to_not_convert = tuple(dict.fromkeys(exclude_patterns + tuple(by_name)))
+    ignored_layers = tuple(kept)
+
+    config = copy.deepcopy(source.config)
+    config["quantization_config"] = scheme.quantization_config(list(modules_to_not_convert), list(ignored_layers))
+
+    warnings = list(source.warnings)
+    warnings += _legacy_matching_warnings(linear_like, modules_to_not_convert)
+    return Plan(
+        scheme=scheme,
+        shards=_assign_shards(groups, max_shard_size),
+        config=config,
+        fp8_modules=tuple(fp8_modules),
+        kept_linears=kept,
+        modules_to_not_convert=modules_to_not_convert,
+        ignored_layers=ignored_layers,
+        unmatched_patterns=tuple(_unmatched(exclude_patterns, linear_like, source.config)),
+        files_to_copy=source.files_to_copy,
+        files_skipped=source.files_skipped,
+        warnings=tuple(warnings),
+        source_nbytes=source.nbytes,
+    )
+
+
+def _copy(info: TensorInfo, reason: str) -> TensorPlan:
+    return TensorPlan(info.name, info.name, COPY, info.dtype, info.shape, reason)
+
+
+def _first_match(module: str, patterns: tuple[str, ...]) -> str | None:
+    for pattern in patterns:
+        if not should_convert_module(module, [pattern]):
+            return pattern
+    return None
+
+
+def _assign_shards(groups: list[list[TensorPlan]], max_shard_size: int) -> tuple[ShardPlan, ...]:
+    """Fill shards in order up to `max_shard_size`; an FP8 weight and its scale always share a shard, and a
+    group larger than the cap gets a shard of its own (as transformers does)."""
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for group in groups:
+        group_size = sum(t.nbytes for t in group)
+        if shards[-1] and size + group_size > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].extend(group)
+        size += group_size
+    count = len(shards)
+    return tuple(
+        ShardPlan(SHARD_NAME.format(index=i + 1, count=count), tuple(tensors)) for i, tensors in enumerate(shards)
+    )
+
+
+def _unmatched(patterns, linear_modules: list[str], config: dict) -> list[tuple[str, str]]:
+    """Patterns that exclude no Linear of the checkpoint, each with a note or a suggested full path."""
+    out = []
+    for pattern in patterns:
+        if any(not should_convert_module(m, [pattern]) for m in linear_modules):
+            continue
+        if pattern == "lm_head" and _ties_embeddings(config):
+            note = "lm_head is tied to the input embedding and not stored; kept in the config, the loader needs it"
+        else:
+            suggestion = _suggest_full_path(pattern, linear_modules)
+            note = f"did you mean {suggestion!r}? patterns match full module paths" if suggestion else "matches no Linear"
+        out.append((pattern, note))
+    return out
+
+
+def _ties_embeddings(config: dict) -> bool:
+    sub = config.get("text_config") or {}
+    return bool(config.get("tie_word_embeddings", sub.get("tie_word_embeddings", True)))
+
+
+def _suggest_full_path(pattern: str, modules: list[str]) -> str | None:
+    """The most common full prefix, ending at a module boundary, whose last components equal `pattern`."""
+    found = Counter()
+    for module in modules:
+        parts = module.split(".")
+        for end in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:end])
+            if prefix.endswith("." + pattern):
+                found[prefix] += 1
+                break
+    return found.most_common(1)[0][0] if found else None
+
+
+def _legacy_matching_warnings(modules: list[str], patterns: tuple[str, ...]) -> list[str]:
+    differ = [m for m in modules if should_convert_module(m, patterns) != should_convert_module_legacy(m, patterns)]
+    if not differ:
+        return []
+    return [
+        f"transformers 5.5-5.22 match exclusions without a module boundary: they would also keep {differ[0]} "
+        f"(and {len(differ) - 1} more) in BF16 and load it wrongly; use transformers >= 5.23"
+    ]
+
+
+def describe_plan(plan: Plan) -> str:
+    """A human summary of a plan: counts per fate, output size, exclusions, warnings."""
+    fates = Counter()
+    for t in plan.tensors:
+        if t.action == QUANTIZE:
+            fates["FP8 weight"] += 1
+        elif t.action == SCALE:
+            fates["scale (weight_scale_inv)"] += 1
+        else:
+            fates[f"copied, {t.reason}"] += 1
+    lines = [
+        f"block size {plan.scheme.block_size}x{plan.scheme.block_size}; "
+        f"{len(plan.tensors)} output tensors in {len(plan.shards)} shard(s)",
+        f"source tensors {format_size(plan.source_nbytes)} -> output tensors {format_size(plan.output_nbytes)} "
+        f"({plan.output_nbytes / max(plan.source_nbytes, 1):.1%})",
+        "tensors by fate:",
+    ]
+    lines += [f"  {n:6d}  {fate}" for fate, n in sorted(fates.items(), key=lambda kv: (-kv[1], kv[0]))]
+    lines.append(f"Linear modules kept in the source dtype: {len(plan.kept_linears)}")
+    for reason, n in Counter(plan.kept_linears.values()).most_common():
+        lines.append(f"  {n:6d}  {reason}")
+    lines.append(f"modules_to_not_convert: {list(plan.modules_to_not_convert)}")
+    for pattern, note in plan.unmatched_patterns:
+        lines.append(f"pattern {pattern!r} matches no Linear in the checkpoint: {note}")
+    lines.append(f"other files copied: {len(plan.files_to_copy)}")
+    for path, why in plan.files_skipped:
+        lines.append(f"not copied: {path} ({why})")
+    lines += [f"warning: {w}" for w in plan.warnings]
+    return "\n".join(lines)

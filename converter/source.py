@@ -1,0 +1,287 @@
+"""The source checkpoint: headers into a `SourceIndex`, then one tensor (or stripe of rows) at a time.
+
+Only safetensors headers are parsed up front; data is read on demand with `os.pread`, from at most one open
+shard, so memory never depends on the size of the model or of its shards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .configs import CARD_NAME, CONFIG_NAME, DTYPE_SIZES, INDEX_NAME
+from .errors import SourceError
+
+SINGLE_FILE_NAME = "model.safetensors"
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+
+# Files at the top of a checkpoint that hold weights in another container: copying them would ship the
+# unquantized model beside the FP8 one, and some loaders would pick them up.
+_OTHER_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".ckpt")
+_NEVER_COPIED_DIRS = {".git", ".cache", ".huggingface"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes are: shard file, absolute offset and length, with its dtype and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: str
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    """One parsed safetensors header."""
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+
+@dataclass(frozen=True)
+class SourceIndex:
+    """A source checkpoint as read from its headers, index and config; no tensor data.
+
+    `tensors` is in read order: shard by shard (sorted names), then by offset within each shard.
+    """
+
+    root: Path
+    config: dict
+    tensors: dict[str, TensorInfo]
+    shards: tuple[str, ...]
+    files_to_copy: tuple[str, ...]  # relative paths, copied unchanged
+    files_skipped: tuple[tuple[str, str], ...] = ()  # (relative path, why)
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def read_header(path: Path) -> ShardHeader:
+    """Parse and check one safetensors header.
+
+    Raises:
+        SourceError: the file is missing, truncated, or its header is not a valid safetensors header.
+    """
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise SourceError(f"{path}: truncated: {file_size} bytes, too short for a safetensors header")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(MAX_HEADER_BYTES, file_size - 8):
+                raise SourceError(
+                    f"{path}: corrupt header: its length field says {header_len} bytes but the file has "
+                    f"{file_size - 8} after it"
+                )
+            raw = f.read(header_len)
+    except FileNotFoundError:
+        raise SourceError(f"{path}: shard not found") from None
+    except PermissionError:
+        raise SourceError(f"{path}: permission denied reading the shard") from None
+    except IsADirectoryError:
+        raise SourceError(f"{path}: is a directory, expected a safetensors file") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise SourceError(f"{path}: corrupt header: not valid JSON ({exc})") from None
+
+    data_start = 8 + header_len
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, entry in header.items():
+        tensors[name] = _parse_entry(path, name, entry, data_start, file_size)
+    return ShardHeader(tensors=tensors, metadata=metadata, data_start=data_start, file_size=file_size)
+
+
+def _parse_entry(path: Path, name: str, entry, data_start: int, file_size: int) -> TensorInfo:
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        shape = tuple(int(d) for d in shape)
+        begin, end = int(begin), int(end)
+    except (KeyError, TypeError, ValueError):
+        raise SourceError(f"{path}: corrupt header: entry for {name!r} lacks dtype, shape or data_offsets") from None
+    if dtype not in DTYPE_SIZES:
+        raise SourceError(f"{path}: tensor {name!r} has dtype {dtype!r}, which this tool does not know")
+    if any(d < 0 for d in shape) or not 0 <= begin <= end:
+        raise SourceError(f"{path}: corrupt header: bad shape or offsets for {name!r}")
+    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end - begin != expected:
+        raise SourceError(
+            f"{path}: corrupt header: {name!r} is {dtype}{list(shape)} ({expected} bytes) but spans {end - begin}"
+        )
+    if data_start + end > file_size:
+        raise SourceError(
+            f"{path}: truncated: {file_size} bytes on disk, but tensor {name!r} ends at byte {data_start + end}"
+        )
+    return TensorInfo(name=name, dtype=dtype, shape=shape, shard=path.name, offset=data_start + begin, nbytes=end - begin)
+
+
+def open_source(src: Path) -> SourceIndex:
+    """Read a local checkpoint folder's config, index and shard headers.
+
+    Raises:
+        SourceError: missing folder or config, an index naming a missing shard, a bad header, a truncated shard.
+    """
+    src = Path(src)
+    if not src.exists():
+        raise SourceError(f"{src}: source folder not found")
+    if not src.is_dir():
+        raise SourceError(f"{src}: source is not a folder (give the checkpoint folder)")
+    config = _read_json(src / CONFIG_NAME, what="config.json")
+
+    index_path = src / INDEX_NAME
+    warnings = []
+    if index_path.is_file():
+        index = _read_json(index_path, what="index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise SourceError(f"{index_path}: corrupt index: no 'weight_map'")
+        shards = tuple(sorted(set(weight_map.values())))
+        for shard in shards:
+            if not (src / shard).is_file():
+                raise SourceError(f"{index_path}: names shard {shard!r}, which is not in {src}")
+    elif (src / SINGLE_FILE_NAME).is_file():
+        weight_map, shards = None, (SINGLE_FILE_NAME,)
+    else:
+        raise SourceError(f"{src}: no {INDEX_NAME} and no {SINGLE_FILE_NAME}: not a safetensors checkpoint")
+
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        header = read_header(src / shard)
+        for info in sorted(header.tensors.values(), key=lambda t: t.offset):
+            if weight_map is not None and weight_map.get(info.name) != shard:
+                if info.name not in weight_map:
+                    warnings.append(f"{shard}: tensor {info.name} is not in the index; it is left out, as loaders do")
+                continue
+            if info.name in tensors:
+                raise SourceError(f"{src / shard}: tensor {info.name!r} also appears in {tensors[info.name].shard}")
+            tensors[info.name] = info
+    if weight_map is not None:
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise SourceError(
+                f"{index_path}: {len(missing)} tensor(s) named in the index are not in their shard, "
+                f"first {missing[0]!r} (expected in {weight_map[missing[0]]})"
+            )
+
+    weight_files = set(shards) | {INDEX_NAME}
+    copy, skipped = _other_files(src, weight_files)
+    return SourceIndex(
+        root=src,
+        config=config,
+        tensors=tensors,
+        shards=shards,
+        files_to_copy=tuple(copy),
+        files_skipped=tuple(skipped),
+        warnings=tuple(warnings),
+    )
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SourceError(f"{path}: no {what} in the source folder") from None
+    except PermissionError:
+        raise SourceError(f"{path}: permission denied reading the {what}") from None
+    except ValueError as exc:
+        raise SourceError(f"{path}: corrupt {what}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: corrupt {what}: expected a JSON object")
+    return data
+
+
+def _other_files(src: Path, weight_files: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    copy, skipped = [], []
+    for root, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if d not in _NEVER_COPIED_DIRS)
+        rel_root = Path(root).relative_to(src)
+        for name in sorted(files):
+            rel = (rel_root / name).as_posix()
+            if rel in weight_files or rel == CONFIG_NAME:
+                continue
+            if rel == CARD_NAME:
+                skipped.append((rel, "replaced by the FP8 model card"))
+            elif rel_root == Path(".") and (name.endswith(_OTHER_WEIGHT_SUFFIXES) or ".safetensors" in name):
+                skipped.append((rel, "another copy of the unquantized weights"))
+            else:
+                copy.append(rel)
+    return copy, skipped
+
+
+class TensorReader:
+    """Reads tensor bytes from a source, holding at most one shard open.
+
+    Use as a context manager; `read` returns raw bytes, `read_rows` a torch tensor of whole rows.
+    """
+
+    def __init__(self, source: SourceIndex):
+        self._source = source
+        self._shard: str | None = None
+        self._fd: int | None = None
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd, self._shard = None, None
+
+    def fd_for(self, info: TensorInfo) -> int:
+        """The open file descriptor of `info`'s shard (opening it, and closing the previous one)."""
+        if self._shard != info.shard:
+            self.close()
+            path = self._source.root / info.shard
+            try:
+                self._fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise SourceError(f"{path}: cannot open: {exc.strerror}") from None
+            self._shard = info.shard
+        return self._fd
+
+    def read(self, info: TensorInfo, start: int = 0, length: int | None = None) -> bytearray:
+        """Bytes `[start, start+length)` of the tensor's data."""
+        length = info.nbytes - start if length is None else length
+        fd = self.fd_for(info)
+        buf = bytearray(length)
+        view = memoryview(buf)
+        done = 0
+        while done < length:
+            n = os.preadv(fd, [view[done:]], info.offset + start + done)
+            if n == 0:
+                raise SourceError(f"{self._source.root / info.shard}: truncated while reading {info.name}")
+            done += n
+        return buf
+
+    def read_rows(self, info: TensorInfo, first_row: int, end_row: int):
+        """Rows `[first_row, end_row)` of a 2-D tensor, as a torch tensor of the source dtype."""
+        import torch
+
+        from .quantize import TORCH_DTYPES
+
+        cols = info.shape[-1]
+        itemsize = DTYPE_SIZES[info.dtype]
+        raw = self.read(info, first_row * cols * itemsize, (end_row - first_row) * cols * itemsize)
+        return torch.frombuffer(raw, dtype=TORCH_DTYPES[info.dtype]).reshape(end_row - first_row, cols)

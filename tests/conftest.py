@@ -1,0 +1,80 @@
+"""Shared fixtures: small real checkpoints saved by transformers, and a CLI runner."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from converter.cli import main
+from converter.demo import build_gemma4_checkpoint
+
+
+def run_cli(*args: str):
+    """Run `convert-fp8 ARGS` in-process; returns click's Result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(main, [str(a) for a in args], env={"CONVERT_FP8_NO_PROGRESS": "1"})
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root`, by relative path: to prove a folder was not touched."""
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="session")
+def gemma_src(tmp_path_factory) -> Path:
+    """Tiny Gemma-4 with the 31B structure, in 23 shards, plus a sub-folder and a model card."""
+    path = build_gemma4_checkpoint(tmp_path_factory.mktemp("gemma") / "gemma-4-tiny")
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}\n')
+    (path / "README.md").write_text("# the source card\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemma_dst(gemma_src, tmp_path_factory) -> Path:
+    dst = tmp_path_factory.mktemp("gemma-out") / "fp8"
+    result = run_cli("--src", gemma_src, "--dst", dst, "--max-shard-size", "300KB")
+    assert result.exit_code == 0, result.output
+    return dst
+
+
+@pytest.fixture
+def gemma_copy(gemma_src, tmp_path) -> Path:
+    """A private copy of the Gemma source, to damage."""
+    return Path(shutil.copytree(gemma_src, tmp_path / "src"))
+
+
+def save_model(model, path: Path, max_shard_size: str = "50KB") -> Path:
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    return path
+
+
+def tiny_llama(path: Path, dtype=torch.bfloat16, intermediate_size: int = 192, tie: bool = False, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=intermediate_size, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie)
+    return save_model(LlamaForCausalLM(cfg).to(dtype), path)
+
+
+def tiny_bert(path: Path, seed: int = 0):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=2, max_position_embeddings=64)
+    return save_model(BertForMaskedLM(cfg).to(torch.bfloat16), path)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
