@@ -110,6 +110,51 @@ def _convert(src, dst, preset_name, block_size, exclude, max_shard_size, dry_run
     click.echo(f"wrote {summary.dst}")
 
 
+@main.command("verify", epilog="""
+Examples:
+
+  convert-fp8 verify --src gemma-4-31B-it --dst gemma-4-31B-it-FP8
+
+  convert-fp8 verify --dst gemma-4-31B-it-FP8          # the checks that need no source
+""")
+@click.option("--dst", required=True, type=click.Path(path_type=Path), help="The converted checkpoint folder.")
+@click.option("--src", type=click.Path(path_type=Path), default=None,
+              help="The source it came from: re-derive every FP8 byte and compare every copied tensor.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
+              help="Where to write the JSON report [DST/convert-fp8-verify.json].")
+@click.option("--no-arch-check", is_flag=True, help="Skip the comparison with transformers' own FP8 module set.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only problems and the verdict.")
+@click.pass_context
+def verify_command(ctx, dst, src, report_path, no_arch_check, quiet):
+    """Check a converted checkpoint tensor by tensor, in bounded memory; exit 1 naming each problem."""
+    _run(ctx.obj["debug"], _verify, dst=dst, src=src, report_path=report_path, arch_check=not no_arch_check,
+         quiet=quiet)
+
+
+def _verify(dst, src, report_path, arch_check, quiet):
+    from tqdm import tqdm
+
+    from .verify import REPORT_NAME, describe_report, verify
+
+    total = sum(p.stat().st_size for p in Path(dst).glob("*.safetensors")) if Path(dst).is_dir() else 0
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", file=sys.stderr,
+              disable=quiet or os.environ.get("CONVERT_FP8_NO_PROGRESS") == "1") as bar:
+        report = verify(dst, src, progress=bar.update, arch_check=arch_check)
+    report_path = report_path or Path(dst) / REPORT_NAME
+    try:
+        if Path(dst).is_dir() or report_path != Path(dst) / REPORT_NAME:
+            report_path.write_text(report.to_json())
+            report.notes.append(f"report written to {report_path}")
+    except OSError as exc:
+        report.notes.append(f"report not written: {report_path}: {exc.strerror}")
+    text = describe_report(report)
+    if quiet:
+        text = "\n".join(line for line in text.splitlines() if line.startswith(("problem:", "verify:")))
+    click.echo(text)
+    if not report.ok:
+        sys.exit(1)
+
+
 def _run(debug: bool, func, **kwargs):
     """Call `func`; map every error to one line on stderr and a non-zero exit (traceback only with --debug)."""
     try:

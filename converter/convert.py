@@ -103,6 +103,7 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
         out.write_text(CARD_NAME, model_card(plan, base_model=base, repo_name=f"{Path(base).name}-FP8"))
         out.write_text(CONFIG_NAME, config_json(plan))
         check_written_headers(out.staging, plan)
+        _self_check(out.staging)
         out.commit()
     except BaseException:
         out.abort()
@@ -162,6 +163,16 @@ def _quantize_stripes(info, reader: TensorReader, block: int):
                 "the source must be finite to be quantized"
             ) from None
         yield fp8, scale_inv, (end - first) * row_bytes
+
+
+def _self_check(folder: Path) -> None:
+    """The cheap structural checks of `verify` (config, index, headers, scale pairs and values, the FP8 set
+    against the exclusions) on the staged output, before it is moved into place."""
+    from .verify import verify
+
+    report = verify(folder, arch_check=False, data=False)
+    if not report.ok:
+        raise WriteError(f"{folder}: the written output fails its own check: {report.problems[0]}")
 
 
 def check_written_headers(folder: Path, plan: Plan) -> None:

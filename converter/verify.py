@@ -1,0 +1,422 @@
+"""Verification of a converted checkpoint, tensor by tensor, in bounded memory.
+
+Without the source: structure (config, index, headers, scale pairs, the FP8 set against the exclusions and
+against transformers' own module set), finite values in every tensor, zero tiles. With the source, in addition:
+every FP8 weight and scale re-derived from its source tensor and compared byte for byte, every copied tensor
+compared byte for byte, and the reconstruction error of each FP8 weight.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import arch
+from .configs import CONFIG_NAME, DTYPE_SIZES, FP8_DTYPE_NAME, INDEX_NAME, SCALE_SUFFIX
+from .errors import ConvertError
+from .plan import classify, module_of, should_convert_module
+from .quantize import TORCH_DTYPES, dequantize_blocks, quantize_blocks, scale_shape
+from .source import ShardHeader, SourceIndex, TensorInfo, TensorReader, open_source, read_header
+
+REPORT_NAME = "convert-fp8-verify.json"
+CHUNK_BYTES = 16 * 2**20
+QUANTIZATION_KEYS = {
+    "quant_method": "fp8",
+    "activation_scheme": "dynamic",
+    "dequantize": False,
+    "scale_fmt": "float",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the output: the tensor and shard where known, and what."""
+
+    what: str
+    tensor: str | None = None
+    shard: str | None = None
+
+    def __str__(self) -> str:
+        where = " ".join(p for p in (self.tensor and f"tensor {self.tensor}", self.shard and f"in {self.shard}") if p)
+        return f"{where}: {self.what}" if where else self.what
+
+
+@dataclass
+class TensorStats:
+    """Per FP8 weight: tiles, all-zero tiles and, with the source, the reconstruction error."""
+
+    tensor: str
+    shard: str
+    shape: tuple[int, ...]
+    tiles: int
+    zero_tiles: int
+    relative_error: float | None = None
+    max_abs_error: float | None = None
+
+
+@dataclass
+class VerifyReport:
+    dst: str
+    src: str | None
+    block_size: int | None = None
+    tensors_checked: int = 0
+    fp8_tensors: int = 0
+    bytes_checked: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    stats: list[TensorStats] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def worst(self, n: int = 5) -> list[TensorStats]:
+        key = (lambda s: -(s.relative_error or 0.0)) if self.src else (lambda s: -s.zero_tiles)
+        return sorted(self.stats, key=key)[:n]
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["ok"] = self.ok
+        data["problems"] = [dict(asdict(p), message=str(p)) for p in self.problems]
+        return json.dumps(data, indent=2) + "\n"
+
+
+class _Output:
+    """The output folder as read for verification: config, index and every readable shard header."""
+
+    def __init__(self, folder: Path, report: VerifyReport):
+        self.folder = folder
+        self.config: dict | None = None
+        self.weight_map: dict[str, str] = {}
+        self.headers: dict[str, ShardHeader] = {}
+        self.total_size: int | None = None
+        problems = report.problems
+        try:
+            self.config = json.loads((folder / CONFIG_NAME).read_text())
+        except (OSError, ValueError) as exc:
+            problems.append(Problem(f"{CONFIG_NAME} cannot be read: {exc}"))
+        try:
+            index = json.loads((folder / INDEX_NAME).read_text())
+            self.weight_map = dict(index["weight_map"])
+            self.total_size = index.get("metadata", {}).get("total_size")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            problems.append(Problem(f"{INDEX_NAME} cannot be read: {exc}"))
+        for shard in sorted(set(self.weight_map.values())):
+            try:
+                self.headers[shard] = read_header(folder / shard)
+            except ConvertError as exc:
+                problems.append(Problem(str(exc).replace(f"{folder / shard}: ", ""), shard=shard))
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        return {n: t for h in self.headers.values() for n, t in h.tensors.items()}
+
+    def as_source(self) -> SourceIndex:
+        """A `SourceIndex` over the readable shards, so the source reader serves the output too."""
+        tensors = self.tensors
+        return SourceIndex(root=self.folder, config=self.config or {}, tensors=tensors,
+                           shards=tuple(self.headers), files_to_copy=())
+
+
+def verify(dst: Path, src: Path | None = None, progress: Callable[[int], None] | None = None,
+           arch_check: bool = True, data: bool = True) -> VerifyReport:
+    """Check a converted checkpoint; with `src`, against its source too.
+
+    Args:
+        dst (`Path`): the converted checkpoint folder.
+        src (`Path`, *optional*): the source it was converted from.
+        progress (`Callable[[int], None]`, *optional*): called with output bytes checked.
+        arch_check (`bool`, defaults to `True`): compare the FP8 set with transformers' own (when installed).
+        data (`bool`, defaults to `True`): read tensor data; `False` checks structure and scales only.
+
+    Returns:
+        `VerifyReport`; `report.ok` only when every check held.
+    """
+    dst = Path(dst)
+    report = VerifyReport(dst=str(dst), src=str(src) if src else None)
+    if not dst.is_dir():
+        report.problems.append(Problem(f"{dst}: output folder not found"))
+        return report
+    out = _Output(dst, report)
+    progress = progress or (lambda n: None)
+    block = _check_config(out, report)
+    _check_index(out, report)
+    fp8 = _check_pairs(out, report, block)
+    _check_fp8_set(out, report, fp8, arch_check)
+    if block is None:
+        return report
+    source = None
+    if src is not None:
+        try:
+            source = open_source(Path(src))
+        except ConvertError as exc:
+            report.problems.append(Problem(f"source: {exc}"))
+        if source is not None:
+            _check_against_source_structure(out, source, report)
+    if data:
+        _check_data(out, source, fp8, block, report, progress)
+    return report
+
+
+def _check_config(out: _Output, report: VerifyReport) -> int | None:
+    if out.config is None:
+        return None
+    qc = out.config.get("quantization_config")
+    if not isinstance(qc, dict):
+        report.problems.append(Problem(f"{CONFIG_NAME} has no quantization_config: loaders would read FP8 bytes as BF16"))
+        return None
+    for key, want in QUANTIZATION_KEYS.items():
+        if qc.get(key) != want:
+            report.problems.append(Problem(f"quantization_config.{key} is {qc.get(key)!r}, expected {want!r}"))
+    block = qc.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and block[0] == block[1] and isinstance(block[0], int)
+            and block[0] > 0):
+        report.problems.append(Problem(f"quantization_config.weight_block_size is {block!r}, expected [n, n]"))
+        return None
+    for key in ("modules_to_not_convert", "ignored_layers"):
+        if not isinstance(qc.get(key, []), list):
+            report.problems.append(Problem(f"quantization_config.{key} is not a list"))
+    report.block_size = block[0]
+    return block[0]
+
+
+def _check_index(out: _Output, report: VerifyReport) -> None:
+    total = 0
+    for shard, header in out.headers.items():
+        for name, info in header.tensors.items():
+            total += info.nbytes
+            if out.weight_map.get(name) != shard:
+                report.problems.append(Problem(f"in the shard but the index maps it to {out.weight_map.get(name)}",
+                                               tensor=name, shard=shard))
+    for name, shard in out.weight_map.items():
+        header = out.headers.get(shard)
+        if header is not None and name not in header.tensors:
+            report.problems.append(Problem("named in the index but not in its shard", tensor=name, shard=shard))
+    if out.headers and len(out.headers) == len(set(out.weight_map.values())) and out.total_size != total:
+        report.problems.append(Problem(f"index total_size is {out.total_size}, the shards hold {total} bytes of tensors"))
+
+
+def _check_pairs(out: _Output, report: VerifyReport, block: int | None) -> dict[str, TensorInfo]:
+    """Every FP8 weight has an F32 scale of the right shape and every scale has its weight; returns the FP8
+    weights by name."""
+    tensors = out.tensors
+    fp8 = {n: t for n, t in tensors.items() if t.dtype == FP8_DTYPE_NAME}
+    for name, info in fp8.items():
+        scale = tensors.get(name + SCALE_SUFFIX)
+        if not name.endswith(".weight") or len(info.shape) != 2:
+            report.problems.append(Problem(f"FP8 tensor of shape {list(info.shape)} is not a Linear weight",
+                                           tensor=name, shard=info.shard))
+        elif scale is None:
+            report.problems.append(Problem("FP8 weight without its weight_scale_inv tensor", tensor=name,
+                                           shard=info.shard))
+        elif block is not None:
+            want = scale_shape(info.shape, block)
+            if scale.dtype != "F32" or scale.shape != want:
+                report.problems.append(Problem(f"scale is {scale.dtype}{list(scale.shape)}, expected F32{list(want)}",
+                                               tensor=scale.name, shard=scale.shard))
+            if info.shape[0] % block or info.shape[1] % block:
+                report.problems.append(Problem(f"shape {list(info.shape)} does not tile by {block}",
+                                               tensor=name, shard=info.shard))
+    for name, info in tensors.items():
+        if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] not in fp8:
+            report.problems.append(Problem("scale without an FP8 weight", tensor=name, shard=info.shard))
+    return fp8
+
+
+def _check_fp8_set(out: _Output, report: VerifyReport, fp8: dict[str, TensorInfo], arch_check: bool) -> None:
+    qc = (out.config or {}).get("quantization_config")
+    if not isinstance(qc, dict):
+        return
+    patterns = list(qc.get("modules_to_not_convert") or [])
+    ignored = set(qc.get("ignored_layers") or [])
+    fp8_modules = {module_of(n) for n in fp8}
+    for name in sorted(fp8):
+        if not should_convert_module(module_of(name), patterns):
+            report.problems.append(Problem("stored as FP8 but excluded by modules_to_not_convert", tensor=name,
+                                           shard=fp8[name].shard))
+    for name, info in out.tensors.items():
+        kind, _ = classify(info)
+        module = module_of(name)
+        if kind == "other" or module in fp8_modules:
+            continue
+        if should_convert_module(module, patterns):
+            report.problems.append(Problem(
+                f"{info.dtype} Linear not excluded in the config: transformers would raw-cast it to FP8",
+                tensor=name, shard=info.shard))
+        if ignored and module not in ignored:
+            report.problems.append(Problem("unquantized Linear missing from ignored_layers (vLLM would quantize it)",
+                                           tensor=name, shard=info.shard))
+    if arch_check and out.config is not None:
+        expected = arch.transformers_fp8_modules(out.config, tuple(patterns))
+        if expected is None:
+            report.notes.append("architecture check skipped: transformers is not installed or does not know it")
+        else:
+            for module in sorted(expected - fp8_modules):
+                report.problems.append(Problem(f"transformers builds {module} as FP8 but the checkpoint has no FP8 "
+                                               "weight for it"))
+            for module in sorted(fp8_modules - expected):
+                report.problems.append(Problem(f"{module} is FP8 here but transformers does not convert it"))
+
+
+def _check_against_source_structure(out: _Output, source: SourceIndex, report: VerifyReport) -> None:
+    tensors = out.tensors
+    expected = set(source.tensors)
+    for name in sorted(expected - set(tensors)):
+        if name in out.weight_map and out.weight_map[name] not in out.headers:
+            continue  # its shard is already reported unreadable
+        report.problems.append(Problem("in the source but missing from the output", tensor=name))
+    for name in sorted(set(tensors) - expected):
+        if not name.endswith(SCALE_SUFFIX):
+            report.problems.append(Problem("in the output but not in the source", tensor=name,
+                                           shard=tensors[name].shard))
+    if out.config is not None:
+        rest = {k: v for k, v in out.config.items() if k != "quantization_config"}
+        if rest != source.config:
+            changed = sorted(k for k in set(rest) | set(source.config) if rest.get(k) != source.config.get(k))
+            report.problems.append(Problem(f"config.json differs from the source config in {changed}"))
+
+
+def _check_data(out: _Output, source: SourceIndex | None, fp8: dict[str, TensorInfo], block: int,
+                report: VerifyReport, progress) -> None:
+    output = out.as_source()
+    tensors = output.tensors
+    with TensorReader(output) as reader, (TensorReader(source) if source else _Null()) as src_reader:
+        for name, info in tensors.items():
+            report.tensors_checked += 1
+            if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in fp8:
+                pass  # checked with its weight
+            elif name in fp8:
+                scale = tensors.get(name + SCALE_SUFFIX)
+                if scale is not None and scale.shape == scale_shape(info.shape, block):
+                    report.fp8_tensors += 1
+                    _check_fp8(name, info, scale, reader, source, src_reader, block, report)
+            else:
+                _check_copied(info, reader, source, src_reader, report)
+            report.bytes_checked += info.nbytes
+            progress(info.nbytes)
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _check_fp8(name, info, scale_info, reader, source, src_reader, block, report) -> None:
+    problems = report.problems
+    scale = torch.frombuffer(reader.read(scale_info), dtype=torch.float32).reshape(scale_info.shape)
+    bad = ~torch.isfinite(scale) | (scale <= 0)
+    if bad.any():
+        r, c = (int(i) for i in bad.nonzero()[0])
+        problems.append(Problem(f"{int(bad.sum())} scale(s) not finite and positive, first at tile ({r}, {c}): "
+                                f"{scale[r, c].item()}", tensor=scale_info.name, shard=scale_info.shard))
+    src_info = source.tensors.get(name) if source else None
+    if src_info is not None and tuple(src_info.shape) != tuple(info.shape):
+        problems.append(Problem(f"shape {list(info.shape)} differs from the source's {list(src_info.shape)}",
+                                tensor=name, shard=info.shard))
+        src_info = None
+    rows, cols = info.shape
+    stripe = max(block, CHUNK_BYTES // (cols * block) * block)
+    zero_tiles = nan_count = 0
+    err_sq = ref_sq = 0.0
+    max_abs = 0.0
+    first_byte_diff = first_scale_diff = None
+    for first in range(0, rows, stripe):
+        end = min(rows, first + stripe)
+        raw = torch.frombuffer(reader.read(info, first * cols, (end - first) * cols), dtype=torch.uint8)
+        raw = raw.reshape(end - first, cols)
+        nan_count += int(((raw & 0x7F) == 0x7F).sum())  # E4M3FN has no Inf; S.1111.111 is NaN
+        tiles = raw.reshape((end - first) // block, block, cols // block, block)
+        zero_tiles += int(((tiles & 0x7F) == 0).all(dim=3).all(dim=1).sum())
+        if src_info is None:
+            continue
+        s_rows = scale[first // block : end // block]
+        weight = src_reader.read_rows(src_info, first, end)
+        try:
+            want_fp8, want_scale = quantize_blocks(weight, block)
+        except ValueError as exc:
+            problems.append(Problem(f"source tensor cannot be quantized: {exc}", tensor=name))
+            return
+        diff = (want_fp8.view(torch.uint8) != raw).nonzero()
+        if len(diff) and first_byte_diff is None:
+            first_byte_diff = (first + int(diff[0, 0]), int(diff[0, 1]), len(diff))
+        sdiff = (want_scale.view(torch.int32) != s_rows.contiguous().view(torch.int32)).nonzero()
+        if len(sdiff) and first_scale_diff is None:
+            first_scale_diff = (first // block + int(sdiff[0, 0]), int(sdiff[0, 1]))
+        reference = weight.to(torch.float32)
+        got = dequantize_blocks(raw.view(torch.float8_e4m3fn), s_rows, block)
+        delta = (got - reference).nan_to_num(nan=math.inf)
+        err_sq += float(delta.double().pow(2).sum())
+        ref_sq += float(reference.double().pow(2).sum())
+        max_abs = max(max_abs, float(delta.abs().max()))
+    if nan_count:
+        problems.append(Problem(f"{nan_count} NaN value(s) in the FP8 weight", tensor=name, shard=info.shard))
+    if zero_tiles == (rows // block) * (cols // block):
+        problems.append(Problem("every tile of the FP8 weight is zero", tensor=name, shard=info.shard))
+    if first_byte_diff:
+        r, c, n = first_byte_diff
+        problems.append(Problem(f"FP8 bytes differ from the re-quantized source: {n}+ byte(s), first at row {r}, "
+                                f"column {c}", tensor=name, shard=info.shard))
+    if first_scale_diff:
+        problems.append(Problem("weight_scale_inv differs from the re-quantized source, first at tile "
+                                f"{first_scale_diff}", tensor=scale_info.name, shard=scale_info.shard))
+    stats = TensorStats(tensor=name, shard=info.shard, shape=tuple(info.shape),
+                        tiles=(rows // block) * (cols // block), zero_tiles=zero_tiles)
+    if src_info is not None:
+        stats.relative_error = math.sqrt(err_sq / ref_sq) if ref_sq > 0 else (0.0 if err_sq == 0 else math.inf)
+        stats.max_abs_error = max_abs
+    report.stats.append(stats)
+
+
+def _check_copied(info, reader, source, src_reader, report) -> None:
+    src_info = source.tensors.get(info.name) if source else None
+    if src_info is not None and (src_info.dtype, src_info.shape) != (info.dtype, info.shape):
+        report.problems.append(Problem(f"{info.dtype}{list(info.shape)} here, {src_info.dtype}"
+                                       f"{list(src_info.shape)} in the source", tensor=info.name, shard=info.shard))
+        src_info = None
+    dtype = TORCH_DTYPES.get(info.dtype) if info.dtype != FP8_DTYPE_NAME else None
+    itemsize = DTYPE_SIZES[info.dtype]
+    chunk = max(itemsize, CHUNK_BYTES // itemsize * itemsize)
+    non_finite = 0
+    differs_at = None
+    for start in range(0, info.nbytes, chunk):
+        length = min(chunk, info.nbytes - start)
+        data = reader.read(info, start, length)
+        if dtype is not None:
+            non_finite += int((~torch.isfinite(torch.frombuffer(data, dtype=dtype))).sum())
+        if src_info is not None and differs_at is None:
+            if src_reader.read(src_info, start, length) != data:
+                differs_at = start
+    if non_finite:
+        report.problems.append(Problem(f"{non_finite} NaN/Inf value(s)", tensor=info.name, shard=info.shard))
+    if differs_at is not None:
+        report.problems.append(Problem(f"bytes differ from the source (from byte {differs_at} of the tensor)",
+                                       tensor=info.name, shard=info.shard))
+
+
+def describe_report(report: VerifyReport, limit: int = 20) -> str:
+    """A human summary: what was checked, the worst tensors, every problem (up to `limit`)."""
+    lines = [
+        f"checked {report.tensors_checked} tensors ({report.fp8_tensors} FP8), "
+        f"{report.bytes_checked / 1e9:.3f} GB" + (f" against {report.src}" if report.src else " (no source)")
+    ]
+    worst = report.worst()
+    if worst and report.src:
+        lines.append("largest relative reconstruction errors:")
+        lines += [f"  {s.relative_error:.4%}  max |err| {s.max_abs_error:.3g}  {s.tensor}" for s in worst]
+    zero = sum(s.zero_tiles for s in report.stats)
+    lines.append(f"all-zero tiles: {zero} of {sum(s.tiles for s in report.stats)}")
+    lines += [f"note: {n}" for n in report.notes]
+    for p in report.problems[:limit]:
+        lines.append(f"problem: {p}")
+    if len(report.problems) > limit:
+        lines.append(f"... and {len(report.problems) - limit} more problems (see the JSON report)")
+    lines.append("verify: OK" if report.ok else f"verify: FAILED with {len(report.problems)} problem(s)")
+    return "\n".join(lines)

@@ -1,0 +1,133 @@
+"""`convert-fp8 verify`: passes a good conversion and names each planted fault."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from converter.source import read_header
+from converter.verify import REPORT_NAME, verify
+
+from .conftest import run_cli
+
+Q = "model.language_model.layers.0.self_attn.q_proj.weight"
+SCALE = Q + "_scale_inv"
+
+
+@pytest.fixture
+def dst(gemma_dst, tmp_path):
+    return shutil.copytree(gemma_dst, tmp_path / "dst")
+
+
+def locate(folder, name):
+    for shard in sorted(folder.glob("model-*.safetensors")):
+        header = read_header(shard)
+        if name in header.tensors:
+            return shard, header.tensors[name]
+    raise AssertionError(name)
+
+
+def patch(folder, name, change):
+    """Rewrite a tensor's bytes in place: `change` gets a writable torch tensor of its dtype."""
+    shard, info = locate(folder, name)
+    dtype = {"F32": torch.float32, "F8_E4M3": torch.uint8}[info.dtype]
+    with open(shard, "r+b") as f:
+        f.seek(info.offset)
+        t = torch.frombuffer(bytearray(f.read(info.nbytes)), dtype=dtype).reshape(info.shape)
+        change(t)
+        f.seek(info.offset)
+        f.write(t.numpy().tobytes())
+    return shard
+
+
+def test_good_conversion_passes_with_and_without_source(gemma_src, dst):
+    result = run_cli("verify", "--src", gemma_src, "--dst", dst)
+    assert result.exit_code == 0, result.output
+    assert "checked 114 tensors (27 FP8)" in result.output and "verify: OK" in result.output
+    report = json.loads((dst / REPORT_NAME).read_text())
+    assert report["ok"] is True and report["problems"] == [] and len(report["stats"]) == 27
+    errors = [s["relative_error"] for s in report["stats"]]
+    assert 0.025 < sorted(errors)[len(errors) // 2] < 0.028  # E4M3 with 64x64 scales on N(0, 0.02) weights
+    assert max(errors) < 0.1, errors  # the planted outlier coarsens its own tile only
+    assert sum(s["zero_tiles"] for s in report["stats"]) == 1  # the planted all-zero tile
+    result = run_cli("verify", "--dst", dst)
+    assert result.exit_code == 0 and "(no source)" in result.output
+
+
+def problems_of(gemma_src, dst):
+    result = run_cli("verify", "--src", gemma_src, "--dst", dst, "-q")
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1].startswith("verify: FAILED")
+    return result.output
+
+
+def test_scale_doubled(gemma_src, dst):
+    shard = patch(dst, SCALE, lambda t: t.mul_(2))
+    out = problems_of(gemma_src, dst)
+    assert f"tensor {SCALE} in {shard.name}: weight_scale_inv differs from the re-quantized source, first at tile (0, 0)" in out
+
+
+def test_scale_nan(gemma_src, dst):
+    patch(dst, SCALE, lambda t: t[1].fill_(float("nan")))
+    out = problems_of(gemma_src, dst)
+    assert f"tensor {SCALE}" in out and "2 scale(s) not finite and positive, first at tile (1, 0): nan" in out
+    assert "verify: FAILED" in run_cli("verify", "--dst", dst).output  # found without the source too
+
+
+def test_one_fp8_byte_changed(gemma_src, dst):
+    patch(dst, Q, lambda t: t[70, 3].bitwise_xor_(1))
+    out = problems_of(gemma_src, dst)
+    assert f"tensor {Q}" in out and "FP8 bytes differ from the re-quantized source: 1+ byte(s), first at row 70, column 3" in out
+
+
+def test_weight_zeroed(gemma_src, dst):
+    patch(dst, Q, lambda t: t.zero_())
+    out = problems_of(gemma_src, dst)
+    assert f"tensor {Q}" in out and "every tile of the FP8 weight is zero" in out
+    assert "FP8 bytes differ from the re-quantized source" in out
+
+
+def test_scale_tensor_missing(gemma_src, dst):
+    shard, _ = locate(dst, SCALE)
+    tensors = load_file(shard)
+    del tensors[SCALE]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    del index["weight_map"][SCALE]
+    index["metadata"]["total_size"] -= 2 * 2 * 4
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = problems_of(gemma_src, dst)
+    assert f"tensor {Q} in {shard.name}: FP8 weight without its weight_scale_inv tensor" in out
+
+
+def test_shard_truncated(gemma_src, dst):
+    shard, _ = locate(dst, Q)
+    os.truncate(shard, shard.stat().st_size - 1000)
+    out = problems_of(gemma_src, dst)
+    assert f"in {shard.name}: truncated" in out
+
+
+def test_quantization_config_removed(gemma_src, dst):
+    config = json.loads((dst / "config.json").read_text())
+    del config["quantization_config"]
+    (dst / "config.json").write_text(json.dumps(config))
+    out = problems_of(gemma_src, dst)
+    assert "config.json has no quantization_config" in out
+
+
+def test_bf16_linear_not_excluded_in_config_is_named(dst):
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"]["modules_to_not_convert"] = ["lm_head"]
+    (dst / "config.json").write_text(json.dumps(config))
+    report = verify(dst, arch_check=False)
+    messages = [str(p) for p in report.problems]
+    name = "model.vision_tower.encoder.layers.0.mlp.up_proj.linear.weight"
+    assert any(m.startswith(f"tensor {name}") and "transformers would raw-cast it to FP8" in m for m in messages)
+
+
+def test_missing_output_folder(tmp_path):
+    result = run_cli("verify", "--dst", tmp_path / "none")
+    assert result.exit_code == 1 and "output folder not found" in result.output
