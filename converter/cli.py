@@ -155,6 +155,69 @@ def _verify(dst, src, report_path, arch_check, quiet):
         sys.exit(1)
 
 
+@main.command("validate", epilog="""
+Examples:
+
+  convert-fp8 validate --dst gemma-4-31B-it-FP8 --src gemma-4-31B-it --device cuda
+
+  convert-fp8 validate --dst model-FP8 --device cuda --kernel local:/models/finegrained-fp8/build/torch-universal
+
+  convert-fp8 validate --dst model-FP8 --src model --device cpu     # transformers' dequantize path
+""")
+@click.option("--dst", required=True, type=click.Path(path_type=Path), help="The converted checkpoint folder.")
+@click.option("--src", type=click.Path(path_type=Path), default=None, help="The BF16 source, to compare logits.")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="auto: cuda when a GPU is visible, else cpu.")
+@click.option("--kernel", default="hub", show_default=True, metavar="hub|local:PATH|builtin",
+              help="Where the FP8 matmul kernel comes from (GPU only).")
+@click.option("--prompt", default=None, help="Chat prompt for the forward pass and generation.")
+@click.option("--max-new-tokens", type=int, default=20, show_default=True)
+@click.option("--min-cosine", type=float, default=None, help="Mean logits cosine required [0.98].")
+@click.option("--min-top1", type=float, default=None, help="Top-1 agreement with the source required [0.80].")
+@click.option("--max-kl", type=float, default=None, help="Mean KL(source || FP8) allowed [0.05].")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
+              help="Where to write the JSON report [DST/convert-fp8-validate.json].")
+@click.pass_context
+def validate_command(ctx, dst, src, device, kernel, prompt, max_new_tokens, min_cosine, min_top1, max_kl,
+                     report_path):
+    """Load the checkpoint with transformers, confirm the FP8 path, find NaN/Inf, compare with BF16, generate."""
+    _run(ctx.obj["debug"], _validate, dst=dst, src=src, device=device, kernel=kernel, prompt=prompt,
+         max_new_tokens=max_new_tokens, min_cosine=min_cosine, min_top1=min_top1, max_kl=max_kl,
+         report_path=report_path)
+
+
+def _validate(dst, src, device, kernel, prompt, max_new_tokens, min_cosine, min_top1, max_kl, report_path):
+    from .errors import UsageError
+    from .validate import DEFAULT_PROMPT, REPORT_NAME, Thresholds, describe_report, validate
+
+    if kernel not in ("hub", "builtin") and not kernel.startswith("local:"):
+        raise UsageError(f"--kernel {kernel!r}: expected hub, builtin or local:PATH")
+    if not Path(dst).is_dir():
+        raise UsageError(f"{dst}: output folder not found")
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    defaults = Thresholds()
+    thresholds = Thresholds(
+        min_cosine=defaults.min_cosine if min_cosine is None else min_cosine,
+        min_top1=defaults.min_top1 if min_top1 is None else min_top1,
+        max_kl=defaults.max_kl if max_kl is None else max_kl,
+    )
+    report = validate(dst, src, device=device, kernel=kernel, prompt=prompt or DEFAULT_PROMPT,
+                      max_new_tokens=max_new_tokens, thresholds=thresholds)
+    report_path = report_path or Path(dst) / REPORT_NAME
+    text = describe_report(report)
+    try:
+        report_path.write_text(report.to_json())
+        text += f"\nreport: {report_path}"
+    except OSError as exc:
+        text += f"\nreport not written: {report_path}: {exc.strerror}"
+    click.echo(text)
+    if not report.ok:
+        sys.exit(1)
+
+
 def _run(debug: bool, func, **kwargs):
     """Call `func`; map every error to one line on stderr and a non-zero exit (traceback only with --debug)."""
     try:
