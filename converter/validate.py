@@ -147,16 +147,24 @@ def preflight(report: ValidateReport, dst: Path, device: str, kernel: str) -> bo
     return _prepare_kernel(report, kernel)
 
 
+def install_builtin_kernel() -> None:
+    """Make transformers' FP8Linear call this project's Triton kernel, without the `kernels` package or a network:
+    transformers caches the loaded kernel's entry points in one module global, which is set here."""
+    from transformers.integrations import finegrained_fp8
+
+    from .kernels import finegrained_fp8 as builtin
+
+    finegrained_fp8._FINEGRAINED_FP8 = finegrained_fp8.FineGrainedFP8(
+        matmul=builtin.matmul_2d, batched_matmul=builtin.matmul_batched, grouped_matmul=builtin.matmul_grouped)
+
+
 def _prepare_kernel(report: ValidateReport, kernel: str) -> bool:
     """Make transformers' FP8Linear find a kernel: the Hub's (`hub`), a local build (`local:PATH`), or this
     project's Triton kernel (`builtin`)."""
     from transformers.integrations import finegrained_fp8
 
     if kernel == "builtin":
-        from .kernels import finegrained_fp8 as builtin
-
-        finegrained_fp8._FINEGRAINED_FP8 = finegrained_fp8.FineGrainedFP8(
-            matmul=builtin.matmul_2d, batched_matmul=builtin.matmul_batched, grouped_matmul=builtin.matmul_grouped)
+        install_builtin_kernel()
         return report.add("kernel", True, "builtin Triton block-FP8 matmul (converter.kernels.finegrained_fp8)")
     ok, detail = check_kernels_version(_version("kernels"), kernels_requirement())
     if not report.add("kernels version", ok, detail):
