@@ -12,7 +12,7 @@ ARGS ?=
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: install convert test test-slow clean
+.PHONY: install convert test test-slow gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,11 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# On a GPU machine: the builtin kernel on real shapes and tiny + real-shape Gemma-4 conversions validated on the
+# GPU (uses the machine's own python, torch and transformers).
+gpu-check:
+	bash bench/gpu_check.sh $(ARGS)
 
 clean:
 	rm -rf $(DEMO_DIR) build *.egg-info .pytest_cache

@@ -53,3 +53,26 @@ def test_kernel_on_gpu_real_shapes():
     for shape in REAL_SHAPES:
         r = check_shape(*shape, device="cuda")
         assert r["rel_err_vs_emulated_f64"] < 1e-5 and r["rel_err_vs_unquantized_f64"] < 0.05, r
+
+
+@pytest.mark.slow
+def test_local_kernels_layout_loads_through_transformers(tmp_path):
+    """`python -m converter.kernels.layout DIR` + LOCAL_KERNELS: transformers 5.17 with kernels 0.16 (the pair
+    on our GPU machines) loads the builtin kernel as `kernels-community/finegrained-fp8`. Installs both from PyPI
+    into a scratch folder."""
+    site = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(site),
+                          "kernels==0.16.2", "transformers==5.17.0"], capture_output=True, text=True, timeout=600)
+    if pip.returncode != 0:
+        pytest.skip(f"cannot install transformers 5.17 and kernels 0.16.2 here: {pip.stderr[-300:]}")
+    from converter.kernels.layout import write_layout
+
+    variant = write_layout(tmp_path / "kernel")
+    code = ("from transformers.integrations import finegrained_fp8 as f; k = f.load_finegrained_fp8_kernel(); "
+            "print(k.matmul.__module__, k.matmul.__name__)")
+    env = dict(os.environ, PYTHONPATH=str(site), TRITON_INTERPRET="1",
+               LOCAL_KERNELS=f"kernels-community/finegrained-fp8={variant}")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("matmul_2d")
+    assert done.stdout.startswith("_finegrained_fp8_convert_fp8_")
