@@ -12,7 +12,7 @@ ARGS ?=
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: install convert test test-slow gpu-check clean
+.PHONY: install convert test test-slow bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,12 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# Conversion speed and memory on a 6.3 GiB real-shape slice of gemma-4-31B, beside `cp -r` (needs ~20 GB of disk
+# under BENCH_DIR; run as root for cold-cache figures and the memory cgroup).
+BENCH_DIR ?= /tmp/convert-fp8-bench
+bench: install
+	$(BIN)/python bench/bench.py --dir $(BENCH_DIR) $(ARGS)
 
 # On a GPU machine: the builtin kernel on real shapes and tiny + real-shape Gemma-4 conversions validated on the
 # GPU (uses the machine's own python, torch and transformers).

@@ -7,8 +7,53 @@ Linear: silent garbage either way, so it stops the conversion.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+
 from .errors import PlanError
 from .plan import Plan, should_convert_module
+
+CACHE_ENV = "CONVERT_FP8_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where answers of the cross-check are kept: `$CONVERT_FP8_CACHE_DIR`, else `~/.cache/convert-fp8`."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "convert-fp8"
+    return Path(os.environ.get(CACHE_ENV) or default)
+
+
+def _cache_key(config: dict, patterns: tuple[str, ...]) -> str | None:
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    blob = json.dumps([version, config, list(patterns)], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def cached_fp8_modules(config: dict, patterns: tuple[str, ...]) -> set[str] | None:
+    """`transformers_fp8_modules`, remembered per transformers version, config and patterns: importing
+    transformers costs seconds, and the answer never changes for the same three."""
+    key = _cache_key(config, patterns)
+    path = cache_dir() / "arch" / f"{key}.json" if key else None
+    if path is not None and path.is_file():
+        try:
+            return set(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            pass
+    modules = transformers_fp8_modules(config, patterns)
+    if modules is not None and path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(sorted(modules)))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a cache that cannot be written only costs time
+    return modules
 
 
 def transformers_fp8_modules(config: dict, patterns: tuple[str, ...]) -> set[str] | None:
@@ -45,7 +90,7 @@ def cross_check(plan: Plan) -> str | None:
     Returns:
         None when the check ran and passed, else the reason it could not run.
     """
-    expected = transformers_fp8_modules(plan.config, plan.modules_to_not_convert)
+    expected = cached_fp8_modules(plan.config, plan.modules_to_not_convert)
     if expected is None:
         arch = (plan.config.get("architectures") or ["?"])[0]
         return f"architecture check skipped: transformers is not installed or does not know {arch}"

@@ -47,12 +47,16 @@ def _size(ctx, param, value):
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty --dst.")
 @click.option("--no-arch-check", is_flag=True, help="Skip the cross-check against transformers' own module set.")
 @click.option("--base-model", default=None, help="Base model id for the model card [source folder name].")
+@click.option("--quantizer", type=click.Choice(["auto", "numba", "torch"]), default="auto", show_default=True,
+              help="numba: the fused CPU kernel; torch: the reference formula. Same bytes either way.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the torch quantizer runs (cuda: on a GPU, same bytes).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only errors and the final line.")
 @click.option("--debug", is_flag=True, envvar="CONVERT_FP8_DEBUG", help="Show tracebacks of errors.")
 @click.version_option(__version__, prog_name="convert-fp8")
 @click.pass_context
 def main(ctx, src, dst, preset_name, block_size, exclude, max_shard_size, dry_run, overwrite, no_arch_check,
-         base_model, quiet, debug):
+         base_model, quantizer, device, quiet, debug):
     """Convert a BF16 Hugging Face checkpoint to block-quantized FP8 (E4M3, per-block scales), streaming
     tensor by tensor in bounded memory, byte-identical to transformers' FineGrainedFP8Config.
     """
@@ -64,11 +68,11 @@ def main(ctx, src, dst, preset_name, block_size, exclude, max_shard_size, dry_ru
         raise click.UsageError("--src and --dst are required (see --help)")
     _run(debug, _convert, src=src, dst=dst, preset_name=preset_name, block_size=block_size, exclude=exclude,
          max_shard_size=max_shard_size, dry_run=dry_run, overwrite=overwrite, arch_check=not no_arch_check,
-         base_model=base_model, quiet=quiet)
+         base_model=base_model, quantizer=quantizer, device=device, quiet=quiet)
 
 
 def _convert(src, dst, preset_name, block_size, exclude, max_shard_size, dry_run, overwrite, arch_check,
-             base_model, quiet):
+             base_model, quantizer, device, quiet):
     from .convert import convert, prepare
     from .plan import describe_plan
     from .presets import load_preset
@@ -76,6 +80,7 @@ def _convert(src, dst, preset_name, block_size, exclude, max_shard_size, dry_run
     options = ConvertOptions(
         src=src, dst=dst, preset=load_preset(preset_name), extra_excludes=tuple(exclude), block_size=block_size,
         max_shard_size=max_shard_size, overwrite=overwrite, arch_check=arch_check, base_model=base_model,
+        quantizer=quantizer, device=device,
     )
     if dry_run:
         _, plan, notes = prepare(options)

@@ -44,6 +44,17 @@ CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 
 
+def scale_shape(shape: tuple[int, int], block_size: int) -> tuple[int, int]:
+    """Shape of `weight_scale_inv` for a weight of `shape`."""
+    rows, cols = shape
+    return (-(-rows // block_size), -(-cols // block_size))
+
+
+def tiles_evenly(shape: tuple[int, ...], block_size: int) -> bool:
+    """Whether a 2-D shape splits into whole `block_size` tiles (transformers quantizes only those)."""
+    return len(shape) == 2 and shape[0] % block_size == 0 and shape[1] % block_size == 0
+
+
 @dataclass(frozen=True)
 class FP8Scheme:
     """How weights are quantized: square blocks of `block_size`, E4M3 values, float32 inverse scales."""
@@ -91,6 +102,8 @@ class ConvertOptions:
     overwrite: bool = False
     arch_check: bool = True
     base_model: str | None = None  # for the model card; defaults to the source folder name
+    quantizer: str = "auto"  # "auto", "numba" or "torch"; all give the same bytes
+    device: str = "cpu"  # where the torch quantizer runs
     scheme: FP8Scheme = field(init=False)
 
     def __post_init__(self):

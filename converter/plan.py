@@ -20,9 +20,10 @@ from .configs import (
     SHARD_NAME,
     FP8Scheme,
     format_size,
+    scale_shape,
+    tiles_evenly,
 )
 from .errors import PlanError
-from .quantize import scale_shape, tiles_evenly
 from .source import SourceIndex, TensorInfo
 
 QUANTIZE, SCALE, COPY = "quantize", "scale", "copy"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .configs import FP8_MAX
+from .configs import FP8_MAX, scale_shape, tiles_evenly  # noqa: F401 - re-exported with the kernel
 
 TORCH_DTYPES = {
     "BF16": torch.bfloat16,
@@ -31,17 +31,6 @@ class NonFiniteError(ValueError):
     def __init__(self, message: str, row: int):
         super().__init__(message)
         self.row = row
-
-
-def scale_shape(shape: tuple[int, int], block_size: int) -> tuple[int, int]:
-    """Shape of `weight_scale_inv` for a weight of `shape`."""
-    rows, cols = shape
-    return (-(-rows // block_size), -(-cols // block_size))
-
-
-def tiles_evenly(shape: tuple[int, ...], block_size: int) -> bool:
-    """Whether a 2-D shape splits into whole `block_size` tiles (transformers quantizes only those)."""
-    return len(shape) == 2 and shape[0] % block_size == 0 and shape[1] % block_size == 0
 
 
 def quantize_blocks(weight: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:

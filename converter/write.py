@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 from pathlib import Path
 
 from .configs import CONFIG_NAME, INDEX_NAME
@@ -16,7 +17,7 @@ from .errors import UsageError, WriteError
 from .plan import Plan, ShardPlan
 
 STAGING_NAME = ".convert-fp8.partial"
-_COPY_CHUNK = 64 * 2**20
+_COPY_CHUNK = 16 * 2**20
 
 
 def shard_header(shard: ShardPlan) -> bytes:
@@ -57,10 +58,11 @@ def os_error(exc: OSError, path: Path | str, doing: str) -> WriteError:
 
 
 class ShardWriter:
-    """Writes one shard: the header from the plan, then each tensor's bytes in plan order.
+    """Writes one shard: the header from the plan first, then tensor data at the offsets the header declares.
 
-    A state machine: `new` -> `open` (header written) -> `closed`. Every write names the tensor it belongs to,
-    and must be the next one in the plan; a tensor takes exactly its declared bytes, no more and no fewer.
+    A state machine: `new` -> `open` (header written, file sized) -> `closed`. Every write names its tensor and
+    a position inside it; since the header fixes every offset, tensors may be written in any order and from
+    several threads, but each takes exactly its declared bytes: one byte more is refused, one fewer fails `close`.
     """
 
     def __init__(self, path: Path, shard: ShardPlan):
@@ -68,8 +70,16 @@ class ShardWriter:
         self.shard = shard
         self.state = "new"
         self._fd: int | None = None
-        self._index = 0  # current tensor in shard.tensors
-        self._written = 0  # bytes of the current tensor so far
+        self._copy_fd: int | None = None  # a second descriptor, whose file position in-kernel copies may move
+        self._header = shard_header(shard)
+        self._offsets: dict[str, tuple[int, int]] = {}  # name -> (absolute offset, nbytes)
+        position = len(self._header)
+        for t in shard.tensors:
+            self._offsets[t.name] = (position, t.nbytes)
+            position += t.nbytes
+        self.file_size = position
+        self._written = dict.fromkeys(self._offsets, 0)
+        self._lock = threading.Lock()
 
     def _expect(self, state: str) -> None:
         if self.state != state:
@@ -79,63 +89,61 @@ class ShardWriter:
         self._expect("new")
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._write_all(shard_header(self.shard))
+            _pwrite_all(self._fd, self._header, 0)
         except OSError as exc:
             raise os_error(exc, self.path, "writing the header") from None
         self.state = "open"
-        self._skip_empty()
 
-    def _skip_empty(self) -> None:
-        while self._index < len(self.shard.tensors) and self.shard.tensors[self._index].nbytes == 0:
-            self._index += 1
-
-    def _claim(self, name: str, nbytes: int) -> None:
+    def _claim(self, name: str, start: int, nbytes: int) -> int:
+        """Check a write of `nbytes` at `start` inside tensor `name`; returns its absolute file offset."""
         self._expect("open")
-        if self._index >= len(self.shard.tensors):
-            raise WriteError(f"{self.path}: {name} written after the last tensor of the shard")
-        current = self.shard.tensors[self._index]
-        if current.name != name:
-            raise WriteError(f"{self.path}: got data for {name}, but the next tensor in the header is {current.name}")
-        if self._written + nbytes > current.nbytes:
-            raise WriteError(f"{self.path}: {name} would take {self._written + nbytes} bytes, declared {current.nbytes}")
+        if name not in self._offsets:
+            raise WriteError(f"{self.path}: {name} is not a tensor of this shard")
+        offset, declared = self._offsets[name]
+        if start < 0 or start + nbytes > declared:
+            raise WriteError(f"{self.path}: {name} would take bytes up to {start + nbytes}, declared {declared}")
+        with self._lock:
+            if self._written[name] + nbytes > declared:
+                raise WriteError(f"{self.path}: {name} written past its {declared} declared bytes")
+            self._written[name] += nbytes
+        return offset + start
 
-    def _advance(self, nbytes: int) -> None:
-        self._written += nbytes
-        if self._written == self.shard.tensors[self._index].nbytes:
-            self._index += 1
-            self._written = 0
-            self._skip_empty()
-
-    def write(self, name: str, data) -> None:
-        """Append bytes (any buffer) of tensor `name`."""
+    def write_at(self, name: str, start: int, data) -> None:
+        """Write bytes (any buffer) of tensor `name` from byte `start` of the tensor."""
         view = memoryview(data).cast("B")
-        self._claim(name, len(view))
+        offset = self._claim(name, start, len(view))
         try:
-            self._write_all(view)
+            _pwrite_all(self._fd, view, offset)
         except OSError as exc:
             raise os_error(exc, self.path, f"writing {name}") from None
-        self._advance(len(view))
 
-    def copy_from(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
-        """Append `nbytes` of tensor `name` straight from another file, without passing through Python objects."""
-        self._claim(name, nbytes)
+    def write(self, name: str, data) -> None:
+        """Append bytes to tensor `name` (for a writer fed by one thread, tensor by tensor)."""
+        self.write_at(name, self._written.get(name, 0), data)
+
+    def copy_at(self, name: str, start: int, src_fd: int, src_offset: int, nbytes: int, buffer: bytearray) -> None:
+        """Copy `nbytes` of tensor `name` from another file, in the kernel where possible, else via `buffer`.
+        Meant for one copying thread per writer: in-kernel copies across file systems use a file position."""
+        offset = self._claim(name, start, nbytes)
         done = 0
         try:
+            if self._copy_fd is None:
+                self._copy_fd = os.open(self.path, os.O_WRONLY)
             while done < nbytes:
-                n = _copy_range(src_fd, src_offset + done, self._fd, min(_COPY_CHUNK, nbytes - done))
+                n = _copy_range(src_fd, src_offset + done, self._copy_fd, offset + done, nbytes - done, buffer)
                 if n == 0:
                     raise WriteError(f"{self.path}: source ended while copying {name}")
                 done += n
         except OSError as exc:
             raise os_error(exc, self.path, f"copying {name}") from None
-        self._advance(nbytes)
 
     def close(self) -> None:
         """Check that every declared byte was written, flush to disk and close."""
         self._expect("open")
-        if self._index < len(self.shard.tensors):
-            missing = self.shard.tensors[self._index]
-            raise WriteError(f"{self.path}: closed before {missing.name} was complete")
+        for name, (_, declared) in self._offsets.items():
+            if self._written[name] != declared:
+                raise WriteError(f"{self.path}: closed before {name} was complete "
+                                 f"({self._written[name]} of {declared} bytes)")
         try:
             os.fsync(self._fd)
         except OSError as exc:
@@ -145,31 +153,48 @@ class ShardWriter:
         self.state = "closed"
 
     def abort(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for fd in (self._fd, self._copy_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._copy_fd = None
         self.state = "aborted" if self.state != "closed" else self.state
 
-    def _write_all(self, data) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
 
-
-def _copy_range(src_fd: int, src_offset: int, dst_fd: int, count: int) -> int:
-    """Copy up to `count` bytes at `src_offset` to the current position of `dst_fd` (which advances)."""
-    if hasattr(os, "copy_file_range"):
-        try:
-            return os.copy_file_range(src_fd, dst_fd, count, src_offset)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-    data = os.pread(src_fd, count, src_offset)
-    view = memoryview(data)
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
     while view:
-        view = view[os.write(dst_fd, view):]
-    return len(data)
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+_in_kernel_copy = {"copy_file_range": hasattr(os, "copy_file_range"), "sendfile": hasattr(os, "sendfile")}
+_UNSUPPORTED = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
+
+
+def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int, buffer: bytearray) -> int:
+    """Copy up to `count` bytes between absolute offsets, moving `dst_fd`'s position: `copy_file_range` within a
+    file system, `sendfile` across them (one copy, in the kernel), else through `buffer`."""
+    count = min(count, _COPY_CHUNK)
+    if _in_kernel_copy["copy_file_range"]:
+        try:
+            return os.copy_file_range(src_fd, dst_fd, count, src_offset, dst_offset)
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:
+                raise
+            if exc.errno != errno.EXDEV:  # EXDEV is about this pair of file systems only
+                _in_kernel_copy["copy_file_range"] = False
+    if _in_kernel_copy["sendfile"]:
+        try:
+            os.lseek(dst_fd, dst_offset, os.SEEK_SET)
+            return os.sendfile(dst_fd, src_fd, src_offset, count)
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:
+                raise
+            _in_kernel_copy["sendfile"] = False
+    view = memoryview(buffer)[: min(count, len(buffer))]
+    n = os.preadv(src_fd, [view], src_offset)
+    _pwrite_all(dst_fd, view[:n], dst_offset)
+    return n
 
 
 class OutputDir:

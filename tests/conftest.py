@@ -78,3 +78,9 @@ def tiny_bert(path: Path, seed: int = 0):
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Each test session gets its own cache of architecture checks (nothing from the user's home)."""
+    monkeypatch.setenv("CONVERT_FP8_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))

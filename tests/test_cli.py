@@ -107,15 +107,15 @@ def test_disk_full_during_the_write_removes_the_partial_output(gemma_src, tmp_pa
     """ENOSPC from the file system in the middle of a shard."""
     import converter.write as write
 
-    real_write, calls = os.write, []
+    real_write, calls = os.pwrite, []
 
-    def filling_write(fd, data):
+    def filling_write(fd, data, offset):
         calls.append(len(data))
         if len(calls) > 20:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
+        return real_write(fd, data, offset)
 
-    monkeypatch.setattr(write.os, "write", filling_write)
+    monkeypatch.setattr(write.os, "pwrite", filling_write)
     dst = tmp_path / "dst"
     result = convert_refused(gemma_src, dst, "disk full while writing model.language_model")
     assert len(calls) == 21 and not dst.exists()

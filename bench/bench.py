@@ -1,0 +1,225 @@
+"""Conversion speed and memory on a real-shape slice of gemma-4-31B-it, side by side with `cp -r`.
+
+    python bench/bench.py [--dir /tmp/convert-fp8-bench] [--reps 2] [--memory-limit 1GiB]
+
+Builds the slice once (bench/make_slice.py: 6.3 GiB, the embedding, three sliding and one full attention layer,
+the vision projection), then prints one table:
+- `cp -r` of the slice and the conversion, each from a cold page cache and synced to disk, alternated;
+- the conversion inside a memory cgroup of --memory-limit (when this machine lets us make one), with the peak
+  anonymous memory of the cgroup sampled every 20 ms;
+- warm: source in the page cache, output on tmpfs (/dev/shm), GB/s of BF16 source through the whole CLI;
+- the quantization kernel alone on one 21504x5376 BF16 tensor, against transformers' formula in plain torch;
+- the full 62.5 GB model projected from the measured rates.
+Cold runs need root (to drop the page cache); without it they are reported as warm-disk runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FULL_MODEL_BYTES = 62.5e9
+
+
+def sh(*cmd, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+class MemoryCgroup:
+    """A child memory cgroup (v2 or v1) of our own, with a limit; samples its anonymous memory."""
+
+    def __init__(self, limit: int):
+        self.limit, self.path, self.version = limit, None, None
+        own = Path("/proc/self/cgroup").read_text().splitlines()
+        for line in own:
+            _, controllers, rel = line.split(":", 2)
+            if controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+                base, self.version = Path("/sys/fs/cgroup") / rel.lstrip("/"), 2
+            elif "memory" in controllers.split(","):
+                base, self.version = Path("/sys/fs/cgroup/memory") / rel.lstrip("/"), 1
+            else:
+                continue
+            try:
+                path = base / f"convert-fp8-bench-{os.getpid()}"
+                path.mkdir(exist_ok=True)
+                limit_file = "memory.max" if self.version == 2 else "memory.limit_in_bytes"
+                (path / limit_file).write_text(str(limit))
+                self.path = path
+                return
+            except OSError:
+                continue
+
+    def anon_bytes(self) -> int:
+        key = "anon" if self.version == 2 else "rss"
+        for line in (self.path / "memory.stat").read_text().splitlines():
+            name, value = line.split()
+            if name == key:
+                return int(value)
+        return 0
+
+    def run(self, cmd: list[str]) -> tuple[float, int, int]:
+        """(seconds, exit code, peak anonymous bytes) of `cmd` run inside the cgroup."""
+        peak, done = [0], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], self.anon_bytes())
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        procs = self.path / "cgroup.procs"
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, preexec_fn=lambda: procs.write_text(str(os.getpid())))
+        sampler.start()
+        code = proc.wait()
+        seconds = time.perf_counter() - start
+        done.set()
+        sampler.join()
+        return seconds, code, peak[0]
+
+    def remove(self) -> None:
+        if self.path is not None:
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    sh(*cmd)
+    return time.perf_counter() - start
+
+
+def convert_cmd(src: Path, dst: Path) -> list[str]:
+    return [sys.executable, "-m", "converter.cli", "--src", str(src), "--dst", str(dst), "--overwrite", "-q"]
+
+
+def _seconds(func) -> float:
+    start = time.perf_counter()
+    func()
+    return time.perf_counter() - start
+
+
+def kernel_rates() -> dict:
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from converter import quantize_fast
+    from converter.quantize import quantize_blocks
+
+    w = (torch.randn(21504, 5376, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    nbytes = w.numel() * 2
+    raw = w.view(torch.uint8).numpy().reshape(-1)
+    out = np.empty(w.shape, np.uint8)
+    scales = np.empty((21504 // 64, 5376 // 64), np.float32)
+    rows = 1536  # 16 MiB stripes of whole tile rows, as the converter reads them
+    quantize_fast.quantize_into(raw[: 64 * 5376 * 2], "BF16", out[:64], scales[:1], 64)  # compile / load cache
+
+    def fused_pass():
+        for first in range(0, 21504, rows):
+            quantize_fast.quantize_into(raw[first * 5376 * 2:(first + rows) * 5376 * 2], "BF16",
+                                        out[first:first + rows], scales[first // 64:(first + rows) // 64], 64)
+
+    fused = min(_seconds(fused_pass) for _ in range(3))
+    plain = min(_seconds(lambda: quantize_blocks(w, 64)) for _ in range(3))
+    ref_fp8, ref_scales = quantize_blocks(w, 64)
+    same = bool(np.array_equal(out, ref_fp8.view(torch.uint8).numpy()) and np.array_equal(scales, ref_scales.numpy()))
+    return {"fused_gbs": nbytes / fused / 1e9, "torch_gbs": nbytes / plain / 1e9, "same_bytes": same}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/convert-fp8-bench"))
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--warm-reps", type=int, default=3)
+    parser.add_argument("--memory-limit", default="1GiB")
+    args = parser.parse_args()
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))
+    from converter.configs import parse_size
+
+    src = args.dir / "slice"
+    if not (src / "config.json").exists():
+        sh(sys.executable, "bench/make_slice.py", str(src))
+    src_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    disk_out, copy_out, tmpfs_out = args.dir / "out", args.dir / "cp", Path("/dev/shm/convert-fp8-bench-out")
+    limit = parse_size(args.memory_limit)
+    rows = []
+
+    # cold and synced, alternated
+    cold = drop_caches()
+    cp_times, conv_times = [], []
+    for _ in range(args.reps):
+        shutil.rmtree(copy_out, ignore_errors=True)
+        drop_caches()
+        cp_times.append(timed(["bash", "-c", f"cp -r {src} {copy_out} && sync"]))
+        shutil.rmtree(copy_out, ignore_errors=True)
+        drop_caches()
+        conv_times.append(timed(convert_cmd(src, disk_out)))  # the converter fsyncs every file it writes
+    kind = "cold cache, synced" if cold else "page cache as found (not root: cannot drop it), synced"
+    cp_best, conv_best = min(cp_times), min(conv_times)
+    rows.append((f"cp -r, {kind}", " / ".join(f"{t:.1f} s" for t in cp_times), f"{src_bytes / cp_best / 1e9:.2f} GB/s"))
+    rows.append((f"convert, {kind}", " / ".join(f"{t:.1f} s" for t in conv_times),
+                 f"{src_bytes / conv_best / 1e9:.2f} GB/s; {conv_best / cp_best:.2f}x the copy"))
+
+    # memory cgroup
+    cgroup = MemoryCgroup(limit)
+    if cgroup.path is not None:
+        drop_caches()
+        seconds, code, peak = cgroup.run(convert_cmd(src, disk_out))
+        cgroup.remove()
+        verdict = "completed" if code == 0 else f"FAILED (exit {code}{', killed' if code < 0 else ''})"
+        rows.append((f"convert in a {args.memory_limit} memory cgroup (v{cgroup.version})", f"{seconds:.1f} s",
+                     f"{verdict}; peak anonymous memory {peak / 2**20:.0f} MiB"))
+    else:
+        rows.append(("convert in a memory cgroup", "-", "not measured: cannot create a memory cgroup here"))
+
+    # warm, tmpfs output
+    sh("bash", "-c", f"cat {src}/*.safetensors > /dev/null")
+    warm = []
+    for _ in range(args.warm_reps):
+        shutil.rmtree(tmpfs_out, ignore_errors=True)
+        warm.append(timed(convert_cmd(src, tmpfs_out)))
+    shutil.rmtree(tmpfs_out, ignore_errors=True)
+    rows.append(("convert, warm cache, output on tmpfs", " / ".join(f"{t:.2f} s" for t in warm),
+                 f"best {src_bytes / min(warm) / 1e9:.2f} GB/s, median {src_bytes / statistics.median(warm) / 1e9:.2f} GB/s"))
+
+    k = kernel_rates()
+    rows.append(("kernel alone, 21504x5376 BF16, best of 3", f"fused {k['fused_gbs']:.2f} GB/s",
+                 f"torch formula {k['torch_gbs']:.2f} GB/s ({k['fused_gbs'] / k['torch_gbs']:.1f}x); "
+                 f"same bytes: {k['same_bytes']}"))
+    rows.append(("projected 62.5 GB model", f"cold {FULL_MODEL_BYTES / src_bytes * conv_best / 60:.1f} min",
+                 f"warm {FULL_MODEL_BYTES / src_bytes * min(warm) / 60:.1f} min; cp -r cold "
+                 f"{FULL_MODEL_BYTES / src_bytes * cp_best / 60:.1f} min"))
+    shutil.rmtree(disk_out, ignore_errors=True)
+
+    print(f"\nslice: {src} ({src_bytes / 2**30:.2f} GiB); machine: {os.cpu_count()} cores")
+    width = max(len(r[0]) for r in rows)
+    print(f"| {'what'.ljust(width)} | time | result |")
+    print(f"| {'-' * width} | --- | --- |")
+    for what, t, result in rows:
+        print(f"| {what.ljust(width)} | {t} | {result} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""Build a synthetic slice of gemma-4-31B-it with the real tensor shapes, for benchmarks.
+
+    python bench/make_slice.py OUT_DIR [--layers 0,1,2,5] [--seed 0]
+
+From ../shared/reference/gemma-4-31b-it.tensors.json (or --tensors PATH): the 262144x5376 embedding, the text
+layers named (default three sliding, 0-2, and one full attention, 5; renumbered 0..n-1 so that the config is a
+consistent model) and the vision projection: about 6.4 GiB of N(0, 0.02) BF16 in 2 GB shards, with a config whose
+text model has those layers. Written tensor by tensor (one tensor in memory at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from converter.configs import SHARD_NAME  # noqa: E402
+from converter.plan import COPY, ShardPlan, TensorPlan  # noqa: E402
+from converter.write import ShardWriter  # noqa: E402
+
+DEFAULT_TENSORS = Path(__file__).resolve().parent.parent.parent / "shared" / "reference" / "gemma-4-31b-it.tensors.json"
+LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.(.*)$")
+
+
+def select(inventory: dict, layers: list[int]) -> list[tuple[str, list[int]]]:
+    renumber = {old: new for new, old in enumerate(layers)}
+    chosen = []
+    for t in inventory["tensors"]:
+        name = t["name"]
+        match = LAYER.match(name)
+        if match:
+            if int(match.group(1)) in renumber:
+                chosen.append((f"model.language_model.layers.{renumber[int(match.group(1))]}.{match.group(2)}", t["shape"]))
+        elif name in ("model.language_model.embed_tokens.weight", "model.embed_vision.embedding_projection.weight",
+                      "model.language_model.norm.weight"):
+            chosen.append((name, t["shape"]))
+    return chosen
+
+
+def slice_config(inventory: dict, layers: list[int]) -> dict:
+    config = copy.deepcopy(inventory["config"])
+    text = config["text_config"]
+    text["layer_types"] = [text["layer_types"][i] for i in layers]
+    text["num_hidden_layers"] = len(layers)
+    per_layer = text.pop("per_layer_config", None) or {}
+    text["global_head_dim"] = 512
+    text["num_global_key_value_heads"] = 4
+    del per_layer
+    return config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--layers", default="0,1,2,5")
+    parser.add_argument("--tensors", type=Path, default=DEFAULT_TENSORS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shard-size", type=int, default=2 * 10**9)
+    args = parser.parse_args(argv)
+    inventory = json.loads(args.tensors.read_text())
+    layers = [int(x) for x in args.layers.split(",")]
+    tensors = select(inventory, layers)
+    groups: list[list[TensorPlan]] = [[]]
+    size = 0
+    for name, shape in tensors:
+        t = TensorPlan(name, name, COPY, "BF16", tuple(shape), "synthetic")
+        if groups[-1] and size + t.nbytes > args.shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    args.out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(args.seed)
+    weight_map = {}
+    for i, group in enumerate(groups):
+        shard = ShardPlan(SHARD_NAME.format(index=i + 1, count=len(groups)), tuple(group))
+        writer = ShardWriter(args.out / shard.name, shard)
+        writer.open()
+        for t in group:
+            rows = t.shape[0]
+            step = max(1, (64 * 2**20) // (t.nbytes // rows))  # 64 MiB of BF16 at a time
+            for first in range(0, rows, step):
+                part = torch.randn((min(step, rows - first),) + t.shape[1:], generator=gen) * 0.02
+                if len(t.shape) == 1:
+                    part = torch.ones_like(part)
+                writer.write(t.name, part.to(torch.bfloat16).view(torch.uint8).numpy())
+            weight_map[t.name] = shard.name
+        writer.close()
+    total = sum(TensorPlan(n, n, COPY, "BF16", tuple(s), "").nbytes for n, s in tensors)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (args.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (args.out / "config.json").write_text(json.dumps(slice_config(inventory, layers), indent=2) + "\n")
+    print(f"{args.out}: {len(tensors)} tensors, {total / 2**30:.2f} GiB in {len(groups)} shards")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

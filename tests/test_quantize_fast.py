@@ -1,0 +1,70 @@
+"""The fused numba kernel: the same bytes as transformers' formula, on every BF16 value and on edge tiles."""
+
+import numpy as np
+import pytest
+import torch
+
+from converter import quantize_fast
+from converter.quantize import quantize_blocks
+
+from .conftest import run_cli, tiny_llama, tree_digest
+from .test_quantize import reference
+
+pytestmark = pytest.mark.skipif(not quantize_fast.available(), reason="numba is not installed")
+
+
+def fast(weight: torch.Tensor, block: int = 64):
+    code = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[weight.dtype]
+    raw = weight.contiguous().view(torch.uint8).numpy().reshape(-1)
+    out = np.empty(weight.shape, np.uint8)
+    scales = np.empty((weight.shape[0] // block, weight.shape[1] // block), np.float32)
+    status = quantize_fast.quantize_into(raw, code, out, scales, block)
+    return out, scales, status
+
+
+def test_every_finite_bf16_value_in_every_position():
+    bits = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    values = bits[torch.isfinite(bits)]
+    values = values[values.float().abs() > 1e-30]  # tiles of only float32-subnormal amax are refused (tested below)
+    for seed in range(3):
+        order = torch.randperm(len(values), generator=torch.Generator().manual_seed(seed))
+        n = len(values) // (64 * 256) * (64 * 256)
+        w = values[order][:n].reshape(-1, 256)
+        out, scales, status = fast(w)
+        ref_fp8, ref_scale = reference(w, 64)
+        assert status == (quantize_fast.OK, 0)
+        assert np.array_equal(out, ref_fp8.view(torch.uint8).numpy())
+        assert np.array_equal(scales.view(np.int32), ref_scale.numpy().view(np.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("exponent", [-20, -6, 0, 6])
+@pytest.mark.parametrize("block", [64, 128])
+def test_edge_tiles_match_transformers(dtype, exponent, block):
+    gen = torch.Generator().manual_seed(exponent + 100)
+    w = torch.randn(256, 384, generator=gen) * 2.0 ** (exponent if dtype != torch.float16 else max(exponent, -6))
+    w[:64, :64] = 0
+    w[70, 300] = w.abs().max() * 50
+    w = w.to(dtype)
+    out, scales, status = fast(w, block)
+    assert status == (quantize_fast.OK, 0)
+    ref_fp8, ref_scale = quantize_blocks(w, block)
+    assert np.array_equal(out, ref_fp8.view(torch.uint8).numpy())
+    assert np.array_equal(scales, ref_scale.numpy())
+
+
+def test_non_finite_and_overflowing_tiles_are_reported_with_their_row():
+    w = torch.zeros(192, 128, dtype=torch.bfloat16)
+    w[130, 5] = float("inf")
+    assert fast(w)[2] == (quantize_fast.NON_FINITE, 128)
+    w = torch.zeros(192, 128, dtype=torch.float32)
+    w[70, 5] = 1e-39
+    assert fast(w)[2] == (quantize_fast.SCALE_OVERFLOW, 64)
+
+
+def test_numba_and_torch_quantizers_write_the_same_files(tmp_path):
+    src = tiny_llama(tmp_path / "src")
+    for kind in ("numba", "torch"):
+        result = run_cli("--src", src, "--dst", tmp_path / kind, "--quantizer", kind)
+        assert result.exit_code == 0, result.output
+    assert tree_digest(tmp_path / "numba") == tree_digest(tmp_path / "torch")
