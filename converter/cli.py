@@ -34,7 +34,9 @@ def _size(ctx, param, value):
 
 
 @click.group(invoke_without_command=True, epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--src", type=click.Path(path_type=Path), help="Source checkpoint folder (BF16, F16 or F32 safetensors).")
+@click.option("--src", help="Source checkpoint: a folder (BF16, F16 or F32 safetensors) or a Hub repo id org/name.")
+@click.option("--revision", default=None, help="Hub sources: branch, tag or commit [main].")
+@click.option("--low-disk", is_flag=True, help="Hub sources: delete each downloaded shard once it is converted.")
 @click.option("--dst", type=click.Path(path_type=Path), help="Output folder for the FP8 checkpoint.")
 @click.option("--config", "preset_name", default=DEFAULT_PRESET, show_default=True,
               help="Preset name from configs/ (gemma-4-31b-it, default) or a preset JSON file.")
@@ -51,12 +53,14 @@ def _size(ctx, param, value):
               help="numba: the fused CPU kernel; torch: the reference formula. Same bytes either way.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the torch quantizer runs (cuda: on a GPU, same bytes).")
+@click.option("--part", default=None, metavar="I/N",
+              help="Convert only the I-th of N fixed subsets of the output shards (for N machines or jobs).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only errors and the final line.")
 @click.option("--debug", is_flag=True, envvar="CONVERT_FP8_DEBUG", help="Show tracebacks of errors.")
 @click.version_option(__version__, prog_name="convert-fp8")
 @click.pass_context
-def main(ctx, src, dst, preset_name, block_size, exclude, max_shard_size, dry_run, overwrite, no_arch_check,
-         base_model, quantizer, device, quiet, debug):
+def main(ctx, src, revision, low_disk, dst, preset_name, block_size, exclude, max_shard_size, dry_run, overwrite, no_arch_check,
+         base_model, quantizer, device, part, quiet, debug):
     """Convert a BF16 Hugging Face checkpoint to block-quantized FP8 (E4M3, per-block scales), streaming
     tensor by tensor in bounded memory, byte-identical to transformers' FineGrainedFP8Config.
     """
@@ -66,21 +70,35 @@ def main(ctx, src, dst, preset_name, block_size, exclude, max_shard_size, dry_ru
         return
     if src is None or dst is None:
         raise click.UsageError("--src and --dst are required (see --help)")
-    _run(debug, _convert, src=src, dst=dst, preset_name=preset_name, block_size=block_size, exclude=exclude,
+    _run(debug, _convert, src=src, revision=revision, low_disk=low_disk, dst=dst, preset_name=preset_name, block_size=block_size, exclude=exclude,
          max_shard_size=max_shard_size, dry_run=dry_run, overwrite=overwrite, arch_check=not no_arch_check,
-         base_model=base_model, quantizer=quantizer, device=device, quiet=quiet)
+         base_model=base_model, quantizer=quantizer, device=device, part=_part(part), quiet=quiet)
 
 
-def _convert(src, dst, preset_name, block_size, exclude, max_shard_size, dry_run, overwrite, arch_check,
-             base_model, quantizer, device, quiet):
+def _part(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return (1, 1)
+    try:
+        i, n = (int(v) for v in text.split("/"))
+        if not 1 <= i <= n:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected I/N with 1 <= I <= N, e.g. 2/4", param_hint="--part") from None
+    return (i, n)
+
+
+def _convert(src, revision, low_disk, dst, preset_name, block_size, exclude, max_shard_size, dry_run, overwrite, arch_check,
+             base_model, quantizer, device, part, quiet):
     from .convert import convert, prepare
     from .plan import describe_plan
     from .presets import load_preset
 
+    from .hub import looks_like_repo_id
+
     options = ConvertOptions(
-        src=src, dst=dst, preset=load_preset(preset_name), extra_excludes=tuple(exclude), block_size=block_size,
+        src=src if looks_like_repo_id(src) else Path(src), dst=dst, preset=load_preset(preset_name), extra_excludes=tuple(exclude), block_size=block_size,
         max_shard_size=max_shard_size, overwrite=overwrite, arch_check=arch_check, base_model=base_model,
-        quantizer=quantizer, device=device,
+        quantizer=quantizer, device=device, part=part, revision=revision, low_disk=low_disk,
     )
     if dry_run:
         _, plan, notes = prepare(options)
@@ -104,14 +122,44 @@ def _convert(src, dst, preset_name, block_size, exclude, max_shard_size, dry_run
         for bar in bars:
             bar.close()
     if not quiet:
-        for note in summary.notes:
-            click.echo(f"note: {note}")
-        click.echo(
-            f"{summary.fp8_tensors} tensors to FP8, {summary.copied_tensors} copied, {summary.files_copied} other files; "
-            f"{format_size(summary.bytes_in)} in, {format_size(summary.bytes_out)} out in {summary.shards} shard(s); "
-            f"{summary.seconds:.1f} s ({summary.bytes_in / max(summary.seconds, 1e-9) / 1e9:.2f} GB/s); "
-            f"peak memory {format_size(summary.peak_rss_bytes)}"
-        )
+        _print_summary(summary)
+    if summary.finalized:
+        click.echo(f"wrote {summary.dst}")
+    else:
+        click.echo(f"part {part[0]}/{part[1]} of {summary.dst} done; not complete yet")
+
+
+def _print_summary(summary) -> None:
+    for note in summary.notes:
+        click.echo(f"note: {note}")
+    if summary.resumed_bytes:
+        click.echo(f"resumed: kept {format_size(summary.resumed_bytes)} of source already converted by an earlier run")
+    click.echo(
+        f"{summary.fp8_tensors} tensors to FP8, {summary.copied_tensors} copied, {summary.files_copied} other files; "
+        f"{format_size(summary.bytes_in)} in, {format_size(summary.bytes_out)} out in {summary.shards} shard(s); "
+        f"{summary.seconds:.1f} s ({summary.bytes_in / max(summary.seconds, 1e-9) / 1e9:.2f} GB/s); "
+        f"peak memory {format_size(summary.peak_rss_bytes)}"
+    )
+
+
+@main.command("finalize", epilog="""
+Example:
+
+  convert-fp8 finalize --dst gemma-4-31B-it-FP8
+""")
+@click.option("--dst", required=True, type=click.Path(path_type=Path), help="The output folder the parts wrote to.")
+@click.pass_context
+def finalize_command(ctx, dst):
+    """Complete a conversion run in parts (--part I/N) once every part has finished: check the parts, write the
+    index, other files, model card and config, and move everything into place."""
+    _run(ctx.obj["debug"], _finalize, dst=dst)
+
+
+def _finalize(dst):
+    from .convert import finalize
+
+    summary = finalize(dst)
+    _print_summary(summary)
     click.echo(f"wrote {summary.dst}")
 
 
@@ -233,7 +281,8 @@ def _run(debug: bool, func, **kwargs):
         click.echo(f"convert-fp8: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("convert-fp8: interrupted; partial output removed", err=True)
+        click.echo("convert-fp8: interrupted; the same command resumes the conversion (--overwrite with other "
+                   "options discards it)", err=True)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the one place unknown errors become one line
         if debug:

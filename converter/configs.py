@@ -87,13 +87,14 @@ class Preset:
     block_size: int = DEFAULT_BLOCK_SIZE
     architectures: tuple[str, ...] = ()  # the architectures it was written for; others get a warning
     description: str = ""
+    origin: str = ""  # the name or file it was loaded from
 
 
 @dataclass(frozen=True)
 class ConvertOptions:
     """Everything one conversion run needs to know."""
 
-    src: Path
+    src: Path | str  # a folder, or a Hub repo id
     dst: Path
     preset: Preset
     extra_excludes: tuple[str, ...] = ()
@@ -104,10 +105,16 @@ class ConvertOptions:
     base_model: str | None = None  # for the model card; defaults to the source folder name
     quantizer: str = "auto"  # "auto", "numba" or "torch"; all give the same bytes
     device: str = "cpu"  # where the torch quantizer runs
+    part: tuple[int, int] = (1, 1)  # (i, n): convert the i-th of n fixed subsets of the output shards
+    revision: str | None = None  # Hub sources: branch, tag or commit
+    low_disk: bool = False  # Hub sources: delete each downloaded shard once its tensors are written
     scheme: FP8Scheme = field(init=False)
 
     def __post_init__(self):
         object.__setattr__(self, "scheme", FP8Scheme(self.block_size or self.preset.block_size))
+        i, n = self.part
+        if not 1 <= i <= n:
+            raise ValueError(f"part {i}/{n}: expected 1 <= I <= N")
 
     @property
     def exclude_patterns(self) -> tuple[str, ...]:

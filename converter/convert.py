@@ -1,7 +1,8 @@
-"""The conversion loop, driven by the plan: source -> quantize -> write, one tensor (or stripe) at a time."""
+"""The conversion loop, driven by the plan: source -> quantize -> write, resumable and divisible into parts."""
 
 from __future__ import annotations
 
+import os
 import resource
 import threading
 import time
@@ -12,18 +13,19 @@ from typing import Callable
 
 import numpy as np
 
-from . import arch, quantize_fast
+from . import __version__, arch, quantize_fast
 from .card import model_card
 from .configs import CARD_NAME, CONFIG_NAME, DTYPE_SIZES, INDEX_NAME, ConvertOptions
 from .errors import QuantizeError, UsageError, WriteError
-from .plan import COPY, QUANTIZE, SCALE, Plan, ShardPlan, make_plan
-from .source import SourceIndex, TensorReader, open_source, read_header
+from .manifest import Manifest, Piece, buffer_crc, claim_run, file_crc, read_run, run_identity
+from .plan import COPY, QUANTIZE, Plan, ShardPlan, make_plan
+from .source import SourceIndex, TensorReader, open_hub_source, open_source, read_header
 from .write import OutputDir, ShardWriter, config_json, index_json
 
 # Source bytes quantized per step. With the numba kernel the working set is this, the next stripe being read and
 # half of it in FP8; the torch formula needs about 6x (float32 copies).
 STRIPE_BYTES = 16 * 2**20
-COPY_BUFFER_BYTES = 16 * 2**20  # copied tensors move in pieces of this, so progress and stops stay prompt
+COPY_BUFFER_BYTES = 16 * 2**20  # copied tensors move in pieces of this: the unit of progress, stops and resume
 
 Progress = Callable[[int], None]
 
@@ -41,6 +43,8 @@ class Summary:
     files_copied: int
     seconds: float
     peak_rss_bytes: int
+    resumed_bytes: int = 0
+    finalized: bool = True
     notes: list[str] = field(default_factory=list)
 
 
@@ -51,8 +55,7 @@ def prepare(options: ConvertOptions, check_arch_now: bool = True) -> tuple[Sourc
     Returns:
         `(source, plan, notes)`; notes say what could not be checked.
     """
-    _check_paths(options.src, options.dst)
-    source = open_source(options.src)
+    source = load_source(options)
     plan = make_plan(source, options.scheme, options.exclude_patterns, options.max_shard_size)
     notes = []
     preset_archs = options.preset.architectures
@@ -66,6 +69,20 @@ def prepare(options: ConvertOptions, check_arch_now: bool = True) -> tuple[Sourc
     return source, plan, notes
 
 
+def load_source(options: ConvertOptions) -> SourceIndex:
+    """The source of `options`: a local folder, or a Hub repository id (`org/name`)."""
+    from .hub import HubRepo, looks_like_repo_id
+
+    if looks_like_repo_id(options.src):
+        if Path(options.dst).resolve().name == "":
+            raise UsageError(f"--dst {options.dst}: not a folder")
+        return open_hub_source(HubRepo(str(options.src), options.revision, options.low_disk))
+    if options.revision or options.low_disk:
+        raise UsageError("--revision and --low-disk apply to Hub sources (--src org/name), not to a local folder")
+    _check_paths(options.src, options.dst)
+    return open_source(options.src)
+
+
 def _check_paths(src: Path, dst: Path) -> None:
     src_abs, dst_abs = Path(src).resolve(), Path(dst).resolve()
     if dst_abs == src_abs or src_abs in dst_abs.parents:
@@ -74,9 +91,42 @@ def _check_paths(src: Path, dst: Path) -> None:
         raise UsageError(f"--src {src} is inside --dst {dst}: replacing --dst would destroy the source")
 
 
+def part_shards(plan: Plan, part: tuple[int, int]) -> list[ShardPlan]:
+    """The output shards of part `(i, n)`: every n-th shard from the i-th (1-based), a fixed split."""
+    i, n = part
+    return [shard for k, shard in enumerate(plan.shards) if k % n == i - 1]
+
+
+def source_name(options: ConvertOptions) -> str:
+    from .hub import looks_like_repo_id
+
+    return str(options.src) if looks_like_repo_id(options.src) else str(Path(options.src).resolve())
+
+
+def _run_record(options: ConvertOptions, identity: str) -> dict:
+    return {
+        "identity": identity,
+        "parts": options.part[1],
+        "tool": __version__,
+        "src": source_name(options),
+        "revision": options.revision,
+        "options": {
+            "preset": options.preset.origin or options.preset.name,
+            "exclude": list(options.extra_excludes),
+            "block_size": options.block_size,
+            "max_shard_size": options.max_shard_size,
+            "arch_check": options.arch_check,
+            "base_model": options.base_model,
+        },
+    }
+
+
 def convert(options: ConvertOptions, progress: Progress | None = None,
             on_plan: Callable[[Plan], None] | None = None) -> Summary:
-    """Convert `options.src` into `options.dst`.
+    """Convert `options.src` into `options.dst` (or, with `options.part`, one part of it).
+
+    An earlier run of the same conversion killed half-way leaves its work in `DST/.convert-fp8.partial/`; this
+    run keeps every piece of it that checks out and writes the rest.
 
     Args:
         options (`ConvertOptions`): what to convert, where and how.
@@ -84,131 +134,323 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
         on_plan (`Callable[[Plan], None]`, *optional*): called once with the plan, before anything is written.
 
     Raises:
-        ConvertError: any failure; by then everything this run wrote has been removed.
+        ConvertError: any failure; by then what this run wrote has been removed (a part removes its own files).
     """
     started = time.monotonic()
     source, plan, notes = prepare(options, check_arch_now=False)
     out = OutputDir(options.dst, options.overwrite)
     out.check()
-    extra = sum((source.root / f).stat().st_size for f in plan.files_to_copy)
-    out.check_space(plan.output_nbytes + extra + 2**20)
+    mine = part_shards(plan, options.part)
+    extra = sum((source.root / f).stat().st_size for f in plan.files_to_copy if (source.root / f).is_file())
+    out.check_space(sum(s.nbytes for s in mine) + extra + 2**20, already=out.staged_bytes())
     progress = progress or (lambda n: None)
     if on_plan:
         on_plan(plan)
     quantizer = Quantizer(plan.scheme.block_size, options.quantizer, options.device)
     # The transformers cross-check mostly waits on importing transformers (about 2 s): it runs beside the
-    # writing, into the staging folder, and a failure removes everything before any file is moved into place.
+    # writing, into the staging folder, and a failure removes what this run wrote before anything is moved.
     arch_check = _Background(arch.cross_check, plan) if options.arch_check else None
+    identity = run_identity(source, plan)
+    i, n = options.part
     out.open()
+    resumed = claim_run(out.staging, _run_record(options, identity), options.overwrite)
+    manifest = Manifest(out.staging / f"manifest-part-{i}-of-{n}.jsonl")
+    finalized = False
     try:
-        _write_shards(out, plan, source, quantizer, progress)
-        out.write_text(INDEX_NAME, index_json(plan))
-        for relative in plan.files_to_copy:
-            out.copy_file(source.root / relative, relative)
-        base = options.base_model or source.root.resolve().name
-        out.write_text(CARD_NAME, model_card(plan, base_model=base, repo_name=f"{Path(base).name}-FP8"))
-        out.write_text(CONFIG_NAME, config_json(plan))
-        check_written_headers(out.staging, plan)
-        _self_check(out.staging)
+        done = _verified_pieces(manifest, out.staging) if resumed else {}
+        resumed_bytes = _write_shards(out, mine, source, quantizer, progress, manifest, done, resumed)
+        manifest.close()
         if arch_check is not None:
             skipped = arch_check.result()
             if skipped:
                 notes.append(skipped)
-        out.commit()
+        (out.staging / f"part-{i}-of-{n}.done").write_text(identity + "\n")
+        finalized = finalize_if_complete(out, plan, source, options, notes)
+    except KeyboardInterrupt:
+        manifest.close()
+        raise
     except BaseException:
-        out.abort()
+        manifest.close()
+        if n == 1:
+            out.abort()
+        else:
+            _remove_part(out, mine, manifest, i, n)
         if arch_check is not None:
             arch_check.wait()
         raise
     finally:
         quantizer.close()
-    n_fp8 = len(plan.fp8_modules)
+    n_fp8 = sum(1 for s in mine for t in s.tensors if t.action == QUANTIZE)
+    n_all = sum(len(s.tensors) for s in mine)
     return Summary(
         dst=options.dst,
-        shards=len(plan.shards),
+        shards=len(mine),
         fp8_tensors=n_fp8,
-        copied_tensors=len(plan.tensors) - 2 * n_fp8,
-        bytes_in=source.nbytes,
-        bytes_out=plan.output_nbytes,
-        files_copied=len(plan.files_to_copy),
+        copied_tensors=n_all - 2 * n_fp8,
+        bytes_in=sum(source.tensors[t.source].nbytes for s in mine for t in s.tensors if t.action != "scale"),
+        bytes_out=sum(s.nbytes for s in mine),
+        files_copied=len(plan.files_to_copy) if finalized else 0,
         seconds=time.monotonic() - started,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        resumed_bytes=resumed_bytes,
+        finalized=finalized,
         notes=notes,
     )
 
 
-def _write_shards(out: OutputDir, plan: Plan, source: SourceIndex, quantizer: "Quantizer",
-                  progress: Progress) -> None:
-    """Write every shard: all headers first, then two lanes at once, each writing at the offsets the headers fix.
-    A thread copies the tensors that stay as they are (in the kernel where it can), while the main thread reads,
-    quantizes and writes the others. The first error stops both."""
-    writers = {shard.name: ShardWriter(out.path(shard.name), shard) for shard in plan.shards}
+def _remove_part(out: OutputDir, mine: list[ShardPlan], manifest: Manifest, i: int, n: int) -> None:
+    """A failed part removes its own shards and records, and leaves the other parts' work alone."""
+    for path in [out.staging / s.name for s in mine] + [manifest.path, out.staging / f"part-{i}-of-{n}.done"]:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _verified_pieces(manifest: Manifest, staging: Path) -> dict[tuple[str, str, int], Piece]:
+    """The recorded pieces whose bytes in the staged shards still match their sampled CRC."""
+    good, fds = {}, {}
+    try:
+        for key, piece in manifest.load().items():
+            path = staging / piece.shard
+            if piece.shard not in fds:
+                try:
+                    fds[piece.shard] = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    fds[piece.shard] = None
+            fd = fds[piece.shard]
+            if fd is not None and _piece_crc(fd, path, piece) == piece.crc:
+                good[key] = piece
+    finally:
+        for fd in fds.values():
+            if fd is not None:
+                os.close(fd)
+    return good
+
+
+def _piece_crc(fd: int, path: Path, piece: Piece) -> int | None:
+    header = read_header(path)
+    info = header.tensors.get(piece.tensor)
+    if info is None or piece.start + piece.length > info.nbytes:
+        return None
+    return file_crc(fd, info.offset + piece.start, piece.length)
+
+
+def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, options: ConvertOptions,
+                         notes: list[str]) -> bool:
+    """When every part has finished, write the index, other files, model card and config (last), check the
+    staged output and move it into place. Exactly one process does it (a lock file decides)."""
+    n = options.part[1]
+    missing = [k for k in range(1, n + 1) if not (out.staging / f"part-{k}-of-{n}.done").exists()]
+    if missing:
+        notes.append(f"waiting for part(s) {', '.join(f'{k}/{n}' for k in missing)}; the last part to finish, or "
+                     f"`convert-fp8 finalize --dst {options.dst}`, completes the checkpoint")
+        return False
+    try:
+        lock = os.open(out.staging / "finalize.lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        notes.append("another process is finalizing this checkpoint")
+        return False
+    os.close(lock)
+    try:
+        out.write_text(INDEX_NAME, index_json(plan))
+        for relative in plan.files_to_copy:
+            origin = source.provider.fetch(relative) if source.provider is not None else source.root / relative
+            out.copy_file(origin, relative)
+        base = options.base_model or source.name or source.root.resolve().name
+        out.write_text(CARD_NAME, model_card(plan, base_model=base, repo_name=f"{Path(base).name}-FP8"))
+        out.write_text(CONFIG_NAME, config_json(plan))
+        check_written_headers(out.staging, plan)
+        _self_check(out.staging)
+        names = [s.name for s in plan.shards] + [INDEX_NAME, CARD_NAME, CONFIG_NAME]
+        names += sorted({Path(f).parts[0] for f in plan.files_to_copy})
+        out.commit(names)
+    except BaseException:
+        (out.staging / "finalize.lock").unlink(missing_ok=True)
+        raise
+    return True
+
+
+def finalize(dst: Path) -> Summary:
+    """`convert-fp8 finalize`: complete a partitioned conversion whose parts have all finished."""
+    from .presets import load_preset
+
+    started = time.monotonic()
+    staging = OutputDir(dst, overwrite=False).staging
+    record = read_run(staging)
+    opts = record["options"]
+    n = record["parts"]
+    options = ConvertOptions(
+        src=record["src"], dst=Path(dst), preset=load_preset(opts["preset"]), revision=record.get("revision"),
+        extra_excludes=tuple(opts["exclude"]), block_size=opts["block_size"],
+        max_shard_size=opts["max_shard_size"], arch_check=False, base_model=opts["base_model"],
+        overwrite=True, part=(n, n),
+    )
+    source, plan, notes = prepare(options, check_arch_now=False)
+    if run_identity(source, plan) != record["identity"]:
+        raise UsageError(f"{record['src']}: the source or this tool changed since the parts ran; convert again")
+    out = OutputDir(dst, overwrite=True)
+    if not finalize_if_complete(out, plan, source, options, notes):
+        raise UsageError(f"{dst}: cannot finalize: {notes[-1]}")
+    return Summary(dst=Path(dst), shards=len(plan.shards), fp8_tensors=len(plan.fp8_modules),
+                   copied_tensors=len(plan.tensors) - 2 * len(plan.fp8_modules), bytes_in=source.nbytes,
+                   bytes_out=plan.output_nbytes, files_copied=len(plan.files_to_copy),
+                   seconds=time.monotonic() - started,
+                   peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, notes=notes)
+
+
+def _write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, quantizer: "Quantizer",
+                  progress: Progress, manifest: Manifest, done: dict, resume: bool) -> int:
+    """Write the given shards: all headers first, then two lanes at once, each writing at the offsets the headers
+    fix. A thread copies the tensors that stay as they are (in the kernel where it can), while the main thread
+    reads, quantizes and writes the others. Pieces in `done` are kept. The first error stops both lanes.
+
+    Returns:
+        Source bytes whose output was kept from an earlier run.
+    """
+    writers = {shard.name: ShardWriter(out.path(shard.name), shard) for shard in shards}
     copies, quantized = [], []
-    for shard in plan.shards:
+    for shard in shards:
         tensors = list(shard.tensors)
-        for i, t in enumerate(tensors):
+        for k, t in enumerate(tensors):
             if t.action == COPY:
                 copies.append((writers[shard.name], t))
             elif t.action == QUANTIZE:
-                quantized.append((writers[shard.name], t, tensors[i + 1]))
+                quantized.append((writers[shard.name], t, tensors[k + 1]))
     stop = threading.Event()
     lock = threading.Lock()
+    pending: dict[str, int] = {}  # source shard -> tensors of it still to write (to release Hub downloads)
+    for _, t, *rest in copies + quantized:
+        shard = source.tensors[t.source].shard
+        pending[shard] = pending.get(shard, 0) + 1
 
     def advance(nbytes: int) -> None:
         with lock:
             progress(nbytes)
 
+    def finished(tensor) -> None:
+        shard = source.tensors[tensor.source].shard
+        with lock:
+            pending[shard] -= 1
+            last = pending[shard] == 0
+        if last and source.provider is not None:
+            source.provider.release(shard)
+
+    kept = 0
     try:
         for writer in writers.values():
-            writer.open()
+            writer.open(resume=resume)
+        fresh = {w.shard.name for w in writers.values() if not w.resumed}  # a shard begun anew keeps nothing
+        done = _usable_pieces({k: p for k, p in done.items() if p.shard not in fresh}, copies, quantized, source,
+                              quantizer)
+        for piece in done.values():
+            writers[piece.shard].credit(piece.tensor, piece.length)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-fp8-copy") as lane:
-            copying = lane.submit(_copy_lane, copies, source, stop, advance)
+            copying = lane.submit(_copy_lane, copies, source, stop, advance, manifest, done, finished)
             try:
-                _quantize_lane(quantized, source, quantizer, stop, advance)
+                kept += _quantize_lane(quantized, source, quantizer, stop, advance, manifest, done, finished)
             except BaseException:
                 stop.set()
                 raise
-            copying.result()
+            kept += copying.result()
         for writer in writers.values():
             writer.close()
     finally:
         for writer in writers.values():
             writer.abort()
+    return kept
 
 
-def _copy_lane(copies, source: SourceIndex, stop: threading.Event, advance: Progress) -> None:
+def _usable_pieces(done: dict, copies, quantized, source: SourceIndex, quantizer: "Quantizer") -> dict:
+    """The recorded pieces the lanes will skip: copy chunks on the chunk grid, and stripes whose FP8 bytes and
+    scale rows were both recorded (a run killed between the two redoes the stripe)."""
+    usable = {}
+    for writer, t in copies:
+        for start in range(0, source.tensors[t.source].nbytes, COPY_BUFFER_BYTES):
+            key = (writer.shard.name, t.name, start)
+            if key in done:
+                usable[key] = done[key]
+    for writer, weight, scale in quantized:
+        info = source.tensors[weight.source]
+        cols, block, shard = info.shape[1], quantizer.block, writer.shard.name
+        for first in range(0, info.shape[0], quantizer.stripe_rows(info)):
+            fp8_key = (shard, weight.name, first * cols)
+            scale_key = (shard, scale.name, first // block * scale.shape[1] * 4)
+            if fp8_key in done and scale_key in done:
+                usable[fp8_key], usable[scale_key] = done[fp8_key], done[scale_key]
+    return usable
+
+
+def _copy_lane(copies, source: SourceIndex, stop: threading.Event, advance: Progress, manifest: Manifest,
+               done: dict, finished: Callable) -> int:
     buffer = bytearray(COPY_BUFFER_BYTES)
+    kept = 0
     with TensorReader(source) as reader:
         for writer, t in copies:
             info = source.tensors[t.source]
+            shard = writer.shard.name
             for start in range(0, info.nbytes, COPY_BUFFER_BYTES):
                 if stop.is_set():
-                    return
+                    return kept
                 n = min(COPY_BUFFER_BYTES, info.nbytes - start)
+                if (shard, t.name, start) in done:
+                    kept += n
+                    advance(n)
+                    continue
                 writer.copy_at(t.name, start, reader.fd_for(info), info.offset + start, n, buffer)
+                manifest.record(Piece(shard, t.name, start, n, writer.crc_at(t.name, start, n)))
                 advance(n)
+            finished(t)
+    return kept
 
 
 def _quantize_lane(quantized, source: SourceIndex, quantizer: "Quantizer", stop: threading.Event,
-                   advance: Progress) -> None:
-    """Read, quantize and write the FP8 weights; each stripe's write overlaps the next stripe's quantization
-    (at most one write in flight, so the two output buffers of the quantizer are never overwritten early)."""
+                   advance: Progress, manifest: Manifest, done: dict, finished: Callable) -> int:
+    """Read, quantize and write the FP8 weights, each stripe with its scale rows; each stripe's write overlaps
+    the next stripe's quantization (at most one write in flight, so the quantizer's two output buffers are
+    never overwritten early)."""
+    kept = 0
     with TensorReader(source) as reader, ThreadPoolExecutor(1, thread_name_prefix="convert-fp8-write") as io:
         for writer, weight, scale in quantized:
             info = source.tensors[weight.source]
-            scale_stripes, position, writing = [], 0, None
-            for fp8, scale_inv, nbytes in quantizer.stripes(info, reader):
+            shard = writer.shard.name
+            cols = info.shape[1]
+            row_bytes = cols * DTYPE_SIZES[info.dtype]
+            scale_row_bytes = scale.shape[1] * 4
+            block = quantizer.block
+
+            def is_done(first):
+                return (shard, weight.name, first * cols) in done and \
+                    (shard, scale.name, first // block * scale_row_bytes) in done
+
+            for first in range(0, info.shape[0], quantizer.stripe_rows(info)):
+                if is_done(first):
+                    n = min(info.shape[0], first + quantizer.stripe_rows(info)) - first
+                    kept += n * row_bytes
+                    advance(n * row_bytes)
+            writing = None
+            for first, fp8, scale_inv, nbytes in quantizer.stripes(info, reader, skip=is_done):
                 if stop.is_set():
-                    return
+                    return kept
                 if writing is not None:
                     writing.result()
-                writing = io.submit(writer.write_at, weight.name, position, fp8)
-                position += fp8.nbytes
-                scale_stripes.append(scale_inv)
+                writing = io.submit(_write_stripe, writer, manifest, weight.name, scale.name, first * cols, fp8,
+                                    first // block * scale_row_bytes, scale_inv)
                 advance(nbytes)
             if writing is not None:
                 writing.result()
-            writer.write_at(scale.name, 0, np.concatenate(scale_stripes))
+            finished(weight)
+    return kept
+
+
+def _write_stripe(writer: ShardWriter, manifest: Manifest, weight: str, scale: str, start: int, fp8: np.ndarray,
+                  scale_start: int, scale_inv: np.ndarray) -> None:
+    """Write one stripe's FP8 bytes and its rows of inverse scales, then record both as done."""
+    writer.write_at(weight, start, fp8)
+    writer.write_at(scale, scale_start, scale_inv)
+    shard = writer.shard.name
+    manifest.record(Piece(shard, weight, start, fp8.nbytes, buffer_crc(fp8)))
+    manifest.record(Piece(shard, scale, scale_start, scale_inv.nbytes, buffer_crc(scale_inv)))
 
 
 class Quantizer:
@@ -235,15 +477,23 @@ class Quantizer:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
-    def stripes(self, info, reader: TensorReader):
-        """Yield `(fp8 bytes, scale_inv, source bytes)` for successive stripes of whole tile rows.
+    def stripe_rows(self, info) -> int:
+        """Rows per stripe for a weight: whole tile rows, about STRIPE_BYTES of source."""
+        row_bytes = info.shape[1] * DTYPE_SIZES[info.dtype]
+        return max(self.block, STRIPE_BYTES // (row_bytes * self.block) * self.block)
+
+    def stripes(self, info, reader: TensorReader, skip=lambda first: False):
+        """Yield `(first row, fp8 bytes, scale_inv, source bytes)` for successive stripes of whole tile rows,
+        leaving out those whose first row `skip` accepts (already written by an earlier run).
 
         The FP8 bytes live in one of two buffers, used in turn: write them before asking for the stripe after next.
         """
         rows, cols = info.shape
         row_bytes = cols * DTYPE_SIZES[info.dtype]
-        step = max(self.block, STRIPE_BYTES // (row_bytes * self.block) * self.block)
-        starts = list(range(0, rows, step))
+        step = self.stripe_rows(info)
+        starts = [first for first in range(0, rows, step) if not skip(first)]
+        if not starts:
+            return
         reader.fd_for(info)  # open the shard here, not in the reading thread
         buffers = [self._buffer(i, step * row_bytes) for i in (0, 1)]
         outs = [self._buffer(i, step * cols) for i in (2, 3)]  # one being written while the other is filled
@@ -262,7 +512,7 @@ class Quantizer:
             n = min(rows, first + step) - first
             out = outs[i % 2][: n * cols].reshape(n, cols)
             fp8, scale_inv = self._quantize(raw, info, n, cols, first, out)
-            yield fp8, scale_inv, n * row_bytes
+            yield first, fp8, scale_inv, n * row_bytes
 
     def _buffer(self, slot: int, nbytes: int) -> np.ndarray:
         """A byte buffer kept across stripes and tensors, grown when needed."""

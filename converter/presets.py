@@ -45,4 +45,5 @@ def load_preset(name_or_path: str) -> Preset:
         block_size=int(data.get("block_size", DEFAULT_BLOCK_SIZE)),
         architectures=tuple(data.get("architectures", [])),
         description=str(data.get("description", "")),
+        origin=str(name_or_path),
     )

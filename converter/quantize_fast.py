@@ -4,7 +4,7 @@ Same bytes as `quantize_blocks` (and so as transformers), about 15x faster on a 
 tile amax comes from the integer bits (|x| orders like its bits for finite floats), then each value is widened,
 scaled, clamped and rounded to E4M3 with integer arithmetic in one loop. Tile rows run in parallel threads with
 the GIL released. Kernels are compiled per (source width, block size), the block size being a constant so that
-the inner loops vectorize, and cached on disk. Without numba, `available()` is False and callers use
+the inner loops vectorize, and cached on disk (the first use of a variant compiles it, about 2 s). Without numba, `available()` is False and callers use
 `quantize_blocks`.
 """
 
@@ -56,7 +56,6 @@ def _make_kernel(shift: int, block: int):
     B = block
 
     # numba widens integer arithmetic to 64 bits; the explicit uint32 casts let LLVM keep 32-bit vector lanes.
-    @numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False, error_model="numpy")
     def kernel(bits, out, scale_inv):  # pragma: no cover - compiled
         rows, cols = bits.shape
         tile_rows, tile_cols = rows // B, cols // B
@@ -96,7 +95,10 @@ def _make_kernel(shift: int, block: int):
                         out[r, c] = np.uint8(u32(sign | (normal if a >= E4M3_MIN_NORMAL else sub)))
         return status
 
-    return kernel
+    # One name per variant gives each its own on-disk cache index: variants sharing one index can be mixed up
+    # when two processes compile at once.
+    kernel.__qualname__ = kernel.__name__ = f"quantize_tiles_shift{shift}_block{block}"
+    return numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False, error_model="numpy")(kernel)
 
 
 def _kernel(shift: int, block: int):

@@ -65,6 +65,8 @@ class SourceIndex:
     files_to_copy: tuple[str, ...]  # relative paths, copied unchanged
     files_skipped: tuple[tuple[str, str], ...] = ()  # (relative path, why)
     warnings: tuple[str, ...] = field(default=())
+    provider: object | None = None  # a HubRepo when the shards are fetched on demand
+    name: str | None = None  # the Hub repo id, for a Hub source
 
     @property
     def nbytes(self) -> int:
@@ -96,6 +98,11 @@ def read_header(path: Path) -> ShardHeader:
         raise SourceError(f"{path}: permission denied reading the shard") from None
     except IsADirectoryError:
         raise SourceError(f"{path}: is a directory, expected a safetensors file") from None
+    return parse_header_bytes(path, raw, header_len, file_size)
+
+
+def parse_header_bytes(path: Path, raw: bytes, header_len: int, file_size: int) -> ShardHeader:
+    """Check a header's JSON (`raw`, the `header_len` bytes after the length prefix) against the file size."""
     try:
         header = json.loads(raw)
         if not isinstance(header, dict):
@@ -195,6 +202,44 @@ def open_source(src: Path) -> SourceIndex:
     )
 
 
+def _check_same_header(path: Path, source: SourceIndex, shard: str) -> None:
+    planned = {n: (t.dtype, t.shape, t.offset) for n, t in source.tensors.items() if t.shard == shard}
+    found = {n: (t.dtype, t.shape, t.offset) for n, t in read_header(path).tensors.items() if n in planned}
+    if found != planned:
+        raise SourceError(f"{path}: differs from the header the plan was made from (did the repository change?)")
+
+
+def open_hub_source(repo) -> SourceIndex:
+    """A Hub repository as a `SourceIndex`: config, index and shard headers; shards stay remote until read.
+
+    Raises:
+        SourceError: offline with the files not cached, repository or revision not found, a bad header.
+    """
+    from .hub import fetch_config
+
+    config = fetch_config(repo)
+    shards, weight_map = repo.shard_names()
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        header = repo.header(shard)
+        for info in sorted(header.tensors.values(), key=lambda t: t.offset):
+            if weight_map is None or weight_map.get(info.name) == shard:
+                tensors[info.name] = TensorInfo(info.name, info.dtype, info.shape, shard, info.offset, info.nbytes)
+    files = repo.other_files()
+    copy, skipped = [], []
+    for rel in files:
+        if rel in set(shards) | {INDEX_NAME, CONFIG_NAME} or rel.startswith(".") or "/." in rel:
+            continue
+        if rel == CARD_NAME:
+            skipped.append((rel, "replaced by the FP8 model card"))
+        elif "/" not in rel and (rel.endswith(_OTHER_WEIGHT_SUFFIXES) or ".safetensors" in rel):
+            skipped.append((rel, "another copy of the unquantized weights"))
+        else:
+            copy.append(rel)
+    return SourceIndex(root=repo.snapshot, config=config, tensors=tensors, shards=tuple(shards),
+                       files_to_copy=tuple(copy), files_skipped=tuple(skipped), provider=repo, name=repo.repo_id)
+
+
 def _read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -250,10 +295,15 @@ class TensorReader:
             self._fd, self._shard = None, None
 
     def fd_for(self, info: TensorInfo) -> int:
-        """The open file descriptor of `info`'s shard (opening it, and closing the previous one)."""
+        """The open file descriptor of `info`'s shard (opening it, and closing the previous one). A Hub shard is
+        downloaded first, and its header checked against the one the plan was made from."""
         if self._shard != info.shard:
             self.close()
             path = self._source.root / info.shard
+            if self._source.provider is not None:
+                path = self._source.provider.ensure(info.shard)
+                _check_same_header(path, self._source, info.shard)
+                self._source.provider.prefetch_after(info.shard)
             try:
                 self._fd = os.open(path, os.O_RDONLY)
             except OSError as exc:

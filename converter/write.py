@@ -71,6 +71,7 @@ class ShardWriter:
         self.state = "new"
         self._fd: int | None = None
         self._copy_fd: int | None = None  # a second descriptor, whose file position in-kernel copies may move
+        self.resumed = False
         self._header = shard_header(shard)
         self._offsets: dict[str, tuple[int, int]] = {}  # name -> (absolute offset, nbytes)
         position = len(self._header)
@@ -85,14 +86,33 @@ class ShardWriter:
         if self.state != state:
             raise WriteError(f"{self.path}: writer is {self.state!r}, expected {state!r}")
 
-    def open(self) -> None:
+    def open(self, resume: bool = False) -> None:
+        """Write the header; with `resume`, first keep a file an earlier run left with this very header and size
+        (`resumed` tells which happened)."""
         self._expect("new")
+        self.resumed = False
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            _pwrite_all(self._fd, self._header, 0)
+            if resume and self.path.is_file() and self.path.stat().st_size == self.file_size:
+                with open(self.path, "rb") as f:
+                    self.resumed = f.read(len(self._header)) == self._header
+            flags = os.O_RDWR | os.O_CREAT | (0 if self.resumed else os.O_TRUNC)
+            self._fd = os.open(self.path, flags, 0o644)
+            if not self.resumed:
+                _pwrite_all(self._fd, self._header, 0)
+                os.ftruncate(self._fd, self.file_size)
         except OSError as exc:
             raise os_error(exc, self.path, "writing the header") from None
         self.state = "open"
+
+    def credit(self, name: str, nbytes: int) -> None:
+        """Count bytes of `name` that an earlier run wrote and that were checked, as written."""
+        self._claim(name, 0, nbytes)
+
+    def crc_at(self, name: str, start: int, nbytes: int) -> int:
+        """The sampled CRC of bytes of `name` as they are in the file (see `manifest.sample_crc`)."""
+        from .manifest import file_crc
+
+        return file_crc(self._fd, self._offsets[name][0] + start, nbytes)
 
     def _claim(self, name: str, start: int, nbytes: int) -> int:
         """Check a write of `nbytes` at `start` inside tensor `name`; returns its absolute file offset."""
@@ -220,23 +240,30 @@ class OutputDir:
                     f"{self.dst}: --dst already holds {len(own)} file(s) ({own[0]}, ...); pass --overwrite to replace them"
                 )
 
-    def check_space(self, needed: int) -> None:
-        """Refuse when the file system of `--dst` has less free space than the output needs."""
+    def staged_bytes(self) -> int:
+        """Bytes already in the staging folder (an earlier run's work, which this one may keep)."""
+        if not self.staging.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in self.staging.iterdir() if p.is_file())
+
+    def check_space(self, needed: int, already: int = 0) -> None:
+        """Refuse when the file system of `--dst` has less free space than the output needs (less what an earlier
+        run already wrote)."""
         probe = self.dst if self.dst.exists() else _existing_parent(self.dst)
         free = shutil.disk_usage(probe).free
+        needed = max(0, needed - already)
         if free < needed:
             raise WriteError(
                 f"{self.dst}: disk full: the output needs {needed:,} bytes, the file system has {free:,} free"
             )
 
     def open(self) -> None:
+        """Create `<dst>` and the staging folder; one left by a killed run stays, to be resumed or refused."""
         try:
             if not self.dst.exists():
                 self.dst.mkdir(parents=True)
                 self._created_dst = True
-            if self.staging.exists():  # left by a run that was killed
-                shutil.rmtree(self.staging)
-            self.staging.mkdir()
+            self.staging.mkdir(exist_ok=True)
         except OSError as exc:
             raise os_error(exc, self.dst, "creating the output folder") from None
 
@@ -264,21 +291,21 @@ class OutputDir:
         except OSError as exc:
             raise os_error(exc, path, f"copying {relative}") from None
 
-    def commit(self) -> None:
-        """Move the staged output into `<dst>`: everything else first, `config.json` last."""
+    def commit(self, names: list[str]) -> None:
+        """Move the staged output entries `names` into `<dst>` (shards first, `config.json` last), then remove
+        the staging folder with its run records."""
         try:
             if self.overwrite:
                 for entry in self.dst.iterdir():
                     if entry.name != STAGING_NAME:
                         shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-            names = sorted(p.name for p in self.staging.iterdir())
-            order = [n for n in names if n.endswith(".safetensors")]
-            order += [n for n in names if n not in order and n not in (INDEX_NAME, CONFIG_NAME)]
+            order = sorted(n for n in names if n.endswith(".safetensors"))
+            order += sorted(n for n in names if n not in order and n not in (INDEX_NAME, CONFIG_NAME))
             order += [n for n in (INDEX_NAME, CONFIG_NAME) if n in names]
             for name in order:
                 os.replace(self.staging / name, self.dst / name)
             _fsync_dir(self.dst)
-            self.staging.rmdir()
+            shutil.rmtree(self.staging)
         except OSError as exc:
             raise os_error(exc, self.dst, "moving the finished output into place") from None
 

@@ -1,0 +1,155 @@
+"""Progress that survives a killed run: the run's identity, and a manifest of the pieces already written.
+
+Every piece (a 16 MiB chunk of a copied tensor, a stripe of an FP8 weight, the scale rows of that stripe) is
+appended to the manifest once its bytes are in the file, with a CRC32 of its first and last 64 KiB. A new run
+with the same identity keeps each recorded piece whose bytes still match, and writes the rest: the header-first
+layout fixes every piece's place, so a partly written shard is continued, not restarted. The sampled CRC catches
+pieces never written or cut short (holes read as zeros); `convert-fp8 verify --src` checks every byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .errors import UsageError
+
+RUN_FILE = "run.json"
+SAMPLE = 64 * 2**10
+
+
+def run_identity(source, plan) -> str:
+    """A digest of everything that decides the output bytes: the source's headers, sizes and config, the plan
+    (tensors, dtypes, shapes, shards, output config) and this tool's version."""
+    state = {
+        "tool": __version__,
+        "source_config": source.config,
+        "source": sorted((t.name, t.dtype, list(t.shape), t.shard, t.offset, t.nbytes) for t in source.tensors.values()),
+        "shards": [[s.name, [(t.name, t.action, t.dtype, list(t.shape)) for t in s.tensors]] for s in plan.shards],
+        "config": plan.config,
+        "files": list(plan.files_to_copy),
+    }
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
+def sample_crc(read, length: int) -> int:
+    """CRC32 of a piece's first and last 64 KiB (the whole piece when shorter); `read(start, n)` gives bytes."""
+    head = min(length, SAMPLE)
+    crc = zlib.crc32(read(0, head))
+    tail_start = max(head, length - SAMPLE)
+    if tail_start < length:
+        crc = zlib.crc32(read(tail_start, length - tail_start), crc)
+    return crc
+
+
+def buffer_crc(data) -> int:
+    view = memoryview(data).cast("B")
+    return sample_crc(lambda start, n: view[start:start + n], len(view))
+
+
+def file_crc(fd: int, offset: int, length: int) -> int:
+    return sample_crc(lambda start, n: os.pread(fd, n, offset + start), length)
+
+
+@dataclass(frozen=True)
+class Piece:
+    shard: str
+    tensor: str
+    start: int
+    length: int
+    crc: int
+
+
+class Manifest:
+    """An append-only JSON-lines file of written pieces; safe to append from several threads."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+
+    def load(self) -> dict[tuple[str, str, int], Piece]:
+        """Recorded pieces by (shard, tensor, start); a line cut short by a kill is ignored."""
+        pieces = {}
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return pieces
+        for line in lines:
+            try:
+                p = Piece(**json.loads(line))
+            except (ValueError, TypeError):
+                continue
+            pieces[(p.shard, p.tensor, p.start)] = p
+        return pieces
+
+    def record(self, piece: Piece) -> None:
+        line = (json.dumps(piece.__dict__, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.write(self._fd, line)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = None
+
+
+def claim_run(staging: Path, record: dict, overwrite: bool) -> bool:
+    """Make `staging/run.json` hold this run, or find it there. Returns True when an earlier run of the same
+    identity left work to resume.
+
+    Raises:
+        UsageError: the staging folder holds another run's work (other source, options or part count), and
+            `overwrite` is False.
+    """
+    path = staging / RUN_FILE
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                found = json.loads(path.read_text())
+            except (OSError, ValueError):
+                found = {}
+            if found.get("identity") == record["identity"] and found.get("parts") == record["parts"]:
+                return True
+            if not overwrite:
+                raise UsageError(
+                    f"{staging.parent}: holds the partial output of a different conversion (source "
+                    f"{found.get('src', '?')}, other source files, options or part count); pass --overwrite to "
+                    "discard it, or use another --dst"
+                ) from None
+            import shutil
+
+            shutil.rmtree(staging)
+            staging.mkdir()
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        return False
+    raise UsageError(f"{staging}: another process keeps replacing the run record")
+
+
+def read_run(staging: Path) -> dict:
+    path = staging / RUN_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{staging.parent}: no partial conversion to finalize (no {STAGING_HINT})") from None
+    except ValueError as exc:
+        raise UsageError(f"{path}: unreadable run record: {exc}") from None
+
+
+STAGING_HINT = ".convert-fp8.partial/run.json"

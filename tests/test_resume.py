@@ -1,0 +1,202 @@
+"""Long runs: resume after SIGKILL, refusal of another run's leftovers, partitioned runs, Hub sources."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from converter.configs import INDEX_NAME
+from converter.manifest import Manifest
+
+from .conftest import run_cli, tree_digest
+
+HERE = Path(__file__).parent
+
+
+def synthetic(path: Path, layers: int = 3, seed: int = 0) -> Path:
+    """A Llama-shaped checkpoint of real-looking widths (about 60 MB) in several shards, no architecture."""
+    gen = torch.Generator().manual_seed(seed)
+    path.mkdir(parents=True)
+    weight_map = {}
+    tensors = {"model.embed_tokens.weight": (4096, 1024)}
+    for i in range(layers):
+        for name, shape in [("self_attn.q_proj", (1024, 1024)), ("self_attn.o_proj", (1024, 1024)),
+                            ("mlp.up_proj", (2816, 1024)), ("mlp.down_proj", (1024, 2816))]:
+            tensors[f"model.layers.{i}.{name}.weight"] = shape
+        tensors[f"model.layers.{i}.input_layernorm.weight"] = (1024,)
+    names = list(tensors)
+    for k in range(3):
+        shard = f"model-{k + 1:05d}-of-00003.safetensors"
+        part = {n: (torch.randn(tensors[n], generator=gen) * 0.02).to(torch.bfloat16) for n in names[k::3]}
+        save_file(part, path / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    (path / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps({"model_type": "toy", "hidden_size": 1024}))
+    (path / "tokenizer.json").write_text("{}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return synthetic(tmp_path_factory.mktemp("synthetic") / "toy")
+
+
+@pytest.fixture(scope="module")
+def reference(src, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("reference") / "out"
+    result = run_cli("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    assert result.exit_code == 0, result.output
+    return dst
+
+
+def killed_run(*args, mode=("pieces", "17")):
+    env = dict(os.environ, CONVERT_FP8_NO_PROGRESS="1")
+    done = subprocess.run([sys.executable, str(HERE / "kill_after.py"), *mode, *map(str, args)],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == -signal.SIGKILL, (done.returncode, done.stderr[-2000:])
+
+
+def test_sigkill_then_same_command_gives_the_same_bytes(src, reference, tmp_path):
+    dst = tmp_path / "out"
+    args = ("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    killed_run(*args)
+    staging = dst / ".convert-fp8.partial"
+    recorded = Manifest(staging / "manifest-part-1-of-1.jsonl").load()
+    assert len(recorded) == 17 and not (dst / "config.json").exists()
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "resumed: kept" in result.output
+    assert tree_digest(dst) == tree_digest(reference)
+    assert not staging.exists()
+
+
+def test_a_damaged_piece_is_written_again(src, reference, tmp_path):
+    dst = tmp_path / "out"
+    args = ("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    killed_run(*args, mode=("pieces", "12"))
+    staging = dst / ".convert-fp8.partial"
+    piece = next(iter(Manifest(staging / "manifest-part-1-of-1.jsonl").load().values()))
+    from converter.source import read_header
+
+    info = read_header(staging / piece.shard).tensors[piece.tensor]
+    with open(staging / piece.shard, "r+b") as f:  # as if the page never reached the disk
+        f.seek(info.offset + piece.start)
+        f.write(b"\0" * min(piece.length, 4096))
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert tree_digest(dst) == tree_digest(reference)
+
+
+def test_leftovers_of_another_conversion_are_refused(src, tmp_path):
+    dst = tmp_path / "out"
+    killed_run("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    result = run_cli("--src", src, "--dst", dst, "--max-shard-size", "30MB", "--no-arch-check")
+    assert result.exit_code == 2
+    assert "holds the partial output of a different conversion" in result.stderr
+    assert "pass --overwrite to discard it" in result.stderr
+    result = run_cli("--src", src, "--dst", dst, "--max-shard-size", "30MB", "--no-arch-check", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert "resumed" not in result.output
+
+
+def test_parts_in_separate_processes_match_a_single_run(src, reference, tmp_path):
+    dst = tmp_path / "out"
+    env = dict(os.environ, CONVERT_FP8_NO_PROGRESS="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "converter.cli", "--src", str(src), "--dst", str(dst),
+                               "--max-shard-size", "20MB", "--no-arch-check", "--part", f"{i}/3"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in (1, 2, 3)]
+    outputs = [p.communicate() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    finished = [out for out, _ in outputs if "wrote " in out]
+    assert len(finished) == 1  # exactly one part completed the checkpoint
+    assert tree_digest(dst) == tree_digest(reference)
+
+
+def test_finalize_after_the_last_part_died(src, reference, tmp_path):
+    dst = tmp_path / "out"
+    common = ("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    result = run_cli(*common, "--part", "1/2")
+    assert result.exit_code == 0 and "part 1/2 of" in result.output and "not complete yet" in result.output
+    result = run_cli("finalize", "--dst", dst)
+    assert result.exit_code == 2 and "waiting for part(s) 2/2" in result.stderr
+    killed_run(*common, "--part", "2/2", mode=("finalize",))
+    assert not (dst / "config.json").exists()
+    result = run_cli("finalize", "--dst", dst)
+    assert result.exit_code == 0, result.output
+    assert tree_digest(dst) == tree_digest(reference)
+
+
+def test_bad_part_argument(src, tmp_path):
+    result = run_cli("--src", src, "--dst", tmp_path / "o", "--part", "4/3")
+    assert result.exit_code == 2 and "expected I/N with 1 <= I <= N" in result.output
+
+
+def hub_cache(root: Path, repo: str, folder: Path, commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    """Lay out `folder` as huggingface_hub's cache holds a downloaded repository revision."""
+    repo_dir = root / ("models--" + repo.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / commit
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    blobs = repo_dir / "blobs"
+    blobs.mkdir()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            rel = path.relative_to(folder)
+            blob = blobs / f"blob{len(list(blobs.iterdir()))}"
+            shutil.copyfile(path, blob)
+            (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.path.relpath(blob, (snapshot / rel).parent), snapshot / rel)
+    return root
+
+
+def hub_run(cache: Path, *args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), CONVERT_FP8_NO_PROGRESS="1")
+    return subprocess.run([sys.executable, "-m", "converter.cli", *map(str, args)], capture_output=True,
+                          text=True, env=env)
+
+
+def test_hub_repo_id_from_the_cache_gives_the_same_shards(src, reference, tmp_path):
+    cache = hub_cache(tmp_path / "hub", "acme/toy", src)
+    done = hub_run(cache, "--src", "acme/toy", "--dst", tmp_path / "out", "--max-shard-size", "20MB",
+                   "--no-arch-check")
+    assert done.returncode == 0, done.stderr
+    got, want = tree_digest(tmp_path / "out"), tree_digest(reference)
+    assert {k: v for k, v in got.items() if k != "README.md"} == {k: v for k, v in want.items() if k != "README.md"}
+    assert "base_model: acme/toy" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_hub_offline_with_an_empty_cache_is_one_line(tmp_path):
+    done = hub_run(tmp_path / "empty", "--src", "acme/missing", "--dst", tmp_path / "out")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "convert-fp8: error: acme/missing: config.json is not in the local Hugging Face cache and cannot be "
+        "downloaded (offline: HF_HUB_OFFLINE is set or there is no network)"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_low_disk_deletes_only_what_this_run_downloaded(src, tmp_path, monkeypatch):
+    cache = hub_cache(tmp_path / "hub", "acme/toy", src)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    from converter.hub import HubRepo
+
+    repo = HubRepo("acme/toy", low_disk=True)
+    shard = "model-00001-of-00003.safetensors"
+    local = repo.cached(shard)
+    assert local is not None
+    repo.release(shard)  # cached before this run: kept
+    assert local.exists()
+    repo._downloaded.add(shard)  # as if this run had fetched it
+    blob = local.resolve()
+    repo.release(shard)
+    assert not local.exists() and not blob.exists()
