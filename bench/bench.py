@@ -181,6 +181,18 @@ def main() -> int:
     rows.append((f"convert, {kind}", " / ".join(f"{t:.1f} s" for t in conv_times),
                  f"{src_bytes / conv_best / 1e9:.2f} GB/s; {conv_best / cp_best:.2f}x the copy"))
 
+    # resume: SIGKILL at 60% of an uninterrupted run's time, then the same command again, cold and synced
+    shutil.rmtree(disk_out, ignore_errors=True)
+    drop_caches()
+    proc = subprocess.Popen(convert_cmd(src, disk_out))
+    time.sleep(0.6 * conv_best)
+    proc.kill()
+    proc.wait()
+    drop_caches()
+    resumed = timed(convert_cmd(src, disk_out))
+    rows.append(("convert killed (SIGKILL) at 60% of its time, then rerun", f"{resumed:.1f} s",
+                 f"{resumed / conv_best:.2f}x an uninterrupted run"))
+
     # memory cgroup
     cgroup = MemoryCgroup(limit)
     if cgroup.path is not None:
