@@ -40,7 +40,8 @@ def _size(ctx, param, value):
 @click.option("--dst", type=click.Path(path_type=Path), help="Output folder for the FP8 checkpoint.")
 @click.option("--config", "preset_name", default=DEFAULT_PRESET, show_default=True,
               help="Preset name from configs/ (gemma-4-31b-it, default) or a preset JSON file.")
-@click.option("--block-size", type=int, default=None, help="Square block edge for the scales [preset's, 64].")
+@click.option("--block-size", default=None, callback=lambda ctx, param, value: _block(value), metavar="N",
+              help="Square block edge for the scales, 64 or 128 [preset's, 64].")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Module path to keep unquantized, added to the preset's (repeatable; full dotted paths).")
 @click.option("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE), show_default="5GB", callback=_size,
@@ -73,6 +74,23 @@ def main(ctx, src, revision, low_disk, dst, preset_name, block_size, exclude, ma
     _run(debug, _convert, src=src, revision=revision, low_disk=low_disk, dst=dst, preset_name=preset_name, block_size=block_size, exclude=exclude,
          max_shard_size=max_shard_size, dry_run=dry_run, overwrite=overwrite, arch_check=not no_arch_check,
          base_model=base_model, quantizer=quantizer, device=device, part=_part(part), quiet=quiet)
+
+
+def _block(text: str | None) -> int | None:
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected a number such as 64", param_hint="--block-size") from None
+    if len(sizes) == 2 and sizes[0] != sizes[1]:
+        raise click.BadParameter(
+            f"{text}: non-square blocks are refused: transformers' FP8 loaders and vLLM's kernels take square "
+            "weight blocks; give one number", param_hint="--block-size")
+    if len(sizes) > 2 or sizes[0] <= 0 or sizes[0] % 16:
+        raise click.BadParameter(f"{text}: expected a positive multiple of 16 (64 or 128)", param_hint="--block-size")
+    return sizes[0]
 
 
 def _part(text: str | None) -> tuple[int, int]:

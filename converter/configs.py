@@ -44,15 +44,25 @@ CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 
 
-def scale_shape(shape: tuple[int, int], block_size: int) -> tuple[int, int]:
-    """Shape of `weight_scale_inv` for a weight of `shape`."""
-    rows, cols = shape
-    return (-(-rows // block_size), -(-cols // block_size))
+def scale_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
+    """Shape of the inverse scales of a weight of `shape`: one per tile of the last two dimensions (leading
+    dimensions, such as experts, kept)."""
+    *lead, rows, cols = shape
+    return (*lead, -(-rows // block_size), -(-cols // block_size))
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """A weight as the 2-D matrix its tiles are cut from: expert tensors stack their experts' rows (each
+    expert's rows divide by the block, so no tile spans two experts)."""
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    return rows, shape[-1]
 
 
 def tiles_evenly(shape: tuple[int, ...], block_size: int) -> bool:
-    """Whether a 2-D shape splits into whole `block_size` tiles (transformers quantizes only those)."""
-    return len(shape) == 2 and shape[0] % block_size == 0 and shape[1] % block_size == 0
+    """Whether the last two dimensions split into whole `block_size` tiles (transformers quantizes only those)."""
+    return len(shape) >= 2 and shape[-2] % block_size == 0 and shape[-1] % block_size == 0
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import __version__, arch, quantize_fast
 from .card import model_card
-from .configs import CARD_NAME, CONFIG_NAME, DTYPE_SIZES, INDEX_NAME, ConvertOptions
+from .configs import CARD_NAME, CONFIG_NAME, DTYPE_SIZES, INDEX_NAME, ConvertOptions, matrix_shape
 from .errors import QuantizeError, UsageError, WriteError
 from .manifest import Manifest, Piece, buffer_crc, claim_run, file_crc, read_run, run_identity
 from .plan import COPY, QUANTIZE, Plan, ShardPlan, make_plan
@@ -372,10 +372,10 @@ def _usable_pieces(done: dict, copies, quantized, source: SourceIndex, quantizer
                 usable[key] = done[key]
     for writer, weight, scale in quantized:
         info = source.tensors[weight.source]
-        cols, block, shard = info.shape[1], quantizer.block, writer.shard.name
-        for first in range(0, info.shape[0], quantizer.stripe_rows(info)):
+        (rows, cols), block, shard = matrix_shape(info.shape), quantizer.block, writer.shard.name
+        for first in range(0, rows, quantizer.stripe_rows(info)):
             fp8_key = (shard, weight.name, first * cols)
-            scale_key = (shard, scale.name, first // block * scale.shape[1] * 4)
+            scale_key = (shard, scale.name, first // block * scale.shape[-1] * 4)
             if fp8_key in done and scale_key in done:
                 usable[fp8_key], usable[scale_key] = done[fp8_key], done[scale_key]
     return usable
@@ -414,18 +414,18 @@ def _quantize_lane(quantized, source: SourceIndex, quantizer: "Quantizer", stop:
         for writer, weight, scale in quantized:
             info = source.tensors[weight.source]
             shard = writer.shard.name
-            cols = info.shape[1]
+            rows, cols = matrix_shape(info.shape)
             row_bytes = cols * DTYPE_SIZES[info.dtype]
-            scale_row_bytes = scale.shape[1] * 4
+            scale_row_bytes = scale.shape[-1] * 4
             block = quantizer.block
 
             def is_done(first):
                 return (shard, weight.name, first * cols) in done and \
                     (shard, scale.name, first // block * scale_row_bytes) in done
 
-            for first in range(0, info.shape[0], quantizer.stripe_rows(info)):
+            for first in range(0, rows, quantizer.stripe_rows(info)):
                 if is_done(first):
-                    n = min(info.shape[0], first + quantizer.stripe_rows(info)) - first
+                    n = min(rows, first + quantizer.stripe_rows(info)) - first
                     kept += n * row_bytes
                     advance(n * row_bytes)
             writing = None
@@ -479,7 +479,7 @@ class Quantizer:
 
     def stripe_rows(self, info) -> int:
         """Rows per stripe for a weight: whole tile rows, about STRIPE_BYTES of source."""
-        row_bytes = info.shape[1] * DTYPE_SIZES[info.dtype]
+        row_bytes = info.shape[-1] * DTYPE_SIZES[info.dtype]
         return max(self.block, STRIPE_BYTES // (row_bytes * self.block) * self.block)
 
     def stripes(self, info, reader: TensorReader, skip=lambda first: False):
@@ -488,7 +488,7 @@ class Quantizer:
 
         The FP8 bytes live in one of two buffers, used in turn: write them before asking for the stripe after next.
         """
-        rows, cols = info.shape
+        rows, cols = matrix_shape(info.shape)
         row_bytes = cols * DTYPE_SIZES[info.dtype]
         step = self.stripe_rows(info)
         starts = [first for first in range(0, rows, step) if not skip(first)]

@@ -43,6 +43,63 @@ def gemma4_config(vocab_size: int = 512):
     )
 
 
+def gemma4_moe_config(vocab_size: int = 512):
+    """gemma-4-26B-A4B's structure, small: 4 experts, widths 192 (tile by 64, not by 128)."""
+    from transformers import Gemma4Config
+
+    return Gemma4Config(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=192, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=64, global_head_dim=128,
+            num_global_key_value_heads=1, attention_k_eq_v=True, hidden_size_per_layer_input=0,
+            layer_types=["sliding_attention", "full_attention"], sliding_window=16, enable_moe_block=True,
+            num_experts=4, top_k_experts=2, moe_intermediate_size=192, tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            hidden_size=64, intermediate_size=100, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, head_dim=32, position_embedding_size=64, standardize=True,
+        ),
+        tie_word_embeddings=True,
+    )
+
+
+def gemma4_small_config(vocab_size: int = 512):
+    """gemma-4-E2B/E4B's structure, small: per-layer embeddings, audio and vision towers."""
+    from transformers import Gemma4Config
+
+    return Gemma4Config(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=64, global_head_dim=128,
+            layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+            hidden_size_per_layer_input=64, vocab_size_per_layer_input=vocab_size, tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            hidden_size=64, intermediate_size=100, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, head_dim=32, position_embedding_size=64, standardize=True,
+        ),
+        audio_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          subsampling_conv_channels=[16, 8], output_proj_dims=128),
+        tie_word_embeddings=True,
+    )
+
+
+def build_checkpoint(path: Path, config, seed: int = 0, max_shard_size: str = "100KB") -> Path:
+    """Save a random Gemma-4 of `config` in `path`, with random router scales (their init is all ones)."""
+    import torch
+    from transformers import Gemma4ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(config).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("router.scale", "router.per_expert_scale")):
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    _save_tokenizer(Path(path), config.text_config.vocab_size)
+    return Path(path)
+
+
 def build_gemma4_checkpoint(path: Path, seed: int = 0, max_shard_size: str = "100KB", dtype=None) -> Path:
     """Save a random tiny Gemma-4 (31B structure) checkpoint in `path` and return it."""
     import torch

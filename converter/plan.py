@@ -160,6 +160,8 @@ def make_plan(
     fp8_modules: list[str] = []
     kept: dict[str, str] = {}
     linear_like: list[str] = []  # every module transformers might turn into an FP8 module
+    # transformers makes every `*.experts` module one FP8Experts: all its expert tensors are FP8, or none
+    experts_why = _experts_fates(source, block)
     for info in source.tensors.values():
         kind, reason = classify(info)
         module = module_of(info.name)
@@ -172,14 +174,18 @@ def make_plan(
         if matched is not None:
             why = f"excluded by {matched!r}"
         elif kind == "experts":
-            why = "fused expert tensors are not converted by this version"
+            why = experts_why[module]
         elif not tiles_evenly(info.shape, block):
             why = f"shape {info.shape[0]}x{info.shape[1]} does not tile by {block}"
         elif info.dtype not in QUANTIZABLE_DTYPES:
             why = f"dtype {info.dtype} is not quantized (only {', '.join(QUANTIZABLE_DTYPES)})"
         else:
-            fp8_modules.append(module)
-            scale_name = module + ".weight" + SCALE_SUFFIX
+            why = None
+        if why is None:
+            if module not in fp8_modules:
+                fp8_modules.append(module)
+            # a Linear's scales are `<module>.weight_scale_inv`; an expert tensor's `<tensor>_scale_inv`
+            scale_name = (module + ".weight" if kind == "linear" else info.name) + SCALE_SUFFIX
             groups.append(
                 [
                     TensorPlan(info.name, info.name, QUANTIZE, FP8_DTYPE_NAME, info.shape, "FP8"),
@@ -215,6 +221,22 @@ def make_plan(
         warnings=tuple(warnings),
         source_nbytes=source.nbytes,
     )
+
+
+def _experts_fates(source: SourceIndex, block: int) -> dict[str, str | None]:
+    """Per `*.experts` module: None when every expert tensor of it can be quantized, else why not."""
+    fates: dict[str, str | None] = {}
+    for info in source.tensors.values():
+        if classify(info)[0] != "experts":
+            continue
+        module = module_of(info.name)
+        why = None
+        if not tiles_evenly(info.shape, block):
+            why = f"expert tensor {info.name.rpartition('.')[2]} {'x'.join(map(str, info.shape[-2:]))} does not tile by {block}"
+        elif info.dtype not in QUANTIZABLE_DTYPES:
+            why = f"dtype {info.dtype} is not quantized (only {', '.join(QUANTIZABLE_DTYPES)})"
+        fates[module] = fates.get(module) or why
+    return fates
 
 
 def _copy(info: TensorInfo, reason: str) -> TensorPlan:

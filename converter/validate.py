@@ -286,24 +286,28 @@ def _check_fp8_modules(report: ValidateReport, model, dst: Path, device: str) ->
     wrong = []
     for name, shard in expected.items():
         module = modules.get(module_of(name))
-        if module is None:
-            wrong.append(f"{module_of(name)}: not in the loaded model")
+        leaf = name.rpartition(".")[2]  # "weight" for a Linear; "gate_up_proj", "down_proj" for experts
+        weight = getattr(module, leaf, None) if module is not None else None
+        if weight is None:
+            wrong.append(f"{name}: not in the loaded model")
             continue
-        weight = module.weight
         if device == "cuda":
-            if type(module).__name__ != "FP8Linear" or weight.dtype != torch.float8_e4m3fn:
-                wrong.append(f"{module_of(name)}: {type(module).__name__} with {weight.dtype} weights")
+            if "FP8" not in type(module).__name__ or weight.dtype != torch.float8_e4m3fn:
+                wrong.append(f"{module_of(name)}: {type(module).__name__} with {weight.dtype} {leaf}")
             continue
         with safe_open(dst / shard, "pt") as f:
             q, s = f.get_tensor(name), f.get_tensor(name + SCALE_SUFFIX)
-        rows, cols = q.shape
-        br, bc = rows // s.shape[0], cols // s.shape[1]
-        want = (q.float().reshape(s.shape[0], br, s.shape[1], bc) * s[:, None, :, None]).reshape(rows, cols)
+        cols = q.shape[-1]
+        q2, s2 = q.reshape(-1, cols), s.reshape(-1, s.shape[-1])
+        rows = q2.shape[0]
+        br, bc = rows // s2.shape[0], cols // s2.shape[1]
+        want = (q2.float().reshape(s2.shape[0], br, s2.shape[1], bc) * s2[:, None, :, None]).reshape(q.shape)
         got = weight.detach().float().cpu()
         want = want.to(weight.dtype).float()
         same = (got == want) | (got.isnan() & want.isnan())
         if not bool(same.all()):
-            wrong.append(f"{module_of(name)}: loaded weight differs from its dequantized FP8 blocks")
+            wrong.append(f"{name}: loaded values differ from its dequantized FP8 blocks (transformers did not "
+                         "apply the scales)")
     path = "fp8-kernel" if device == "cuda" else "dequantized"
     report.fp8_path = path
     detail = (f"{len(expected)} FP8 modules: " + ("all FP8Linear with float8 weights" if device == "cuda"

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from . import arch
-from .configs import CONFIG_NAME, DTYPE_SIZES, FP8_DTYPE_NAME, INDEX_NAME, SCALE_SUFFIX, scale_shape
+from .configs import CONFIG_NAME, DTYPE_SIZES, FP8_DTYPE_NAME, INDEX_NAME, SCALE_SUFFIX, matrix_shape, scale_shape
 from .errors import ConvertError
 from .plan import classify, module_of, should_convert_module
 from .source import ShardHeader, SourceIndex, TensorInfo, TensorReader, open_source, read_header
@@ -224,9 +224,11 @@ def _check_pairs(out: _Output, report: VerifyReport, block: int | None) -> dict[
     fp8 = {n: t for n, t in tensors.items() if t.dtype == FP8_DTYPE_NAME}
     for name, info in fp8.items():
         scale = tensors.get(name + SCALE_SUFFIX)
-        if not name.endswith(".weight") or len(info.shape) != 2:
-            report.problems.append(Problem(f"FP8 tensor of shape {list(info.shape)} is not a Linear weight",
-                                           tensor=name, shard=info.shard))
+        is_linear = name.endswith(".weight") and len(info.shape) == 2
+        is_experts = module_of(name).rpartition(".")[2] == "experts" and len(info.shape) == 3
+        if not (is_linear or is_experts):
+            report.problems.append(Problem(f"FP8 tensor of shape {list(info.shape)} is neither a Linear weight "
+                                           "nor an expert tensor", tensor=name, shard=info.shard))
         elif scale is None:
             report.problems.append(Problem("FP8 weight without its weight_scale_inv tensor", tensor=name,
                                            shard=info.shard))
@@ -235,7 +237,7 @@ def _check_pairs(out: _Output, report: VerifyReport, block: int | None) -> dict[
             if scale.dtype != "F32" or scale.shape != want:
                 report.problems.append(Problem(f"scale is {scale.dtype}{list(scale.shape)}, expected F32{list(want)}",
                                                tensor=scale.name, shard=scale.shard))
-            if info.shape[0] % block or info.shape[1] % block:
+            if info.shape[-2] % block or info.shape[-1] % block:
                 report.problems.append(Problem(f"shape {list(info.shape)} does not tile by {block}",
                                                tensor=name, shard=info.shard))
     for name, info in tensors.items():
@@ -337,8 +339,9 @@ def _check_fp8(name, info, scale_info, reader, source, src_reader, block, report
         problems.append(Problem(f"shape {list(info.shape)} differs from the source's {list(src_info.shape)}",
                                 tensor=name, shard=info.shard))
         src_info = None
-    rows, cols = info.shape
+    rows, cols = matrix_shape(info.shape)
     stripe = max(block, CHUNK_BYTES // (cols * block) * block)
+    scale = scale.reshape(rows // block, cols // block)
     zero_tiles = nan_count = 0
     err_sq = ref_sq = 0.0
     max_abs = 0.0
