@@ -54,14 +54,13 @@ def _size(ctx, param, value):
               help="numba: the fused CPU kernel; torch: the reference formula. Same bytes either way.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the torch quantizer runs (cuda: on a GPU, same bytes).")
-@click.option("--part", default=None, metavar="I/N",
+@click.option("--part", default=None, metavar="I/N", callback=lambda ctx, param, value: _part(value),
               help="Convert only the I-th of N fixed subsets of the output shards (for N machines or jobs).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only errors and the final line.")
 @click.option("--debug", is_flag=True, envvar="CONVERT_FP8_DEBUG", help="Show tracebacks of errors.")
 @click.version_option(__version__, prog_name="convert-fp8")
 @click.pass_context
-def main(ctx, src, revision, low_disk, dst, preset_name, block_size, exclude, max_shard_size, dry_run, overwrite, no_arch_check,
-         base_model, quantizer, device, part, quiet, debug):
+def main(ctx, debug, **opts):
     """Convert a BF16 Hugging Face checkpoint to block-quantized FP8 (E4M3, per-block scales), streaming
     tensor by tensor in bounded memory, byte-identical to transformers' FineGrainedFP8Config.
     """
@@ -69,11 +68,9 @@ def main(ctx, src, revision, low_disk, dst, preset_name, block_size, exclude, ma
     ctx.obj["debug"] = debug
     if ctx.invoked_subcommand is not None:
         return
-    if src is None or dst is None:
+    if opts["src"] is None or opts["dst"] is None:
         raise click.UsageError("--src and --dst are required (see --help)")
-    _run(debug, _convert, src=src, revision=revision, low_disk=low_disk, dst=dst, preset_name=preset_name, block_size=block_size, exclude=exclude,
-         max_shard_size=max_shard_size, dry_run=dry_run, overwrite=overwrite, arch_check=not no_arch_check,
-         base_model=base_model, quantizer=quantizer, device=device, part=_part(part), quiet=quiet)
+    _run(debug, _convert, **opts)
 
 
 def _block(text: str | None) -> int | None:
@@ -105,18 +102,15 @@ def _part(text: str | None) -> tuple[int, int]:
     return (i, n)
 
 
-def _convert(src, revision, low_disk, dst, preset_name, block_size, exclude, max_shard_size, dry_run, overwrite, arch_check,
-             base_model, quantizer, device, part, quiet):
+def _convert(src, dst, preset_name, exclude, no_arch_check, part, dry_run, quiet, **options):
     from .convert import convert, prepare
+    from .hub import looks_like_repo_id
     from .plan import describe_plan
     from .presets import load_preset
 
-    from .hub import looks_like_repo_id
-
     options = ConvertOptions(
-        src=src if looks_like_repo_id(src) else Path(src), dst=dst, preset=load_preset(preset_name), extra_excludes=tuple(exclude), block_size=block_size,
-        max_shard_size=max_shard_size, overwrite=overwrite, arch_check=arch_check, base_model=base_model,
-        quantizer=quantizer, device=device, part=part, revision=revision, low_disk=low_disk,
+        src=src if looks_like_repo_id(src) else Path(src), dst=dst, preset=load_preset(preset_name),
+        extra_excludes=tuple(exclude), arch_check=not no_arch_check, part=part, **options,
     )
     if dry_run:
         _, plan, notes = prepare(options)

@@ -320,7 +320,7 @@ def _write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, 
     stop = threading.Event()
     lock = threading.Lock()
     pending: dict[str, int] = {}  # source shard -> tensors of it still to write (to release Hub downloads)
-    for _, t, *rest in copies + quantized:
+    for _, t, *_scale in copies + quantized:
         shard = source.tensors[t.source].shard
         pending[shard] = pending.get(shard, 0) + 1
 
@@ -419,9 +419,9 @@ def _quantize_lane(quantized, source: SourceIndex, quantizer: "Quantizer", stop:
             scale_row_bytes = scale.shape[-1] * 4
             block = quantizer.block
 
-            def is_done(first):
-                return (shard, weight.name, first * cols) in done and \
-                    (shard, scale.name, first // block * scale_row_bytes) in done
+            def is_done(first, shard=shard, weight=weight.name, scale=scale.name, cols=cols, scale_row=scale_row_bytes,
+                        block=block):
+                return (shard, weight, first * cols) in done and (shard, scale, first // block * scale_row) in done
 
             for first in range(0, rows, quantizer.stripe_rows(info)):
                 if is_done(first):

@@ -24,64 +24,44 @@ CHAT_TEMPLATE = (
 )
 
 
-def gemma4_config(vocab_size: int = 512):
+def _gemma4(vocab_size: int, text: dict, vision_layers: int, audio: dict | None = None):
+    """A small Gemma4Config: the shared text and vision settings, with `text` overriding."""
     from transformers import Gemma4Config
 
-    return Gemma4Config(
-        text_config=dict(
-            vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=64, global_head_dim=128,
-            num_global_key_value_heads=1, attention_k_eq_v=True, hidden_size_per_layer_input=0,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-            sliding_window=16, final_logit_softcapping=30.0, tie_word_embeddings=True,
-        ),
-        vision_config=dict(
-            hidden_size=64, intermediate_size=100, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=2, head_dim=32, position_embedding_size=64, standardize=True,
-        ),
-        tie_word_embeddings=True,
+    two = ["sliding_attention", "full_attention"]
+    text_config = dict(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, global_head_dim=128, layer_types=two, sliding_window=16,
+        hidden_size_per_layer_input=0, tie_word_embeddings=True,
     )
+    text_config.update(text)
+    vision_config = dict(
+        hidden_size=64, intermediate_size=100, num_hidden_layers=vision_layers, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=32, position_embedding_size=64, standardize=True,
+    )
+    return Gemma4Config(text_config=text_config, vision_config=vision_config, audio_config=audio,
+                        tie_word_embeddings=True)
+
+
+def gemma4_config(vocab_size: int = 512):
+    """gemma-4-31B's structure, small: 4 layers, full-attention ones sharing keys and values (no v_proj)."""
+    return _gemma4(vocab_size, dict(
+        num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2, num_global_key_value_heads=1,
+        attention_k_eq_v=True, final_logit_softcapping=30.0), vision_layers=2)
 
 
 def gemma4_moe_config(vocab_size: int = 512):
     """gemma-4-26B-A4B's structure, small: 4 experts, widths 192 (tile by 64, not by 128)."""
-    from transformers import Gemma4Config
-
-    return Gemma4Config(
-        text_config=dict(
-            vocab_size=vocab_size, hidden_size=192, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=64, global_head_dim=128,
-            num_global_key_value_heads=1, attention_k_eq_v=True, hidden_size_per_layer_input=0,
-            layer_types=["sliding_attention", "full_attention"], sliding_window=16, enable_moe_block=True,
-            num_experts=4, top_k_experts=2, moe_intermediate_size=192, tie_word_embeddings=True,
-        ),
-        vision_config=dict(
-            hidden_size=64, intermediate_size=100, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=2, head_dim=32, position_embedding_size=64, standardize=True,
-        ),
-        tie_word_embeddings=True,
-    )
+    return _gemma4(vocab_size, dict(
+        hidden_size=192, num_global_key_value_heads=1, attention_k_eq_v=True, enable_moe_block=True,
+        num_experts=4, top_k_experts=2, moe_intermediate_size=192), vision_layers=1)
 
 
 def gemma4_small_config(vocab_size: int = 512):
     """gemma-4-E2B/E4B's structure, small: per-layer embeddings, audio and vision towers."""
-    from transformers import Gemma4Config
-
-    return Gemma4Config(
-        text_config=dict(
-            vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=64, global_head_dim=128,
-            layer_types=["sliding_attention", "full_attention"], sliding_window=16,
-            hidden_size_per_layer_input=64, vocab_size_per_layer_input=vocab_size, tie_word_embeddings=True,
-        ),
-        vision_config=dict(
-            hidden_size=64, intermediate_size=100, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=2, head_dim=32, position_embedding_size=64, standardize=True,
-        ),
-        audio_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                          subsampling_conv_channels=[16, 8], output_proj_dims=128),
-        tie_word_embeddings=True,
-    )
+    return _gemma4(vocab_size, dict(hidden_size_per_layer_input=64, vocab_size_per_layer_input=vocab_size),
+                   vision_layers=1, audio=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                               subsampling_conv_channels=[16, 8], output_proj_dims=128))
 
 
 def build_checkpoint(path: Path, config, seed: int = 0, max_shard_size: str = "100KB") -> Path:

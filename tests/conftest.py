@@ -76,6 +76,17 @@ def tiny_bert(path: Path, seed: int = 0):
     return save_model(BertForMaskedLM(cfg).to(torch.bfloat16), path)
 
 
+def locate(folder: Path, name: str):
+    """(shard path, TensorInfo) of tensor `name` in a checkpoint folder, from the headers."""
+    from converter.source import read_header
+
+    for shard in sorted(folder.glob("model-*.safetensors")):
+        header = read_header(shard)
+        if name in header.tensors:
+            return shard, header.tensors[name]
+    raise AssertionError(f"{name} is in no shard of {folder}")
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 

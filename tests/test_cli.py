@@ -9,9 +9,8 @@ import sys
 
 import pytest
 
-from converter.source import read_header
 
-from .conftest import run_cli, tree_digest
+from .conftest import locate, run_cli, tree_digest
 
 LINEAR = "model.language_model.layers.1.mlp.up_proj.weight"
 
@@ -37,26 +36,18 @@ def convert_refused(src, dst, message, *extra):
     return result
 
 
-def shard_of(src, name):
-    for shard in sorted(src.glob("model-*.safetensors")):
-        header = read_header(shard)
-        if name in header.tensors:
-            return shard, header.tensors[name]
-    raise AssertionError(name)
-
-
 def test_missing_source(tmp_path):
     convert_refused(tmp_path / "nope", tmp_path / "dst", "source folder not found")
 
 
 def test_truncated_shard(gemma_copy, tmp_path):
-    shard, _ = shard_of(gemma_copy, LINEAR)
+    shard, _ = locate(gemma_copy, LINEAR)
     os.truncate(shard, shard.stat().st_size - 100)
     convert_refused(gemma_copy, tmp_path / "dst", f"{shard.name}: truncated")
 
 
 def test_corrupt_header(gemma_copy, tmp_path):
-    shard, _ = shard_of(gemma_copy, LINEAR)
+    shard, _ = locate(gemma_copy, LINEAR)
     with open(shard, "r+b") as f:
         f.seek(8)
         f.write(b"\xff\xfe garbage")
@@ -64,7 +55,7 @@ def test_corrupt_header(gemma_copy, tmp_path):
 
 
 def test_index_naming_a_missing_shard(gemma_copy, tmp_path):
-    shard, _ = shard_of(gemma_copy, LINEAR)
+    shard, _ = locate(gemma_copy, LINEAR)
     shard.unlink()
     convert_refused(gemma_copy, tmp_path / "dst", f"names shard '{shard.name}', which is not in")
 
@@ -75,7 +66,7 @@ def test_no_config(gemma_copy, tmp_path):
 
 
 def test_nan_in_a_weight_names_tensor_and_shard(gemma_copy, tmp_path):
-    shard, info = shard_of(gemma_copy, LINEAR)
+    shard, info = locate(gemma_copy, LINEAR)
     with open(shard, "r+b") as f:
         f.seek(info.offset + 2 * (128 * 70 + 5))  # row 70, column 5
         f.write(b"\xc0\x7f")  # BF16 NaN
@@ -117,7 +108,7 @@ def test_disk_full_during_the_write_removes_the_partial_output(gemma_src, tmp_pa
 
     monkeypatch.setattr(write.os, "pwrite", filling_write)
     dst = tmp_path / "dst"
-    result = convert_refused(gemma_src, dst, "disk full while writing model.language_model")
+    convert_refused(gemma_src, dst, "disk full while writing model.language_model")
     assert len(calls) == 21 and not dst.exists()
 
 

@@ -1,7 +1,5 @@
 """The Gemma 4 family and other block sizes: the MoE sibling's 3-D expert tensors, 128x128 blocks, presets."""
 
-import json
-
 import pytest
 import torch
 from transformers import FineGrainedFP8Config

@@ -8,10 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from converter.source import read_header
 from converter.verify import REPORT_NAME, verify
 
-from .conftest import run_cli
+from .conftest import locate, run_cli
 
 Q = "model.language_model.layers.0.self_attn.q_proj.weight"
 SCALE = Q + "_scale_inv"
@@ -20,14 +19,6 @@ SCALE = Q + "_scale_inv"
 @pytest.fixture
 def dst(gemma_dst, tmp_path):
     return shutil.copytree(gemma_dst, tmp_path / "dst")
-
-
-def locate(folder, name):
-    for shard in sorted(folder.glob("model-*.safetensors")):
-        header = read_header(shard)
-        if name in header.tensors:
-            return shard, header.tensors[name]
-    raise AssertionError(name)
 
 
 def patch(folder, name, change):

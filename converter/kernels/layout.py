@@ -14,7 +14,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from .. import __version__
 
 KERNEL_NAME = "finegrained-fp8"
 KERNEL_VERSION = 4  # the version transformers asks the Hub for
