@@ -122,14 +122,14 @@ def _convert(src, dst, preset_name, exclude, no_arch_check, part, dry_run, quiet
 
     bars = []
 
-    def start_bar(plan):
+    def start_bar(total: int):
         from tqdm import tqdm
 
-        bars.append(tqdm(total=plan.source_nbytes, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
+        bars.append(tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
                          disable=quiet or os.environ.get("CONVERT_FP8_NO_PROGRESS") == "1"))
 
     try:
-        summary = convert(options, progress=lambda n: bars[0].update(n), on_plan=start_bar)
+        summary = convert(options, progress=lambda n: bars[0].update(n), on_start=start_bar)
     finally:
         for bar in bars:
             bar.close()
@@ -149,7 +149,7 @@ def _print_summary(summary) -> None:
     click.echo(
         f"{summary.fp8_tensors} tensors to FP8, {summary.copied_tensors} copied, {summary.files_copied} other files; "
         f"{format_size(summary.bytes_in)} in, {format_size(summary.bytes_out)} out in {summary.shards} shard(s); "
-        f"{summary.seconds:.1f} s ({summary.bytes_in / max(summary.seconds, 1e-9) / 1e9:.2f} GB/s); "
+        f"{summary.seconds:.1f} s ({format_size(int(summary.bytes_in / max(summary.seconds, 1e-9)))}/s); "
         f"peak memory {format_size(summary.peak_rss_bytes)}"
     )
 

@@ -16,9 +16,9 @@ import numpy as np
 from . import __version__, arch, quantize_fast
 from .card import model_card
 from .configs import CARD_NAME, CONFIG_NAME, DTYPE_SIZES, INDEX_NAME, ConvertOptions, matrix_shape
-from .errors import QuantizeError, UsageError, WriteError
+from .errors import QuantizeError, SourceError, UsageError, WriteError
 from .manifest import Manifest, Piece, buffer_crc, claim_run, file_crc, read_run, run_identity
-from .plan import COPY, QUANTIZE, Plan, ShardPlan, make_plan
+from .plan import COPY, QUANTIZE, SCALE, Plan, ShardPlan, make_plan
 from .source import SourceIndex, TensorReader, open_hub_source, open_source, read_header
 from .write import OutputDir, ShardWriter, config_json, index_json
 
@@ -74,8 +74,6 @@ def load_source(options: ConvertOptions) -> SourceIndex:
     from .hub import HubRepo, looks_like_repo_id
 
     if looks_like_repo_id(options.src):
-        if Path(options.dst).resolve().name == "":
-            raise UsageError(f"--dst {options.dst}: not a folder")
         return open_hub_source(HubRepo(str(options.src), options.revision, options.low_disk))
     if options.revision or options.low_disk:
         raise UsageError("--revision and --low-disk apply to Hub sources (--src org/name), not to a local folder")
@@ -122,7 +120,7 @@ def _run_record(options: ConvertOptions, identity: str) -> dict:
 
 
 def convert(options: ConvertOptions, progress: Progress | None = None,
-            on_plan: Callable[[Plan], None] | None = None) -> Summary:
+            on_start: Callable[[int], None] | None = None) -> Summary:
     """Convert `options.src` into `options.dst` (or, with `options.part`, one part of it).
 
     An earlier run of the same conversion killed half-way leaves its work in `DST/.convert-fp8.partial/`; this
@@ -131,7 +129,8 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     Args:
         options (`ConvertOptions`): what to convert, where and how.
         progress (`Callable[[int], None]`, *optional*): called with the number of source bytes done, per step.
-        on_plan (`Callable[[Plan], None]`, *optional*): called once with the plan, before anything is written.
+        on_start (`Callable[[int], None]`, *optional*): called once, before anything is written, with the
+            number of source bytes this run (or part) will go through.
 
     Raises:
         ConvertError: any failure; by then what this run wrote has been removed (a part removes its own files).
@@ -144,8 +143,8 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     extra = sum((source.root / f).stat().st_size for f in plan.files_to_copy if (source.root / f).is_file())
     out.check_space(sum(s.nbytes for s in mine) + extra + 2**20, already=out.staged_bytes())
     progress = progress or (lambda n: None)
-    if on_plan:
-        on_plan(plan)
+    if on_start:
+        on_start(sum(source.tensors[t.source].nbytes for s in mine for t in s.tensors if t.action != SCALE))
     quantizer = Quantizer(plan.scheme.block_size, options.quantizer, options.device)
     # The transformers cross-check mostly waits on importing transformers (about 2 s): it runs beside the
     # writing, into the staging folder, and a failure removes what this run wrote before anything is moved.
@@ -187,7 +186,7 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
         shards=len(mine),
         fp8_tensors=n_fp8,
         copied_tensors=n_all - 2 * n_fp8,
-        bytes_in=sum(source.tensors[t.source].nbytes for s in mine for t in s.tensors if t.action != "scale"),
+        bytes_in=sum(source.tensors[t.source].nbytes for s in mine for t in s.tensors if t.action != SCALE),
         bytes_out=sum(s.nbytes for s in mine),
         files_copied=len(plan.files_to_copy) if finalized else 0,
         seconds=time.monotonic() - started,
@@ -209,31 +208,26 @@ def _remove_part(out: OutputDir, mine: list[ShardPlan], manifest: Manifest, i: i
 
 def _verified_pieces(manifest: Manifest, staging: Path) -> dict[tuple[str, str, int], Piece]:
     """The recorded pieces whose bytes in the staged shards still match their sampled CRC."""
-    good, fds = {}, {}
+    good, shards = {}, {}
     try:
         for key, piece in manifest.load().items():
-            path = staging / piece.shard
-            if piece.shard not in fds:
+            if piece.shard not in shards:  # (descriptor, tensors) of each staged shard, read once
+                path = staging / piece.shard
                 try:
-                    fds[piece.shard] = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:
-                    fds[piece.shard] = None
-            fd = fds[piece.shard]
-            if fd is not None and _piece_crc(fd, path, piece) == piece.crc:
+                    shards[piece.shard] = (os.open(path, os.O_RDONLY), read_header(path).tensors)
+                except (OSError, SourceError):
+                    shards[piece.shard] = (None, {})
+            fd, tensors = shards[piece.shard]
+            info = tensors.get(piece.tensor)
+            if fd is None or info is None or piece.start + piece.length > info.nbytes:
+                continue
+            if file_crc(fd, info.offset + piece.start, piece.length) == piece.crc:
                 good[key] = piece
     finally:
-        for fd in fds.values():
+        for fd, _ in shards.values():
             if fd is not None:
                 os.close(fd)
     return good
-
-
-def _piece_crc(fd: int, path: Path, piece: Piece) -> int | None:
-    header = read_header(path)
-    info = header.tensors.get(piece.tensor)
-    if info is None or piece.start + piece.length > info.nbytes:
-        return None
-    return file_crc(fd, info.offset + piece.start, piece.length)
 
 
 def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, options: ConvertOptions,
