@@ -102,6 +102,20 @@ class MemoryCgroup:
                 pass
 
 
+def digest(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    out = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(16 * 2**20):
+                    h.update(chunk)
+            out[path.name] = h.hexdigest()
+    return out
+
+
 def timed(cmd: list[str]) -> float:
     start = time.perf_counter()
     sh(*cmd)
@@ -182,6 +196,7 @@ def main() -> int:
                  f"{src_bytes / conv_best / 1e9:.2f} GB/s; {conv_best / cp_best:.2f}x the copy"))
 
     # resume: SIGKILL at 60% of an uninterrupted run's time, then the same command again, cold and synced
+    uninterrupted = digest(disk_out)
     shutil.rmtree(disk_out, ignore_errors=True)
     drop_caches()
     proc = subprocess.Popen(convert_cmd(src, disk_out))
@@ -190,8 +205,9 @@ def main() -> int:
     proc.wait()
     drop_caches()
     resumed = timed(convert_cmd(src, disk_out))
+    same = "same bytes" if digest(disk_out) == uninterrupted else "DIFFERENT BYTES"
     rows.append(("convert killed (SIGKILL) at 60% of its time, then rerun", f"{resumed:.1f} s",
-                 f"{resumed / conv_best:.2f}x an uninterrupted run"))
+                 f"{resumed / conv_best:.2f}x an uninterrupted run; {same} as the uninterrupted output"))
 
     # memory cgroup
     cgroup = MemoryCgroup(limit)

@@ -20,9 +20,10 @@ def transformers_quantize(name: str, tensor: torch.Tensor, block: int) -> dict:
 
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
+    """The MoE checkpoint converted with defaults (its routers, 4 wide, do not tile and stay BF16 anyway)."""
     src = build_checkpoint(tmp_path_factory.mktemp("moe") / "gemma-4-moe", gemma4_moe_config())
     dst = tmp_path_factory.mktemp("moe-out") / "fp8"
-    result = run_cli("--src", src, "--dst", dst, "--config", "gemma-4-26b-a4b-it")
+    result = run_cli("--src", src, "--dst", dst)
     assert result.exit_code == 0, result.output
     return src, dst
 
@@ -50,8 +51,11 @@ def test_moe_experts_match_transformers_bytes_and_names(moe):
     assert set(o) == set(s) | {n + "_scale_inv" for n in experts} | {n[:-7] + ".weight_scale_inv" for n in linears}
 
 
-def test_moe_config_and_routers(moe):
-    src, dst = moe
+def test_moe_preset_config_and_routers(moe, tmp_path):
+    src, _ = moe
+    dst = tmp_path / "preset"
+    result = run_cli("--src", src, "--dst", dst, "--config", "gemma-4-26b-a4b-it")
+    assert result.exit_code == 0, result.output
     qc = read_json(dst / "config.json")["quantization_config"]
     assert qc["modules_to_not_convert"] == ["model.vision_tower", "lm_head", "router.proj"]
     routers = [f"model.language_model.layers.{i}.router.proj" for i in range(2)]
@@ -105,9 +109,10 @@ def test_non_square_blocks_are_refused(gemma_src, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_small_gemma_preset_with_per_layer_embeddings_and_audio(tmp_path):
-    src = build_checkpoint(tmp_path / "e4b", gemma4_small_config())
-    result = run_cli("--src", src, "--dst", tmp_path / "o", "--config", "gemma-4-e4b-it")
+@pytest.mark.parametrize("preset", ["gemma-4-e4b-it", "gemma-4-e2b-it"])
+def test_small_gemma_preset_with_per_layer_embeddings_and_audio(preset, tmp_path):
+    src = build_checkpoint(tmp_path / "small", gemma4_small_config())
+    result = run_cli("--src", src, "--dst", tmp_path / "o", "--config", preset)
     assert result.exit_code == 0, result.output  # the transformers cross-check agreed
     _, o = load_all(tmp_path / "o")
     fp8 = {n for n, t in o.items() if t.dtype == torch.float8_e4m3fn}
