@@ -200,3 +200,28 @@ def test_low_disk_deletes_only_what_this_run_downloaded(src, tmp_path, monkeypat
     blob = local.resolve()
     repo.release(shard)
     assert not local.exists() and not blob.exists()
+
+
+def test_hub_download_shard_by_shard_with_low_disk(src, reference, tmp_path):
+    """Online, against a local stand-in for the Hub: headers by ranged reads before any shard is downloaded,
+    shards fetched as the conversion reaches them, and with --low-disk none of them left in the cache."""
+    from .fake_hub import FakeHub
+
+    cache = tmp_path / "hub"
+    with FakeHub("acme/toy", src) as hub:
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(cache), CONVERT_FP8_NO_PROGRESS="1",
+                   HF_HUB_DISABLE_XET="1")
+        env.pop("HF_HUB_OFFLINE", None)
+        done = subprocess.run([sys.executable, "-m", "converter.cli", "--src", "acme/toy", "--dst",
+                               str(tmp_path / "out"), "--max-shard-size", "20MB", "--no-arch-check", "--low-disk"],
+                              capture_output=True, text=True, env=env)
+        requests = list(hub.requests)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got, want = tree_digest(tmp_path / "out"), tree_digest(reference)
+    assert {k: v for k, v in got.items() if k != "README.md"} == {k: v for k, v in want.items() if k != "README.md"}
+    shard_gets = [(i, p) for i, (m, p, r) in enumerate(requests) if m == "GET" and p.endswith(".safetensors") and r is None]
+    header_reads = [(i, p) for i, (m, p, r) in enumerate(requests) if m == "GET" and r is not None]
+    assert len(header_reads) == 6  # length prefix and header of each of 3 shards
+    assert len(shard_gets) == 3 and max(i for i, _ in header_reads) < min(i for i, _ in shard_gets)
+    left = [p for p in cache.rglob("*.safetensors")] + [p for p in cache.rglob("blobs/*") if p.stat().st_size > 10**6]
+    assert left == []
