@@ -1,5 +1,9 @@
 """The plan: which tensors become FP8, the exclusion rules, shards and the output config, from headers only."""
 
+import json
+import math
+from pathlib import Path
+
 import pytest
 from transformers.quantizers.quantizers_utils import should_convert_module as transformers_rule
 
@@ -7,7 +11,7 @@ from converter import arch
 from converter.configs import FP8Scheme
 from converter.errors import PlanError
 from converter.plan import QUANTIZE, SCALE, classify, make_plan, should_convert_module
-from converter.source import TensorInfo, open_source
+from converter.source import SourceIndex, TensorInfo, open_source
 
 from .conftest import read_json, run_cli, tiny_bert, tiny_llama
 
@@ -135,3 +139,30 @@ def test_already_quantized_source_is_refused(gemma_copy):
 def test_invalid_regex_pattern_is_refused(gemma_src):
     with pytest.raises(PlanError, match="not a valid regular expression"):
         make_plan(open_source(gemma_src), FP8Scheme(64), ("model.(",), 5 * 10**9)
+
+
+INVENTORY = Path(__file__).resolve().parents[2] / "shared" / "reference" / "gemma-4-31b-it.tensors.json"
+
+
+@pytest.mark.skipif(not INVENTORY.is_file(), reason=f"no tensor inventory of gemma-4-31B-it at {INVENTORY}")
+def test_plan_of_the_real_31b_from_its_inventory():
+    """The full gemma-4-31B-it, planned from its 1,188 tensor headers (no data): the published FP8 checkpoint
+    has 411 FP8 Linear weights, 1,599 keys and 33.3 GB; transformers' own module set agrees."""
+    inventory = json.loads(INVENTORY.read_text())
+    tensors, offset = {}, 0
+    for t in inventory["tensors"]:
+        nbytes = 2 * math.prod(t["shape"])  # every tensor is BF16
+        tensors[t["name"]] = TensorInfo(t["name"], t["dtype"], tuple(t["shape"]), "model.safetensors", offset, nbytes)
+        offset += nbytes
+    source = SourceIndex(root=Path("gemma-4-31B-it"), config=inventory["config"], tensors=tensors,
+                         shards=("model.safetensors",), files_to_copy=())
+    plan = make_plan(source, FP8Scheme(64), ("model.vision_tower", "lm_head"), 5 * 10**9)
+    assert round(source.nbytes / 1e9, 1) == 62.5
+    assert len(plan.fp8_modules) == 411
+    assert len(plan.tensors) == 1599
+    assert round(plan.output_nbytes / 1e9, 1) == 33.3
+    assert {m for m in plan.fp8_modules} == {t["name"][: -len(".weight")] for t in inventory["tensors"] if t["fp8"]}
+    assert len(plan.kept_linears) == 190 and plan.modules_to_not_convert == ("model.vision_tower", "lm_head")
+    assert arch.cross_check(plan) is None  # transformers 5.24 builds the same 411 FP8Linear modules
+    assert [s.name for s in plan.shards][-1] == f"model-{len(plan.shards):05d}-of-{len(plan.shards):05d}.safetensors"
+    assert all(s.nbytes <= 5 * 10**9 for s in plan.shards)
