@@ -39,7 +39,8 @@ def _size(ctx, param, value):
 @click.option("--low-disk", is_flag=True, help="Hub sources: delete each downloaded shard once it is converted.")
 @click.option("--dst", type=click.Path(path_type=Path), help="Output folder for the FP8 checkpoint.")
 @click.option("--config", "preset_name", default=DEFAULT_PRESET, show_default=True,
-              help="Preset name from configs/ (gemma-4-31b-it, default) or a preset JSON file.")
+              help="Preset from configs/ by name (default, gemma-4-31b-it, gemma-4-26b-a4b-it, gemma-4-e4b-it, "
+                   "gemma-4-e2b-it, llama) or a preset JSON file.")
 @click.option("--block-size", default=None, callback=lambda ctx, param, value: _block(value), metavar="N",
               help="Square block edge for the scales, 64 or 128 [preset's, 64].")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
