@@ -13,18 +13,16 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__, arch, quantize_fast
+from . import __version__, arch
 from .card import model_card
 from .configs import CARD_NAME, CONFIG_NAME, DTYPE_SIZES, INDEX_NAME, ConvertOptions, matrix_shape
-from .errors import QuantizeError, SourceError, UsageError, WriteError
+from .errors import SourceError, UsageError, WriteError
 from .manifest import Manifest, Piece, buffer_crc, claim_run, file_crc, read_run, run_identity
 from .plan import COPY, QUANTIZE, SCALE, Plan, ShardPlan, make_plan
 from .source import SourceIndex, TensorReader, open_hub_source, open_source, read_header
+from .stripes import Quantizer
 from .write import OutputDir, ShardWriter, config_json, index_json
 
-# Source bytes quantized per step. With the numba kernel the working set is this, the next stripe being read and
-# half of it in FP8; the torch formula needs about 6x (float32 copies).
-STRIPE_BYTES = 16 * 2**20
 COPY_BUFFER_BYTES = 16 * 2**20  # copied tensors move in pieces of this: the unit of progress, stops and resume
 
 Progress = Callable[[int], None]
@@ -293,7 +291,7 @@ def finalize(dst: Path) -> Summary:
                    peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, notes=notes)
 
 
-def _write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, quantizer: "Quantizer",
+def _write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, quantizer: Quantizer,
                   progress: Progress, manifest: Manifest, done: dict, resume: bool) -> int:
     """Write the given shards: all headers first, then two lanes at once, each writing at the offsets the headers
     fix. A thread copies the tensors that stay as they are (in the kernel where it can), while the main thread
@@ -355,7 +353,7 @@ def _write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, 
     return kept
 
 
-def _usable_pieces(done: dict, copies, quantized, source: SourceIndex, quantizer: "Quantizer") -> dict:
+def _usable_pieces(done: dict, copies, quantized, source: SourceIndex, quantizer: Quantizer) -> dict:
     """The recorded pieces the lanes will skip: copy chunks on the chunk grid, and stripes whose FP8 bytes and
     scale rows were both recorded (a run killed between the two redoes the stripe)."""
     usable = {}
@@ -398,7 +396,7 @@ def _copy_lane(copies, source: SourceIndex, stop: threading.Event, advance: Prog
     return kept
 
 
-def _quantize_lane(quantized, source: SourceIndex, quantizer: "Quantizer", stop: threading.Event,
+def _quantize_lane(quantized, source: SourceIndex, quantizer: Quantizer, stop: threading.Event,
                    advance: Progress, manifest: Manifest, done: dict, finished: Callable) -> int:
     """Read, quantize and write the FP8 weights, each stripe with its scale rows; each stripe's write overlaps
     the next stripe's quantization (at most one write in flight, so the quantizer's two output buffers are
@@ -445,101 +443,6 @@ def _write_stripe(writer: ShardWriter, manifest: Manifest, weight: str, scale: s
     shard = writer.shard.name
     manifest.record(Piece(shard, weight, start, fp8.nbytes, buffer_crc(fp8)))
     manifest.record(Piece(shard, scale, scale_start, scale_inv.nbytes, buffer_crc(scale_inv)))
-
-
-class Quantizer:
-    """Quantizes a 2-D source weight stripe by stripe, reading the next stripe while the current one is quantized.
-
-    `kind` is "numba" (the fused CPU kernel), "torch" (the reference formula, on `device`) or "auto" (numba when
-    installed and the device is the CPU). Every kind writes the same bytes.
-    """
-
-    def __init__(self, block: int, kind: str = "auto", device: str = "cpu"):
-        if kind == "auto":
-            kind = "numba" if device == "cpu" and quantize_fast.available() else "torch"
-        if kind == "numba" and not quantize_fast.available():
-            raise UsageError("--quantizer numba: numba is not installed (pip install numba)")
-        if device == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise UsageError("--device cuda: torch sees no CUDA device")
-        self.block, self.kind, self.device = block, kind, device
-        self._buffers: dict[int, np.ndarray] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-fp8-read")
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-
-    def stripe_rows(self, info) -> int:
-        """Rows per stripe for a weight: whole tile rows, about STRIPE_BYTES of source."""
-        row_bytes = info.shape[-1] * DTYPE_SIZES[info.dtype]
-        return max(self.block, STRIPE_BYTES // (row_bytes * self.block) * self.block)
-
-    def stripes(self, info, reader: TensorReader, skip=lambda first: False):
-        """Yield `(first row, fp8 bytes, scale_inv, source bytes)` for successive stripes of whole tile rows,
-        leaving out those whose first row `skip` accepts (already written by an earlier run).
-
-        The FP8 bytes live in one of two buffers, used in turn: write them before asking for the stripe after next.
-        """
-        rows, cols = matrix_shape(info.shape)
-        row_bytes = cols * DTYPE_SIZES[info.dtype]
-        step = self.stripe_rows(info)
-        starts = [first for first in range(0, rows, step) if not skip(first)]
-        if not starts:
-            return
-        reader.fd_for(info)  # open the shard here, not in the reading thread
-        buffers = [self._buffer(i, step * row_bytes) for i in (0, 1)]
-        outs = [self._buffer(i, step * cols) for i in (2, 3)]  # one being written while the other is filled
-
-        def read(i):
-            first = starts[i]
-            view = memoryview(buffers[i % 2])[: (min(rows, first + step) - first) * row_bytes]
-            reader.read_into(info, first * row_bytes, view)
-            return view
-
-        pending = self._pool.submit(read, 0)
-        for i, first in enumerate(starts):
-            raw = pending.result()
-            if i + 1 < len(starts):
-                pending = self._pool.submit(read, i + 1)
-            n = min(rows, first + step) - first
-            out = outs[i % 2][: n * cols].reshape(n, cols)
-            fp8, scale_inv = self._quantize(raw, info, n, cols, first, out)
-            yield first, fp8, scale_inv, n * row_bytes
-
-    def _buffer(self, slot: int, nbytes: int) -> np.ndarray:
-        """A byte buffer kept across stripes and tensors, grown when needed."""
-        buf = self._buffers.get(slot)
-        if buf is None or len(buf) < nbytes:
-            buf = self._buffers[slot] = np.empty(max(nbytes, STRIPE_BYTES), np.uint8)
-        return buf[:nbytes]
-
-    def _quantize(self, raw: memoryview, info, rows: int, cols: int, first: int, out: np.ndarray):
-        block = self.block
-        if self.kind == "numba":
-            scale_inv = np.empty((rows // block, cols // block), np.float32)
-            status, row = quantize_fast.quantize_into(np.frombuffer(raw, np.uint8), info.dtype, out, scale_inv, block)
-            if status != quantize_fast.OK:
-                what = ("holds NaN or Inf" if status == quantize_fast.NON_FINITE else
-                        "has a tile of float32-subnormal values whose scale overflows")
-                raise _non_finite(info, what, first + row)
-            return out, scale_inv
-        import torch
-
-        from .quantize import TORCH_DTYPES, NonFiniteError, quantize_blocks
-
-        weight = torch.frombuffer(raw, dtype=TORCH_DTYPES[info.dtype]).reshape(rows, cols)
-        try:
-            fp8, scale_inv = quantize_blocks(weight.to(self.device), block)
-        except NonFiniteError as exc:
-            raise _non_finite(info, str(exc), first + exc.row) from None
-        return fp8.view(torch.uint8).cpu().numpy(), scale_inv.cpu().numpy()
-
-
-def _non_finite(info, what: str, row: int) -> QuantizeError:
-    return QuantizeError(f"tensor {info.name} in shard {info.shard} {what} (near row {row}); "
-                         "the source must be finite to be quantized")
 
 
 class _Background:
