@@ -17,7 +17,7 @@ from . import __version__, arch
 from .card import model_card
 from .configs import CARD_NAME, CONFIG_NAME, DTYPE_SIZES, INDEX_NAME, ConvertOptions, matrix_shape
 from .errors import SourceError, UsageError, WriteError
-from .manifest import Manifest, Piece, buffer_crc, claim_run, file_crc, read_run, run_identity
+from .manifest import Manifest, PartLock, Piece, buffer_crc, claim_run, file_crc, read_run, run_identity
 from .plan import COPY, QUANTIZE, SCALE, Plan, ShardPlan, make_plan
 from .source import SourceIndex, TensorReader, open_hub_source, open_source, read_header
 from .stripes import Quantizer
@@ -151,6 +151,10 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     i, n = options.part
     out.open()
     resumed = claim_run(out.staging, _run_record(options, identity), options.overwrite)
+    lock = PartLock(out.staging, options.part)
+    taken_over = lock.acquire()
+    if taken_over:
+        notes.append(taken_over)
     manifest = Manifest(out.staging / f"manifest-part-{i}-of-{n}.jsonl")
     finalized = False
     try:
@@ -162,12 +166,15 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
             if skipped:
                 notes.append(skipped)
         (out.staging / f"part-{i}-of-{n}.done").write_text(identity + "\n")
+        lock.release()
         finalized = finalize_if_complete(out, plan, source, options, notes)
     except KeyboardInterrupt:
         manifest.close()
+        lock.release()
         raise
     except BaseException:
         manifest.close()
+        lock.release()
         if n == 1:
             out.abort()
         else:

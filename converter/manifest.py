@@ -142,6 +142,51 @@ def claim_run(staging: Path, record: dict, overwrite: bool) -> bool:
     raise UsageError(f"{staging}: another process keeps replacing the run record")
 
 
+class PartLock:
+    """`part-I-of-N.lock` in the staging folder, holding host and pid: a second process converting the same part
+    on the same host is refused (its writes would race the first's); a lock whose process is gone is taken over.
+    Hosts cannot see each other's processes: a lock from another host is reported and taken over."""
+
+    def __init__(self, staging: Path, part: tuple[int, int]):
+        self.path = staging / f"part-{part[0]}-of-{part[1]}.lock"
+        self.part = part
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns a note when another host's lock was taken over."""
+        import socket
+
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        note = None
+        try:
+            held = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            held = None
+        if held and held.get("host") == me["host"] and held.get("pid") != me["pid"] and _alive(held.get("pid")):
+            i, n = self.part
+            raise UsageError(f"{self.path.parent.parent}: process {held['pid']} on this host is already converting "
+                             f"part {i}/{n} into it; wait for it or stop it first")
+        if held and held.get("host") != me["host"]:
+            note = f"took over part {self.part[0]}/{self.part[1]} from host {held.get('host')}, pid {held.get('pid')}"
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(me))
+        os.replace(tmp, self.path)
+        return note
+
+    def release(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
+
+
 def read_run(staging: Path) -> dict:
     path = staging / RUN_FILE
     try:

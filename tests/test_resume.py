@@ -225,3 +225,24 @@ def test_hub_download_shard_by_shard_with_low_disk(src, reference, tmp_path):
     assert len(shard_gets) == 3 and max(i for i, _ in header_reads) < min(i for i, _ in shard_gets)
     left = [p for p in cache.rglob("*.safetensors")] + [p for p in cache.rglob("blobs/*") if p.stat().st_size > 10**6]
     assert left == []
+
+
+def test_a_second_process_on_the_same_part_is_refused(src, tmp_path):
+    dst = tmp_path / "out"
+    args = ("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    killed_run(*args)  # leaves a lock naming a process that no longer exists: taken over below
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = dst / ".convert-fp8.partial" / "part-1-of-1.lock"
+        import socket
+
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid}))
+        result = run_cli(*args)
+        assert result.exit_code == 2
+        assert f"process {sleeper.pid} on this host is already converting part 1/1 into it" in result.stderr
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    result = run_cli(*args)  # the holder is gone: the lock is taken over and the run resumes
+    assert result.exit_code == 0, result.output
+    assert "resumed: kept" in result.output
