@@ -134,12 +134,13 @@ def _convert(src, dst, preset_name, exclude, no_arch_check, part, dry_run, quiet
     finally:
         for bar in bars:
             bar.close()
+    status = None if summary.finalized else summary.notes.pop()  # who completes the checkpoint
     if not quiet:
         _print_summary(summary)
-    if summary.finalized:
+    if status is None:
         click.echo(f"wrote {summary.dst}")
     else:
-        click.echo(f"part {part[0]}/{part[1]} of {summary.dst} done; not complete yet")
+        click.echo(f"part {part[0]}/{part[1]} of {summary.dst} done; {status}")
 
 
 def _print_summary(summary) -> None:

@@ -241,14 +241,17 @@ def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, option
     staged output and move it into place. Exactly one process does it (a lock file decides)."""
     n = options.part[1]
     missing = [k for k in range(1, n + 1) if not (out.staging / f"part-{k}-of-{n}.done").exists()]
+    if missing and not out.staging.exists():  # another part finalized (and removed the staging folder) meanwhile
+        notes.append("another part completed the checkpoint")
+        return False
     if missing:
         notes.append(f"waiting for part(s) {', '.join(f'{k}/{n}' for k in missing)}; the last part to finish, or "
                      f"`convert-fp8 finalize --dst {options.dst}`, completes the checkpoint")
         return False
     try:
         lock = os.open(out.staging / "finalize.lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    except FileExistsError:
-        notes.append("another process is finalizing this checkpoint")
+    except (FileExistsError, FileNotFoundError):  # FileNotFoundError: it finished and removed the staging folder
+        notes.append("another part is completing the checkpoint")
         return False
     os.close(lock)
     try:

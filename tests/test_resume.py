@@ -124,7 +124,7 @@ def test_finalize_after_the_last_part_died(src, reference, tmp_path):
     dst = tmp_path / "out"
     common = ("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
     result = run_cli(*common, "--part", "1/2")
-    assert result.exit_code == 0 and "part 1/2 of" in result.output and "not complete yet" in result.output
+    assert result.exit_code == 0 and "part 1/2 of" in result.output and "done; waiting for part(s) 2/2" in result.output
     result = run_cli("finalize", "--dst", dst)
     assert result.exit_code == 2 and "waiting for part(s) 2/2" in result.stderr
     killed_run(*common, "--part", "2/2", mode=("finalize",))
