@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .configs import DEFAULT_BLOCK_SIZE, Preset
 from .errors import PlanError
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+# A checkout (or editable install) keeps presets beside the package; a wheel installs them under the prefix.
+_CANDIDATES = (Path(__file__).resolve().parent.parent / "configs",
+               Path(sys.prefix) / "share" / "convert-fp8" / "configs")
+PRESET_DIR = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
 _KNOWN_KEYS = {"description", "block_size", "modules_to_not_convert", "architectures"}
 
 
