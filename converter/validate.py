@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .configs import CONFIG_NAME, FP8_DTYPE_NAME, INDEX_NAME, SCALE_SUFFIX
+from .configs import CONFIG_NAME, FP8_DTYPE_NAME, SCALE_SUFFIX
 from .plan import module_of
 
 REPORT_NAME = "convert-fp8-validate.json"
@@ -101,16 +101,10 @@ def _version(package: str) -> str | None:
 
 
 def checkpoint_fp8_tensors(dst: Path) -> dict[str, str]:
-    """FP8 weight name -> shard, from the output's headers."""
-    from .source import read_header
+    """FP8 weight name -> shard, from the output's index and headers."""
+    from .source import open_source
 
-    weight_map = json.loads((dst / INDEX_NAME).read_text())["weight_map"]
-    out = {}
-    for shard in sorted(set(weight_map.values())):
-        for name, info in read_header(dst / shard).tensors.items():
-            if info.dtype == FP8_DTYPE_NAME:
-                out[name] = shard
-    return out
+    return {name: info.shard for name, info in open_source(dst).tensors.items() if info.dtype == FP8_DTYPE_NAME}
 
 
 def preflight(report: ValidateReport, dst: Path, device: str, kernel: str) -> bool:
@@ -281,6 +275,8 @@ def _check_fp8_modules(report: ValidateReport, model, dst: Path, device: str) ->
     import torch
     from safetensors import safe_open
 
+    from .quantize import dequantize_blocks
+
     expected = checkpoint_fp8_tensors(dst)
     modules = dict(model.named_modules())
     wrong = []
@@ -298,10 +294,8 @@ def _check_fp8_modules(report: ValidateReport, model, dst: Path, device: str) ->
         with safe_open(dst / shard, "pt") as f:
             q, s = f.get_tensor(name), f.get_tensor(name + SCALE_SUFFIX)
         cols = q.shape[-1]
-        q2, s2 = q.reshape(-1, cols), s.reshape(-1, s.shape[-1])
-        rows = q2.shape[0]
-        br, bc = rows // s2.shape[0], cols // s2.shape[1]
-        want = (q2.float().reshape(s2.shape[0], br, s2.shape[1], bc) * s2[:, None, :, None]).reshape(q.shape)
+        block = cols // s.shape[-1]  # square blocks (verify checks the scale shapes)
+        want = dequantize_blocks(q.reshape(-1, cols), s.reshape(-1, s.shape[-1]), block).reshape(q.shape)
         got = weight.detach().float().cpu()
         want = want.to(weight.dtype).float()
         same = (got == want) | (got.isnan() & want.isnan())
