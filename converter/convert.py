@@ -141,8 +141,9 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     extra = sum((source.root / f).stat().st_size for f in plan.files_to_copy if (source.root / f).is_file())
     out.check_space(sum(s.nbytes for s in mine) + extra + 2**20, already=out.staged_bytes())
     progress = progress or (lambda n: None)
+    part_source_bytes = sum(source.tensors[t.source].nbytes for s in mine for t in s.tensors if t.action != SCALE)
     if on_start:
-        on_start(sum(source.tensors[t.source].nbytes for s in mine for t in s.tensors if t.action != SCALE))
+        on_start(part_source_bytes)
     quantizer = Quantizer(plan.scheme.block_size, options.quantizer, options.device)
     # The transformers cross-check mostly waits on importing transformers (about 2 s): it runs beside the
     # writing, into the staging folder, and a failure removes what this run wrote before anything is moved.
@@ -191,7 +192,7 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
         shards=len(mine),
         fp8_tensors=n_fp8,
         copied_tensors=n_all - 2 * n_fp8,
-        bytes_in=sum(source.tensors[t.source].nbytes for s in mine for t in s.tensors if t.action != SCALE),
+        bytes_in=part_source_bytes,
         bytes_out=sum(s.nbytes for s in mine),
         files_copied=len(plan.files_to_copy) if finalized else 0,
         seconds=time.monotonic() - started,
@@ -363,6 +364,11 @@ def _write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, 
     return kept
 
 
+def _stripe_keys(shard: str, weight, scale, cols: int, block: int, first: int) -> tuple[tuple, tuple]:
+    """Manifest keys of the stripe starting at row `first`: its FP8 bytes and its rows of scales."""
+    return (shard, weight.name, first * cols), (shard, scale.name, first // block * scale.shape[-1] * 4)
+
+
 def _usable_pieces(done: dict, copies, quantized, source: SourceIndex, quantizer: Quantizer) -> dict:
     """The recorded pieces the lanes will skip: copy chunks on the chunk grid, and stripes whose FP8 bytes and
     scale rows were both recorded (a run killed between the two redoes the stripe)."""
@@ -374,10 +380,9 @@ def _usable_pieces(done: dict, copies, quantized, source: SourceIndex, quantizer
                 usable[key] = done[key]
     for writer, weight, scale in quantized:
         info = source.tensors[weight.source]
-        (rows, cols), block, shard = matrix_shape(info.shape), quantizer.block, writer.shard.name
+        rows, cols = matrix_shape(info.shape)
         for first in range(0, rows, quantizer.stripe_rows(info)):
-            fp8_key = (shard, weight.name, first * cols)
-            scale_key = (shard, scale.name, first // block * scale.shape[-1] * 4)
+            fp8_key, scale_key = _stripe_keys(writer.shard.name, weight, scale, cols, quantizer.block, first)
             if fp8_key in done and scale_key in done:
                 usable[fp8_key], usable[scale_key] = done[fp8_key], done[scale_key]
     return usable
@@ -415,29 +420,24 @@ def _quantize_lane(quantized, source: SourceIndex, quantizer: Quantizer, stop: t
     with TensorReader(source) as reader, ThreadPoolExecutor(1, thread_name_prefix="convert-fp8-write") as io:
         for writer, weight, scale in quantized:
             info = source.tensors[weight.source]
-            shard = writer.shard.name
             rows, cols = matrix_shape(info.shape)
-            row_bytes = cols * DTYPE_SIZES[info.dtype]
-            scale_row_bytes = scale.shape[-1] * 4
-            block = quantizer.block
-
-            def is_done(first, shard=shard, weight=weight.name, scale=scale.name, cols=cols, scale_row=scale_row_bytes,
-                        block=block):
-                return (shard, weight, first * cols) in done and (shard, scale, first // block * scale_row) in done
-
-            for first in range(0, rows, quantizer.stripe_rows(info)):
-                if is_done(first):
-                    n = min(rows, first + quantizer.stripe_rows(info)) - first
-                    kept += n * row_bytes
-                    advance(n * row_bytes)
+            row_bytes, step = cols * DTYPE_SIZES[info.dtype], quantizer.stripe_rows(info)
+            keys = {first: _stripe_keys(writer.shard.name, weight, scale, cols, quantizer.block, first)
+                    for first in range(0, rows, step)}
+            kept_rows = [first for first, (fp8_key, scale_key) in keys.items() if fp8_key in done]
+            for first in kept_rows:  # `done` holds only whole stripes (see _usable_pieces)
+                n = (min(rows, first + step) - first) * row_bytes
+                kept += n
+                advance(n)
             writing = None
-            for first, fp8, scale_inv, nbytes in quantizer.stripes(info, reader, skip=is_done):
+            for first, fp8, scale_inv, nbytes in quantizer.stripes(info, reader, skip=set(kept_rows).__contains__):
                 if stop.is_set():
                     return kept
                 if writing is not None:
                     writing.result()
-                writing = io.submit(_write_stripe, writer, manifest, weight.name, scale.name, first * cols, fp8,
-                                    first // block * scale_row_bytes, scale_inv)
+                (_, _, start), (_, _, scale_start) = keys[first]
+                writing = io.submit(_write_stripe, writer, manifest, weight.name, scale.name, start, fp8,
+                                    scale_start, scale_inv)
                 advance(nbytes)
             if writing is not None:
                 writing.result()
