@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import socket
 import threading
 import zlib
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import UsageError
+from .write import STAGING_NAME
 
 RUN_FILE = "run.json"
 SAMPLE = 64 * 2**10
@@ -129,8 +132,6 @@ def claim_run(staging: Path, record: dict, overwrite: bool) -> bool:
                     f"{found.get('src', '?')}, other source files, options or part count); pass --overwrite to "
                     "discard it, or use another --dst"
                 ) from None
-            import shutil
-
             shutil.rmtree(staging)
             staging.mkdir()
             continue
@@ -153,8 +154,6 @@ class PartLock:
 
     def acquire(self) -> str | None:
         """Take the lock; returns a note when another host's lock was taken over."""
-        import socket
-
         me = {"host": socket.gethostname(), "pid": os.getpid()}
         note = None
         try:
@@ -192,9 +191,6 @@ def read_run(staging: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise UsageError(f"{staging.parent}: no partial conversion to finalize (no {STAGING_HINT})") from None
+        raise UsageError(f"{staging.parent}: no partial conversion to finalize (no {STAGING_NAME}/{RUN_FILE})") from None
     except ValueError as exc:
         raise UsageError(f"{path}: unreadable run record: {exc}") from None
-
-
-STAGING_HINT = ".convert-fp8.partial/run.json"
