@@ -8,6 +8,7 @@ compared byte for byte, and the reconstruction error of each FP8 weight.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -112,7 +113,7 @@ class _Output:
             except ConvertError as exc:
                 problems.append(Problem(str(exc).replace(f"{folder / shard}: ", ""), shard=shard))
 
-    @property
+    @functools.cached_property
     def tensors(self) -> dict[str, TensorInfo]:
         return {n: t for h in self.headers.values() for n, t in h.tensors.items()}
 
@@ -172,7 +173,8 @@ def _check_scales(out: _Output, fp8: dict[str, TensorInfo], report: VerifyReport
             info = tensors.get(name + SCALE_SUFFIX)
             if info is None or info.dtype != "F32":
                 continue
-            scale = np.frombuffer(reader.read(info), dtype=np.float32).reshape(info.shape)
+            # expert scales are [experts, rows, cols]: look at them as the 2-D grid of tiles they cut
+            scale = np.frombuffer(reader.read(info), dtype=np.float32).reshape(-1, info.shape[-1])
             bad = ~np.isfinite(scale) | (scale <= 0)
             if bad.any():
                 r, c = (int(i) for i in np.argwhere(bad)[0])

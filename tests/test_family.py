@@ -51,6 +51,20 @@ def test_moe_experts_match_transformers_bytes_and_names(moe):
     assert set(o) == set(s) | {n + "_scale_inv" for n in experts} | {n[:-7] + ".weight_scale_inv" for n in linears}
 
 
+def test_verify_names_a_bad_expert_scale(moe, tmp_path):
+    import shutil
+
+    from .test_verify import patch
+
+    src, dst = moe
+    dst = shutil.copytree(dst, tmp_path / "dst")
+    name = "model.language_model.layers.1.experts.down_proj_scale_inv"
+    patch(dst, name, lambda t: t[2, 1, 0].fill_(float("inf")))  # expert 2, tile row 1 of its 3
+    result = run_cli("verify", "--dst", dst, "-q")
+    assert result.exit_code == 1
+    assert f"tensor {name}" in result.output and "1 scale(s) not finite and positive, first at tile (7, 0): inf" in result.output
+
+
 def test_moe_preset_config_and_routers(moe, tmp_path):
     src, _ = moe
     dst = tmp_path / "preset"
