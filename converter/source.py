@@ -225,17 +225,7 @@ def open_hub_source(repo) -> SourceIndex:
         for info in sorted(header.tensors.values(), key=lambda t: t.offset):
             if weight_map is None or weight_map.get(info.name) == shard:
                 tensors[info.name] = TensorInfo(info.name, info.dtype, info.shape, shard, info.offset, info.nbytes)
-    files = repo.other_files()
-    copy, skipped = [], []
-    for rel in files:
-        if rel in set(shards) | {INDEX_NAME, CONFIG_NAME} or rel.startswith(".") or "/." in rel:
-            continue
-        if rel == CARD_NAME:
-            skipped.append((rel, "replaced by the FP8 model card"))
-        elif "/" not in rel and (rel.endswith(_OTHER_WEIGHT_SUFFIXES) or ".safetensors" in rel):
-            skipped.append((rel, "another copy of the unquantized weights"))
-        else:
-            copy.append(rel)
+    copy, skipped = classify_files(repo.other_files(), set(shards) | {INDEX_NAME})
     return SourceIndex(root=repo.snapshot, config=config, tensors=tensors, shards=tuple(shards),
                        files_to_copy=tuple(copy), files_skipped=tuple(skipped), provider=repo, name=repo.repo_id)
 
@@ -255,20 +245,28 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def _other_files(src: Path, weight_files: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    copy, skipped = [], []
+    relative = []
     for root, dirs, files in os.walk(src):
         dirs[:] = sorted(d for d in dirs if d not in _NEVER_COPIED_DIRS)
         rel_root = Path(root).relative_to(src)
-        for name in sorted(files):
-            rel = (rel_root / name).as_posix()
-            if rel in weight_files or rel == CONFIG_NAME:
-                continue
-            if rel == CARD_NAME:
-                skipped.append((rel, "replaced by the FP8 model card"))
-            elif rel_root == Path(".") and (name.endswith(_OTHER_WEIGHT_SUFFIXES) or ".safetensors" in name):
-                skipped.append((rel, "another copy of the unquantized weights"))
-            else:
-                copy.append(rel)
+        relative += [(rel_root / name).as_posix() for name in sorted(files)]
+    return classify_files(relative, weight_files)
+
+
+def classify_files(relative: list[str], weight_files: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split a checkpoint's files (paths relative to its root) other than its weights and config into those
+    copied unchanged and those left out, with why."""
+    copy, skipped = [], []
+    for rel in relative:
+        top = "/" not in rel
+        if rel in weight_files or rel == CONFIG_NAME or rel.split("/")[0] in _NEVER_COPIED_DIRS:
+            continue
+        if rel == CARD_NAME:
+            skipped.append((rel, "replaced by the FP8 model card"))
+        elif top and (rel.endswith(_OTHER_WEIGHT_SUFFIXES) or ".safetensors" in rel):
+            skipped.append((rel, "another copy of the unquantized weights"))
+        else:
+            copy.append(rel)
     return copy, skipped
 
 
