@@ -69,8 +69,9 @@ def kernel_accuracy(device):
     return {"shapes": [check_shape(*s, device=device) for s in shapes], "fp8linear": check_fp8linear(device)}
 
 
-def convert_and_validate(src: Path, dst: Path, device: str, kernel: str, tokens: int) -> dict:
-    options = ConvertOptions(src=src, dst=dst, preset=load_preset("gemma-4-31b-it"), overwrite=True)
+def convert_and_validate(src: Path, dst: Path, device: str, kernel: str, tokens: int,
+                         preset: str = "gemma-4-31b-it") -> dict:
+    options = ConvertOptions(src=src, dst=dst, preset=load_preset(preset), overwrite=True)
     summary = convert(options)
     report = validate(dst, src, device=device, kernel=kernel, max_new_tokens=tokens)
     return {
@@ -100,18 +101,7 @@ def tiny_moe(work: Path, device: str, kernel: str):
     from converter.demo import build_checkpoint, gemma4_moe_config
 
     src = build_checkpoint(work / "moe", gemma4_moe_config())
-    options = ConvertOptions(src=src, dst=work / "moe-FP8", preset=load_preset("gemma-4-26b-a4b-it"), overwrite=True)
-    convert(options)
-    report = validate(work / "moe-FP8", src, device=device, kernel=kernel, max_new_tokens=10)
-    return {
-        "ok": report.ok,
-        "fp8_path": report.fp8_path,
-        "checks": {c.name: ("ok " if c.ok else "FAIL ") + c.detail for c in report.checks},
-        "first_non_finite": report.first_non_finite,
-        "logits": report.logits,
-        "tokens_per_s": (report.generation or {}).get("tokens_per_s"),
-        "peak_gpu_gib": round(report.peak_gpu_memory_bytes / 2**30, 2) if report.peak_gpu_memory_bytes else None,
-    }
+    return convert_and_validate(src, work / "moe-FP8", device, kernel, tokens=10, preset="gemma-4-26b-a4b-it")
 
 
 def build_slice(path: Path, vocab: int, device: str) -> Path:

@@ -2,20 +2,12 @@
 
 import pytest
 import torch
-from transformers import FineGrainedFP8Config
-from transformers.integrations.finegrained_fp8 import Fp8Quantize
 
 from converter.demo import build_checkpoint, gemma4_moe_config, gemma4_small_config
 
 from .conftest import read_json, run_cli, tiny_llama
 from .test_convert import load_all, raw
-
-
-def transformers_quantize(name: str, tensor: torch.Tensor, block: int) -> dict:
-    class Quantizer:
-        quantization_config = FineGrainedFP8Config(weight_block_size=(block, block))
-
-    return Fp8Quantize(Quantizer()).convert({name: tensor})
+from .test_quantize import transformers_quantize
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,17 @@ from transformers.integrations.finegrained_fp8 import Fp8Quantize
 from converter.quantize import NonFiniteError, dequantize_blocks, quantize_blocks, scale_shape, tiles_evenly
 
 
-def reference(weight: torch.Tensor, block: int):
+def transformers_quantize(name: str, tensor: torch.Tensor, block: int) -> dict:
+    """transformers' own `Fp8Quantize` on one named tensor: its output tensors by name."""
     class Quantizer:
         quantization_config = FineGrainedFP8Config(weight_block_size=(block, block))
 
-    out = Fp8Quantize(Quantizer()).convert({"m.weight": weight})
+    return Fp8Quantize(Quantizer()).convert({name: tensor})
+
+
+def reference(weight: torch.Tensor, block: int):
+    """(FP8, weight_scale_inv) of a Linear weight, by transformers."""
+    out = transformers_quantize("m.weight", weight, block)
     return out["m.weight"], out["m.weight_scale_inv"]
 
 
