@@ -1,29 +1,27 @@
-"""The conversion loop, driven by the plan: source -> quantize -> write, resumable and divisible into parts."""
+"""The conversion, driven by the plan: check and plan, then write this run's shards in two lanes
+(`lanes.py`), keeping what an interrupted run left (`resume.py`), and complete the checkpoint when every part
+is done (`finalize.py`)."""
 
 from __future__ import annotations
 
-import os
 import resource
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
-from . import __version__, arch
-from .card import model_card
-from .configs import CARD_NAME, CONFIG_NAME, DTYPE_SIZES, INDEX_NAME, ConvertOptions, matrix_shape
-from .errors import SourceError, UsageError, WriteError
-from .manifest import Manifest, PartLock, Piece, buffer_crc, claim_run, file_crc, read_run, run_identity
-from .plan import COPY, QUANTIZE, SCALE, Plan, ShardPlan, make_plan
-from .source import SourceIndex, TensorReader, open_hub_source, open_source, read_header
+from . import arch
+from .configs import ConvertOptions
+from .errors import UsageError
+from .finalize import finalize_if_complete
+from .lanes import write_shards
+from .manifest import Manifest, PartLock, claim_run, read_run, run_identity
+from .plan import QUANTIZE, SCALE, Plan, ShardPlan, make_plan
+from .resume import run_record, verified_pieces
+from .source import SourceIndex, open_hub_source, open_source
 from .stripes import Quantizer
-from .write import OutputDir, ShardWriter, config_json, index_json
-
-COPY_BUFFER_BYTES = 16 * 2**20  # copied tensors move in pieces of this: the unit of progress, stops and resume
+from .write import OutputDir
 
 Progress = Callable[[int], None]
 
@@ -93,30 +91,6 @@ def part_shards(plan: Plan, part: tuple[int, int]) -> list[ShardPlan]:
     return [shard for k, shard in enumerate(plan.shards) if k % n == i - 1]
 
 
-def source_name(options: ConvertOptions) -> str:
-    from .hub import looks_like_repo_id
-
-    return str(options.src) if looks_like_repo_id(options.src) else str(Path(options.src).resolve())
-
-
-def _run_record(options: ConvertOptions, identity: str) -> dict:
-    return {
-        "identity": identity,
-        "parts": options.part[1],
-        "tool": __version__,
-        "src": source_name(options),
-        "revision": options.revision,
-        "options": {
-            "preset": options.preset.origin or options.preset.name,
-            "exclude": list(options.extra_excludes),
-            "block_size": options.block_size,
-            "max_shard_size": options.max_shard_size,
-            "arch_check": options.arch_check,
-            "base_model": options.base_model,
-        },
-    }
-
-
 def convert(options: ConvertOptions, progress: Progress | None = None,
             on_start: Callable[[int], None] | None = None) -> Summary:
     """Convert `options.src` into `options.dst` (or, with `options.part`, one part of it).
@@ -151,7 +125,7 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     identity = run_identity(source, plan)
     i, n = options.part
     out.open()
-    resumed = claim_run(out.staging, _run_record(options, identity), options.overwrite)
+    resumed = claim_run(out.staging, run_record(options, identity), options.overwrite)
     lock = PartLock(out.staging, options.part)
     taken_over = lock.acquire()
     if taken_over:
@@ -159,8 +133,8 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     manifest = Manifest(out.staging / f"manifest-part-{i}-of-{n}.jsonl")
     finalized = False
     try:
-        done = _verified_pieces(manifest, out.staging) if resumed else {}
-        resumed_bytes = _write_shards(out, mine, source, quantizer, progress, manifest, done, resumed)
+        done = verified_pieces(manifest, out.staging) if resumed else {}
+        resumed_bytes = write_shards(out, mine, source, quantizer, progress, manifest, done, resumed)
         manifest.close()
         if arch_check is not None:
             skipped = arch_check.result()
@@ -212,68 +186,6 @@ def _remove_part(out: OutputDir, mine: list[ShardPlan], manifest: Manifest, i: i
             pass
 
 
-def _verified_pieces(manifest: Manifest, staging: Path) -> dict[tuple[str, str, int], Piece]:
-    """The recorded pieces whose bytes in the staged shards still match their sampled CRC."""
-    good, shards = {}, {}
-    try:
-        for key, piece in manifest.load().items():
-            if piece.shard not in shards:  # (descriptor, tensors) of each staged shard, read once
-                path = staging / piece.shard
-                try:
-                    shards[piece.shard] = (os.open(path, os.O_RDONLY), read_header(path).tensors)
-                except (OSError, SourceError):
-                    shards[piece.shard] = (None, {})
-            fd, tensors = shards[piece.shard]
-            info = tensors.get(piece.tensor)
-            if fd is None or info is None or piece.start + piece.length > info.nbytes:
-                continue
-            if file_crc(fd, info.offset + piece.start, piece.length) == piece.crc:
-                good[key] = piece
-    finally:
-        for fd, _ in shards.values():
-            if fd is not None:
-                os.close(fd)
-    return good
-
-
-def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, options: ConvertOptions,
-                         notes: list[str]) -> bool:
-    """When every part has finished, write the index, other files, model card and config (last), check the
-    staged output and move it into place. Exactly one process does it (a lock file decides)."""
-    n = options.part[1]
-    missing = [k for k in range(1, n + 1) if not (out.staging / f"part-{k}-of-{n}.done").exists()]
-    if missing and not out.staging.exists():  # another part finalized (and removed the staging folder) meanwhile
-        notes.append("another part completed the checkpoint")
-        return False
-    if missing:
-        notes.append(f"waiting for part(s) {', '.join(f'{k}/{n}' for k in missing)}; the last part to finish, or "
-                     f"`convert-fp8 finalize --dst {options.dst}`, completes the checkpoint")
-        return False
-    try:
-        lock = os.open(out.staging / "finalize.lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    except (FileExistsError, FileNotFoundError):  # FileNotFoundError: it finished and removed the staging folder
-        notes.append("another part is completing the checkpoint")
-        return False
-    os.close(lock)
-    try:
-        out.write_text(INDEX_NAME, index_json(plan))
-        for relative in plan.files_to_copy:
-            origin = source.provider.fetch(relative) if source.provider is not None else source.root / relative
-            out.copy_file(origin, relative)
-        base = options.base_model or source.name or source.root.resolve().name
-        out.write_text(CARD_NAME, model_card(plan, base_model=base, repo_name=f"{Path(base).name}-FP8"))
-        out.write_text(CONFIG_NAME, config_json(plan))
-        check_written_headers(out.staging, plan)
-        _self_check(out.staging)
-        names = [s.name for s in plan.shards] + [INDEX_NAME, CARD_NAME, CONFIG_NAME]
-        names += sorted({Path(f).parts[0] for f in plan.files_to_copy})
-        out.commit(names)
-    except BaseException:
-        (out.staging / "finalize.lock").unlink(missing_ok=True)
-        raise
-    return True
-
-
 def finalize(dst: Path) -> Summary:
     """`convert-fp8 finalize`: complete a partitioned conversion whose parts have all finished."""
     from .presets import load_preset
@@ -302,159 +214,6 @@ def finalize(dst: Path) -> Summary:
                    peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, notes=notes)
 
 
-def _write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, quantizer: Quantizer,
-                  progress: Progress, manifest: Manifest, done: dict, resume: bool) -> int:
-    """Write the given shards: all headers first, then two lanes at once, each writing at the offsets the headers
-    fix. A thread copies the tensors that stay as they are (in the kernel where it can), while the main thread
-    reads, quantizes and writes the others. Pieces in `done` are kept. The first error stops both lanes.
-
-    Returns:
-        Source bytes whose output was kept from an earlier run.
-    """
-    writers = {shard.name: ShardWriter(out.path(shard.name), shard) for shard in shards}
-    copies, quantized = [], []
-    for shard in shards:
-        tensors = list(shard.tensors)
-        for k, t in enumerate(tensors):
-            if t.action == COPY:
-                copies.append((writers[shard.name], t))
-            elif t.action == QUANTIZE:
-                quantized.append((writers[shard.name], t, tensors[k + 1]))
-    stop = threading.Event()
-    lock = threading.Lock()
-    pending: dict[str, int] = {}  # source shard -> tensors of it still to write (to release Hub downloads)
-    for _, t, *_scale in copies + quantized:
-        shard = source.tensors[t.source].shard
-        pending[shard] = pending.get(shard, 0) + 1
-
-    def advance(nbytes: int) -> None:
-        with lock:
-            progress(nbytes)
-
-    def finished(tensor) -> None:
-        shard = source.tensors[tensor.source].shard
-        with lock:
-            pending[shard] -= 1
-            last = pending[shard] == 0
-        if last and source.provider is not None:
-            source.provider.release(shard)
-
-    kept = 0
-    try:
-        for writer in writers.values():
-            writer.open(resume=resume)
-        fresh = {w.shard.name for w in writers.values() if not w.resumed}  # a shard begun anew keeps nothing
-        done = _usable_pieces({k: p for k, p in done.items() if p.shard not in fresh}, copies, quantized, source,
-                              quantizer)
-        for piece in done.values():
-            writers[piece.shard].credit(piece.tensor, piece.length)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-fp8-copy") as lane:
-            copying = lane.submit(_copy_lane, copies, source, stop, advance, manifest, done, finished)
-            try:
-                kept += _quantize_lane(quantized, source, quantizer, stop, advance, manifest, done, finished)
-            except BaseException:
-                stop.set()
-                raise
-            kept += copying.result()
-        for writer in writers.values():
-            writer.close()
-    finally:
-        for writer in writers.values():
-            writer.abort()
-    return kept
-
-
-def _stripe_keys(shard: str, weight, scale, cols: int, block: int, first: int) -> tuple[tuple, tuple]:
-    """Manifest keys of the stripe starting at row `first`: its FP8 bytes and its rows of scales."""
-    return (shard, weight.name, first * cols), (shard, scale.name, first // block * scale.shape[-1] * 4)
-
-
-def _usable_pieces(done: dict, copies, quantized, source: SourceIndex, quantizer: Quantizer) -> dict:
-    """The recorded pieces the lanes will skip: copy chunks on the chunk grid, and stripes whose FP8 bytes and
-    scale rows were both recorded (a run killed between the two redoes the stripe)."""
-    usable = {}
-    for writer, t in copies:
-        for start in range(0, source.tensors[t.source].nbytes, COPY_BUFFER_BYTES):
-            key = (writer.shard.name, t.name, start)
-            if key in done:
-                usable[key] = done[key]
-    for writer, weight, scale in quantized:
-        info = source.tensors[weight.source]
-        rows, cols = matrix_shape(info.shape)
-        for first in range(0, rows, quantizer.stripe_rows(info)):
-            fp8_key, scale_key = _stripe_keys(writer.shard.name, weight, scale, cols, quantizer.block, first)
-            if fp8_key in done and scale_key in done:
-                usable[fp8_key], usable[scale_key] = done[fp8_key], done[scale_key]
-    return usable
-
-
-def _copy_lane(copies, source: SourceIndex, stop: threading.Event, advance: Progress, manifest: Manifest,
-               done: dict, finished: Callable) -> int:
-    buffer = bytearray(COPY_BUFFER_BYTES)
-    kept = 0
-    with TensorReader(source) as reader:
-        for writer, t in copies:
-            info = source.tensors[t.source]
-            shard = writer.shard.name
-            for start in range(0, info.nbytes, COPY_BUFFER_BYTES):
-                if stop.is_set():
-                    return kept
-                n = min(COPY_BUFFER_BYTES, info.nbytes - start)
-                if (shard, t.name, start) in done:
-                    kept += n
-                    advance(n)
-                    continue
-                writer.copy_at(t.name, start, reader.fd_for(info), info.offset + start, n, buffer)
-                manifest.record(Piece(shard, t.name, start, n, writer.crc_at(t.name, start, n)))
-                advance(n)
-            finished(t)
-    return kept
-
-
-def _quantize_lane(quantized, source: SourceIndex, quantizer: Quantizer, stop: threading.Event,
-                   advance: Progress, manifest: Manifest, done: dict, finished: Callable) -> int:
-    """Read, quantize and write the FP8 weights, each stripe with its scale rows; each stripe's write overlaps
-    the next stripe's quantization (at most one write in flight, so the quantizer's two output buffers are
-    never overwritten early)."""
-    kept = 0
-    with TensorReader(source) as reader, ThreadPoolExecutor(1, thread_name_prefix="convert-fp8-write") as io:
-        for writer, weight, scale in quantized:
-            info = source.tensors[weight.source]
-            rows, cols = matrix_shape(info.shape)
-            row_bytes, step = cols * DTYPE_SIZES[info.dtype], quantizer.stripe_rows(info)
-            keys = {first: _stripe_keys(writer.shard.name, weight, scale, cols, quantizer.block, first)
-                    for first in range(0, rows, step)}
-            kept_rows = [first for first, (fp8_key, scale_key) in keys.items() if fp8_key in done]
-            for first in kept_rows:  # `done` holds only whole stripes (see _usable_pieces)
-                n = (min(rows, first + step) - first) * row_bytes
-                kept += n
-                advance(n)
-            writing = None
-            for first, fp8, scale_inv, nbytes in quantizer.stripes(info, reader, skip=set(kept_rows).__contains__):
-                if stop.is_set():
-                    return kept
-                if writing is not None:
-                    writing.result()
-                (_, _, start), (_, _, scale_start) = keys[first]
-                writing = io.submit(_write_stripe, writer, manifest, weight.name, scale.name, start, fp8,
-                                    scale_start, scale_inv)
-                advance(nbytes)
-            if writing is not None:
-                writing.result()
-            finished(weight)
-    return kept
-
-
-def _write_stripe(writer: ShardWriter, manifest: Manifest, weight: str, scale: str, start: int, fp8: np.ndarray,
-                  scale_start: int, scale_inv: np.ndarray) -> None:
-    """Write one stripe's FP8 bytes and its rows of inverse scales, then record both as done."""
-    writer.write_at(weight, start, fp8)
-    writer.write_at(scale, scale_start, scale_inv)
-    shard = writer.shard.name
-    manifest.record(Piece(shard, weight, start, fp8.nbytes, buffer_crc(fp8)))
-    manifest.record(Piece(shard, scale, scale_start, scale_inv.nbytes, buffer_crc(scale_inv)))
-
-
 class _Background:
     """Runs a function in a daemon thread; `result()` returns its value or raises its exception."""
 
@@ -479,23 +238,3 @@ class _Background:
         return self._value
 
 
-def _self_check(folder: Path) -> None:
-    """The cheap structural checks of `verify` (config, index, headers, scale pairs and values, the FP8 set
-    against the exclusions) on the staged output, before it is moved into place."""
-    from .verify import verify
-
-    report = verify(folder, arch_check=False, data=False)
-    if not report.ok:
-        raise WriteError(f"{folder}: the written output fails its own check: {report.problems[0]}")
-
-
-def check_written_headers(folder: Path, plan: Plan) -> None:
-    """Re-read every written shard's header and compare it with the plan: names, dtypes, shapes, file sizes."""
-    for shard in plan.shards:
-        header = read_header(folder / shard.name)
-        got = [(t.name, t.dtype, t.shape) for t in header.tensors.values()]
-        want = [(t.name, t.dtype, tuple(t.shape)) for t in shard.tensors]
-        if got != want:
-            raise WriteError(f"{folder / shard.name}: written header does not match the plan")
-        if header.file_size != header.data_start + shard.nbytes:
-            raise WriteError(f"{folder / shard.name}: {header.file_size} bytes, expected {header.data_start + shard.nbytes}")

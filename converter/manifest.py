@@ -15,7 +15,6 @@ import os
 import shutil
 import socket
 import threading
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from .errors import UsageError
 from .write import STAGING_NAME
 
 RUN_FILE = "run.json"
-SAMPLE = 64 * 2**10
 
 
 def run_identity(source, plan) -> str:
@@ -39,25 +37,6 @@ def run_identity(source, plan) -> str:
         "files": list(plan.files_to_copy),
     }
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
-
-
-def sample_crc(read, length: int) -> int:
-    """CRC32 of a piece's first and last 64 KiB (the whole piece when shorter); `read(start, n)` gives bytes."""
-    head = min(length, SAMPLE)
-    crc = zlib.crc32(read(0, head))
-    tail_start = max(head, length - SAMPLE)
-    if tail_start < length:
-        crc = zlib.crc32(read(tail_start, length - tail_start), crc)
-    return crc
-
-
-def buffer_crc(data) -> int:
-    view = memoryview(data).cast("B")
-    return sample_crc(lambda start, n: view[start:start + n], len(view))
-
-
-def file_crc(fd: int, offset: int, length: int) -> int:
-    return sample_crc(lambda start, n: os.pread(fd, n, offset + start), length)
 
 
 @dataclass(frozen=True)

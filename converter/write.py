@@ -12,6 +12,7 @@ import struct
 import threading
 from pathlib import Path
 
+from .checksum import file_crc
 from .configs import CONFIG_NAME, INDEX_NAME
 from .errors import UsageError, WriteError
 from .plan import Plan, ShardPlan
@@ -109,9 +110,7 @@ class ShardWriter:
         self._claim(name, 0, nbytes)
 
     def crc_at(self, name: str, start: int, nbytes: int) -> int:
-        """The sampled CRC of bytes of `name` as they are in the file (see `manifest.sample_crc`)."""
-        from .manifest import file_crc
-
+        """The sampled CRC of bytes of `name` as they are in the file (see `checksum.sample_crc`)."""
         return file_crc(self._fd, self._offsets[name][0] + start, nbytes)
 
     def _claim(self, name: str, start: int, nbytes: int) -> int:

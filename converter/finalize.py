@@ -1,0 +1,74 @@
+"""Completing a conversion: once every part has finished, the index, other files, model card and config are
+written, the staged output checked, and everything moved into place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .card import model_card
+from .configs import CARD_NAME, CONFIG_NAME, INDEX_NAME, ConvertOptions
+from .errors import WriteError
+from .plan import Plan
+from .source import SourceIndex, read_header
+from .write import OutputDir, config_json, index_json
+
+
+def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, options: ConvertOptions,
+                         notes: list[str]) -> bool:
+    """When every part has finished, write the index, other files, model card and config (last), check the
+    staged output and move it into place. Exactly one process does it (a lock file decides)."""
+    n = options.part[1]
+    missing = [k for k in range(1, n + 1) if not (out.staging / f"part-{k}-of-{n}.done").exists()]
+    if missing and not out.staging.exists():  # another part finalized (and removed the staging folder) meanwhile
+        notes.append("another part completed the checkpoint")
+        return False
+    if missing:
+        notes.append(f"waiting for part(s) {', '.join(f'{k}/{n}' for k in missing)}; the last part to finish, or "
+                     f"`convert-fp8 finalize --dst {options.dst}`, completes the checkpoint")
+        return False
+    try:
+        lock = os.open(out.staging / "finalize.lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    except (FileExistsError, FileNotFoundError):  # FileNotFoundError: it finished and removed the staging folder
+        notes.append("another part is completing the checkpoint")
+        return False
+    os.close(lock)
+    try:
+        out.write_text(INDEX_NAME, index_json(plan))
+        for relative in plan.files_to_copy:
+            origin = source.provider.fetch(relative) if source.provider is not None else source.root / relative
+            out.copy_file(origin, relative)
+        base = options.base_model or source.name or source.root.resolve().name
+        out.write_text(CARD_NAME, model_card(plan, base_model=base, repo_name=f"{Path(base).name}-FP8"))
+        out.write_text(CONFIG_NAME, config_json(plan))
+        check_written_headers(out.staging, plan)
+        self_check(out.staging)
+        names = [s.name for s in plan.shards] + [INDEX_NAME, CARD_NAME, CONFIG_NAME]
+        names += sorted({Path(f).parts[0] for f in plan.files_to_copy})
+        out.commit(names)
+    except BaseException:
+        (out.staging / "finalize.lock").unlink(missing_ok=True)
+        raise
+    return True
+
+
+def self_check(folder: Path) -> None:
+    """The cheap structural checks of `verify` (config, index, headers, scale pairs and values, the FP8 set
+    against the exclusions) on the staged output, before it is moved into place."""
+    from .verify import verify
+
+    report = verify(folder, arch_check=False, data=False)
+    if not report.ok:
+        raise WriteError(f"{folder}: the written output fails its own check: {report.problems[0]}")
+
+
+def check_written_headers(folder: Path, plan: Plan) -> None:
+    """Re-read every written shard's header and compare it with the plan: names, dtypes, shapes, file sizes."""
+    for shard in plan.shards:
+        header = read_header(folder / shard.name)
+        got = [(t.name, t.dtype, t.shape) for t in header.tensors.values()]
+        want = [(t.name, t.dtype, tuple(t.shape)) for t in shard.tensors]
+        if got != want:
+            raise WriteError(f"{folder / shard.name}: written header does not match the plan")
+        if header.file_size != header.data_start + shard.nbytes:
+            raise WriteError(f"{folder / shard.name}: {header.file_size} bytes, expected {header.data_start + shard.nbytes}")

@@ -1,0 +1,152 @@
+"""The two writing lanes: a thread copies the tensors that stay as they are while the main thread reads,
+quantizes and writes the others, each at the offsets the shard headers fix."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+
+from .checksum import buffer_crc
+from .configs import DTYPE_SIZES, matrix_shape
+from .manifest import Manifest, Piece
+from .plan import COPY, QUANTIZE, ShardPlan
+from .resume import COPY_BUFFER_BYTES, stripe_keys, usable_pieces
+from .source import SourceIndex, TensorReader
+from .stripes import Quantizer
+from .write import OutputDir, ShardWriter
+
+Progress = Callable[[int], None]
+
+
+def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, quantizer: Quantizer,
+                  progress: Progress, manifest: Manifest, done: dict, resume: bool) -> int:
+    """Write the given shards: all headers first, then two lanes at once, each writing at the offsets the headers
+    fix. A thread copies the tensors that stay as they are (in the kernel where it can), while the main thread
+    reads, quantizes and writes the others. Pieces in `done` are kept. The first error stops both lanes.
+
+    Returns:
+        Source bytes whose output was kept from an earlier run.
+    """
+    writers = {shard.name: ShardWriter(out.path(shard.name), shard) for shard in shards}
+    copies, quantized = [], []
+    for shard in shards:
+        tensors = list(shard.tensors)
+        for k, t in enumerate(tensors):
+            if t.action == COPY:
+                copies.append((writers[shard.name], t))
+            elif t.action == QUANTIZE:
+                quantized.append((writers[shard.name], t, tensors[k + 1]))
+    stop = threading.Event()
+    lock = threading.Lock()
+    pending: dict[str, int] = {}  # source shard -> tensors of it still to write (to release Hub downloads)
+    for _, t, *_scale in copies + quantized:
+        shard = source.tensors[t.source].shard
+        pending[shard] = pending.get(shard, 0) + 1
+
+    def advance(nbytes: int) -> None:
+        with lock:
+            progress(nbytes)
+
+    def finished(tensor) -> None:
+        shard = source.tensors[tensor.source].shard
+        with lock:
+            pending[shard] -= 1
+            last = pending[shard] == 0
+        if last and source.provider is not None:
+            source.provider.release(shard)
+
+    kept = 0
+    try:
+        for writer in writers.values():
+            writer.open(resume=resume)
+        fresh = {w.shard.name for w in writers.values() if not w.resumed}  # a shard begun anew keeps nothing
+        done = usable_pieces({k: p for k, p in done.items() if p.shard not in fresh}, copies, quantized, source,
+                              quantizer)
+        for piece in done.values():
+            writers[piece.shard].credit(piece.tensor, piece.length)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-fp8-copy") as lane:
+            copying = lane.submit(_copy_lane, copies, source, stop, advance, manifest, done, finished)
+            try:
+                kept += _quantize_lane(quantized, source, quantizer, stop, advance, manifest, done, finished)
+            except BaseException:
+                stop.set()
+                raise
+            kept += copying.result()
+        for writer in writers.values():
+            writer.close()
+    finally:
+        for writer in writers.values():
+            writer.abort()
+    return kept
+
+
+def _copy_lane(copies, source: SourceIndex, stop: threading.Event, advance: Progress, manifest: Manifest,
+               done: dict, finished: Callable) -> int:
+    buffer = bytearray(COPY_BUFFER_BYTES)
+    kept = 0
+    with TensorReader(source) as reader:
+        for writer, t in copies:
+            info = source.tensors[t.source]
+            shard = writer.shard.name
+            for start in range(0, info.nbytes, COPY_BUFFER_BYTES):
+                if stop.is_set():
+                    return kept
+                n = min(COPY_BUFFER_BYTES, info.nbytes - start)
+                if (shard, t.name, start) in done:
+                    kept += n
+                    advance(n)
+                    continue
+                writer.copy_at(t.name, start, reader.fd_for(info), info.offset + start, n, buffer)
+                manifest.record(Piece(shard, t.name, start, n, writer.crc_at(t.name, start, n)))
+                advance(n)
+            finished(t)
+    return kept
+
+
+def _quantize_lane(quantized, source: SourceIndex, quantizer: Quantizer, stop: threading.Event,
+                   advance: Progress, manifest: Manifest, done: dict, finished: Callable) -> int:
+    """Read, quantize and write the FP8 weights, each stripe with its scale rows; each stripe's write overlaps
+    the next stripe's quantization (at most one write in flight, so the quantizer's two output buffers are
+    never overwritten early)."""
+    kept = 0
+    with TensorReader(source) as reader, ThreadPoolExecutor(1, thread_name_prefix="convert-fp8-write") as io:
+        for writer, weight, scale in quantized:
+            info = source.tensors[weight.source]
+            rows, cols = matrix_shape(info.shape)
+            row_bytes, step = cols * DTYPE_SIZES[info.dtype], quantizer.stripe_rows(info)
+            keys = {first: stripe_keys(writer.shard.name, weight, scale, cols, quantizer.block, first)
+                    for first in range(0, rows, step)}
+            kept_rows = [first for first, (fp8_key, scale_key) in keys.items() if fp8_key in done]
+            for first in kept_rows:  # `done` holds only whole stripes (see _usable_pieces)
+                n = (min(rows, first + step) - first) * row_bytes
+                kept += n
+                advance(n)
+            writing = None
+            for first, fp8, scale_inv, nbytes in quantizer.stripes(info, reader, skip=set(kept_rows).__contains__):
+                if stop.is_set():
+                    return kept
+                if writing is not None:
+                    writing.result()
+                (_, _, start), (_, _, scale_start) = keys[first]
+                writing = io.submit(_write_stripe, writer, manifest, weight.name, scale.name, start, fp8,
+                                    scale_start, scale_inv)
+                advance(nbytes)
+            if writing is not None:
+                writing.result()
+            finished(weight)
+    return kept
+
+
+def _write_stripe(writer: ShardWriter, manifest: Manifest, weight: str, scale: str, start: int, fp8: np.ndarray,
+                  scale_start: int, scale_inv: np.ndarray) -> None:
+    """Write one stripe's FP8 bytes and its rows of inverse scales, then record both as done."""
+    writer.write_at(weight, start, fp8)
+    writer.write_at(scale, scale_start, scale_inv)
+    shard = writer.shard.name
+    manifest.record(Piece(shard, weight, start, fp8.nbytes, buffer_crc(fp8)))
+    manifest.record(Piece(shard, scale, scale_start, scale_inv.nbytes, buffer_crc(scale_inv)))
+
+

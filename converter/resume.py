@@ -1,0 +1,90 @@
+"""What a rerun keeps of an interrupted one: the run's record, the pieces whose bytes still check out, and the
+keys under which the lanes record them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import __version__
+from .checksum import file_crc
+from .configs import ConvertOptions, matrix_shape
+from .errors import SourceError
+from .hub import looks_like_repo_id
+from .manifest import Manifest, Piece
+from .source import SourceIndex, read_header
+from .stripes import Quantizer
+
+COPY_BUFFER_BYTES = 16 * 2**20  # copied tensors move in pieces of this: the unit of progress, stops and resume
+
+
+def source_name(options: ConvertOptions) -> str:
+    return str(options.src) if looks_like_repo_id(options.src) else str(Path(options.src).resolve())
+
+
+def run_record(options: ConvertOptions, identity: str) -> dict:
+    return {
+        "identity": identity,
+        "parts": options.part[1],
+        "tool": __version__,
+        "src": source_name(options),
+        "revision": options.revision,
+        "options": {
+            "preset": options.preset.origin or options.preset.name,
+            "exclude": list(options.extra_excludes),
+            "block_size": options.block_size,
+            "max_shard_size": options.max_shard_size,
+            "arch_check": options.arch_check,
+            "base_model": options.base_model,
+        },
+    }
+
+
+def verified_pieces(manifest: Manifest, staging: Path) -> dict[tuple[str, str, int], Piece]:
+    """The recorded pieces whose bytes in the staged shards still match their sampled CRC."""
+    good, shards = {}, {}
+    try:
+        for key, piece in manifest.load().items():
+            if piece.shard not in shards:  # (descriptor, tensors) of each staged shard, read once
+                path = staging / piece.shard
+                try:
+                    shards[piece.shard] = (os.open(path, os.O_RDONLY), read_header(path).tensors)
+                except (OSError, SourceError):
+                    shards[piece.shard] = (None, {})
+            fd, tensors = shards[piece.shard]
+            info = tensors.get(piece.tensor)
+            if fd is None or info is None or piece.start + piece.length > info.nbytes:
+                continue
+            if file_crc(fd, info.offset + piece.start, piece.length) == piece.crc:
+                good[key] = piece
+    finally:
+        for fd, _ in shards.values():
+            if fd is not None:
+                os.close(fd)
+    return good
+
+
+def stripe_keys(shard: str, weight, scale, cols: int, block: int, first: int) -> tuple[tuple, tuple]:
+    """Manifest keys of the stripe starting at row `first`: its FP8 bytes and its rows of scales."""
+    return (shard, weight.name, first * cols), (shard, scale.name, first // block * scale.shape[-1] * 4)
+
+
+def usable_pieces(done: dict, copies, quantized, source: SourceIndex, quantizer: Quantizer) -> dict:
+    """The recorded pieces the lanes will skip: copy chunks on the chunk grid, and stripes whose FP8 bytes and
+    scale rows were both recorded (a run killed between the two redoes the stripe)."""
+    usable = {}
+    for writer, t in copies:
+        for start in range(0, source.tensors[t.source].nbytes, COPY_BUFFER_BYTES):
+            key = (writer.shard.name, t.name, start)
+            if key in done:
+                usable[key] = done[key]
+    for writer, weight, scale in quantized:
+        info = source.tensors[weight.source]
+        rows, cols = matrix_shape(info.shape)
+        for first in range(0, rows, quantizer.stripe_rows(info)):
+            fp8_key, scale_key = stripe_keys(writer.shard.name, weight, scale, cols, quantizer.block, first)
+            if fp8_key in done and scale_key in done:
+                usable[fp8_key], usable[scale_key] = done[fp8_key], done[scale_key]
+    return usable
+
+
