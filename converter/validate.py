@@ -9,20 +9,18 @@ same command runs end to end without a GPU.
 from __future__ import annotations
 
 import gc
-import importlib.metadata
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .configs import CONFIG_NAME, FP8_DTYPE_NAME, SCALE_SUFFIX
+from .kernels.loading import package_version, prepare_kernel
 from .plan import module_of
 
 REPORT_NAME = "convert-fp8-validate.json"
 DEFAULT_PROMPT = "Say hello in one short sentence."
 RAW_PROMPT = "The capital of France is"
-KERNEL_REPO = "kernels-community/finegrained-fp8"
 
 
 @dataclass(frozen=True)
@@ -70,36 +68,6 @@ class ValidateReport:
         return json.dumps(data, indent=2) + "\n"
 
 
-def kernels_requirement() -> str | None:
-    """The `kernels` requirement of the installed transformers, e.g. `kernels>=0.18.2,<0.19`."""
-    try:
-        from transformers.dependency_versions_table import deps
-    except ImportError:
-        return None
-    return deps.get("kernels")
-
-
-def check_kernels_version(installed: str | None, requirement: str | None) -> tuple[bool, str]:
-    """Whether the installed `kernels` satisfies transformers' requirement, with the message to show."""
-    if requirement is None:
-        return False, "transformers does not declare a kernels requirement: too old for the FP8 kernel (need >= 5.4)"
-    if installed is None:
-        return False, f"the kernels package is not installed; this transformers needs {requirement}: pip install '{requirement}'"
-    from packaging.requirements import Requirement
-
-    spec = Requirement(requirement).specifier
-    if not spec.contains(installed, prereleases=True):
-        return False, f"kernels {installed} is installed but this transformers needs {requirement}: pip install '{requirement}'"
-    return True, f"kernels {installed} satisfies {requirement}"
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def checkpoint_fp8_tensors(dst: Path) -> dict[str, str]:
     """FP8 weight name -> shard, from the output's index and headers."""
     from .source import open_source
@@ -115,8 +83,8 @@ def preflight(report: ValidateReport, dst: Path, device: str, kernel: str) -> bo
         config = json.loads((dst / CONFIG_NAME).read_text())
     except (OSError, ValueError) as exc:
         return report.add("config", False, f"{dst / CONFIG_NAME}: cannot read: {exc}")
-    report.versions = {"torch": torch.__version__, "transformers": _version("transformers"),
-                       "kernels": _version("kernels"), "triton": _version("triton")}
+    report.versions = {"torch": torch.__version__, "transformers": package_version("transformers"),
+                       "kernels": package_version("kernels"), "triton": package_version("triton")}
     try:
         import transformers
     except ImportError:
@@ -138,42 +106,7 @@ def preflight(report: ValidateReport, dst: Path, device: str, kernel: str) -> bo
     if (major, minor) < (8, 9):
         return report.add("device", False, f"{name} has compute capability {major}.{minor}; the FP8 kernel needs 8.9+")
     report.add("device", True, f"{name}, compute capability {major}.{minor}")
-    return _prepare_kernel(report, kernel)
-
-
-def install_builtin_kernel() -> None:
-    """Make transformers' FP8Linear call this project's Triton kernel, without the `kernels` package or a network:
-    transformers caches the loaded kernel's entry points in one module global, which is set here."""
-    from transformers.integrations import finegrained_fp8
-
-    from .kernels import finegrained_fp8 as builtin
-
-    finegrained_fp8._FINEGRAINED_FP8 = finegrained_fp8.FineGrainedFP8(
-        matmul=builtin.matmul_2d, batched_matmul=builtin.matmul_batched, grouped_matmul=builtin.matmul_grouped)
-
-
-def _prepare_kernel(report: ValidateReport, kernel: str) -> bool:
-    """Make transformers' FP8Linear find a kernel: the Hub's (`hub`), a local build (`local:PATH`), or this
-    project's Triton kernel (`builtin`)."""
-    from transformers.integrations import finegrained_fp8
-
-    if kernel == "builtin":
-        install_builtin_kernel()
-        return report.add("kernel", True, "builtin Triton block-FP8 matmul (converter.kernels.finegrained_fp8)")
-    ok, detail = check_kernels_version(_version("kernels"), kernels_requirement())
-    if not report.add("kernels version", ok, detail):
-        return False
-    if kernel.startswith("local:"):
-        path = Path(kernel[len("local:"):])
-        if not path.is_dir():
-            return report.add("kernel", False, f"{path}: no such kernel build folder")
-        os.environ["LOCAL_KERNELS"] = f"{KERNEL_REPO}={path}"
-    try:
-        finegrained_fp8.load_finegrained_fp8_kernel()
-    except Exception as exc:  # noqa: BLE001 - any failure to load is reported as such
-        hint = " (offline? use --kernel local:PATH or --kernel builtin)" if kernel == "hub" else ""
-        return report.add("kernel", False, f"the FP8 kernel does not load: {exc}{hint}")
-    return report.add("kernel", True, f"{KERNEL_REPO} loaded ({kernel})")
+    return prepare_kernel(report, kernel)
 
 
 def _tensors_in(value):

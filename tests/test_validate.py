@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from converter.validate import check_kernels_version, compare_logits, forward_with_hooks
+from converter.kernels.loading import check_kernels_version
+from converter.validate import compare_logits, forward_with_hooks
 
 from .conftest import run_cli
 from .test_verify import patch

@@ -63,7 +63,7 @@ def check_fp8linear(device: str, m: int = 7, n: int = 192, k: int = 128) -> dict
     """The kernel called by transformers' own FP8Linear.forward, against the emulated reference."""
     from transformers.integrations.finegrained_fp8 import FP8Linear
 
-    from ..validate import install_builtin_kernel
+    from .loading import install_builtin_kernel
 
     import dataclasses
 
