@@ -34,7 +34,8 @@ def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, option
         return False
     os.close(lock)
     try:
-        out.write_text(INDEX_NAME, index_json(plan))
+        if plan.index_needed:
+            out.write_text(INDEX_NAME, index_json(plan))
         for relative in plan.files_to_copy:
             origin = source.provider.fetch(relative) if source.provider is not None else source.root / relative
             out.copy_file(origin, relative)
@@ -43,7 +44,7 @@ def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, option
         out.write_text(CONFIG_NAME, config_json(plan))
         check_written_headers(out.staging, plan)
         self_check(out.staging)
-        names = [s.name for s in plan.shards] + [INDEX_NAME, CARD_NAME, CONFIG_NAME]
+        names = [s.name for s in plan.shards] + ([INDEX_NAME] if plan.index_needed else []) + [CARD_NAME, CONFIG_NAME]
         names += sorted({Path(f).parts[0] for f in plan.files_to_copy})
         out.commit(names)
     except BaseException:

@@ -24,7 +24,7 @@ from .configs import (
     tiles_evenly,
 )
 from .errors import PlanError
-from .source import SourceIndex, TensorInfo
+from .source import SINGLE_FILE_NAME, SourceIndex, TensorInfo
 
 QUANTIZE, SCALE, COPY = "quantize", "scale", "copy"
 
@@ -94,6 +94,11 @@ class Plan:
 
     def weight_map(self) -> dict[str, str]:
         return {t.name: shard.name for shard in self.shards for t in shard.tensors}
+
+    @property
+    def index_needed(self) -> bool:
+        """Whether the output gets a `model.safetensors.index.json`: not when it is one `model.safetensors`."""
+        return [s.name for s in self.shards] != [SINGLE_FILE_NAME]
 
 
 def should_convert_module(full_name: str, patterns: list[str] | tuple[str, ...] | None) -> bool:
@@ -209,7 +214,7 @@ def make_plan(
     warnings += _legacy_matching_warnings(linear_like, modules_to_not_convert)
     return Plan(
         scheme=scheme,
-        shards=_assign_shards(groups, max_shard_size),
+        shards=_assign_shards(groups, max_shard_size, single_file=source.shards == (SINGLE_FILE_NAME,)),
         config=config,
         fp8_modules=tuple(fp8_modules),
         kept_linears=kept,
@@ -250,9 +255,12 @@ def _first_match(module: str, patterns: tuple[str, ...]) -> str | None:
     return None
 
 
-def _assign_shards(groups: list[list[TensorPlan]], max_shard_size: int) -> tuple[ShardPlan, ...]:
+def _assign_shards(groups: list[list[TensorPlan]], max_shard_size: int,
+                   single_file: bool = False) -> tuple[ShardPlan, ...]:
     """Fill shards in order up to `max_shard_size`; an FP8 weight and its scale always share a shard, and a
-    group larger than the cap gets a shard of its own (as transformers does)."""
+    group larger than the cap gets a shard of its own (as transformers does). A `single_file` source whose
+    output fits one shard keeps the one `model.safetensors`, as `save_pretrained` writes it (some loaders look
+    for that name first); otherwise shards are `model-0000i-of-0000n.safetensors`."""
     shards: list[list[TensorPlan]] = [[]]
     size = 0
     for group in groups:
@@ -263,6 +271,8 @@ def _assign_shards(groups: list[list[TensorPlan]], max_shard_size: int) -> tuple
         shards[-1].extend(group)
         size += group_size
     count = len(shards)
+    if single_file and count == 1:
+        return (ShardPlan(SINGLE_FILE_NAME, tuple(shards[0])),)
     return tuple(
         ShardPlan(SHARD_NAME.format(index=i + 1, count=count), tuple(tensors)) for i, tensors in enumerate(shards)
     )

@@ -21,7 +21,7 @@ from . import arch
 from .configs import CONFIG_NAME, DTYPE_SIZES, FP8_DTYPE_NAME, INDEX_NAME, SCALE_SUFFIX, matrix_shape, scale_shape
 from .errors import ConvertError
 from .plan import classify, module_of, should_convert_module
-from .source import ShardHeader, SourceIndex, TensorInfo, TensorReader, open_source, read_header
+from .source import SINGLE_FILE_NAME, ShardHeader, SourceIndex, TensorInfo, TensorReader, open_source, read_header
 
 REPORT_NAME = "convert-fp8-verify.json"
 CHUNK_BYTES = 16 * 2**20
@@ -101,17 +101,24 @@ class _Output:
             self.config = json.loads((folder / CONFIG_NAME).read_text())
         except (OSError, ValueError) as exc:
             problems.append(Problem(f"{CONFIG_NAME} cannot be read: {exc}"))
-        try:
-            index = json.loads((folder / INDEX_NAME).read_text())
-            self.weight_map = dict(index["weight_map"])
-            self.total_size = index.get("metadata", {}).get("total_size")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            problems.append(Problem(f"{INDEX_NAME} cannot be read: {exc}"))
-        for shard in sorted(set(self.weight_map.values())):
+        # a single model.safetensors needs no index (as save_pretrained writes it): its header is the map
+        single_file = not (folder / INDEX_NAME).exists() and (folder / SINGLE_FILE_NAME).is_file()
+        if not single_file:
+            try:
+                index = json.loads((folder / INDEX_NAME).read_text())
+                self.weight_map = dict(index["weight_map"])
+                self.total_size = index.get("metadata", {}).get("total_size")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                problems.append(Problem(f"{INDEX_NAME} cannot be read: {exc}"))
+        for shard in [SINGLE_FILE_NAME] if single_file else sorted(set(self.weight_map.values())):
             try:
                 self.headers[shard] = read_header(folder / shard)
             except ConvertError as exc:
                 problems.append(Problem(str(exc).replace(f"{folder / shard}: ", ""), shard=shard))
+        if single_file and self.headers:
+            tensors = self.headers[SINGLE_FILE_NAME].tensors
+            self.weight_map = dict.fromkeys(tensors, SINGLE_FILE_NAME)
+            self.total_size = sum(t.nbytes for t in tensors.values())
 
     @functools.cached_property
     def tensors(self) -> dict[str, TensorInfo]:

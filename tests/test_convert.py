@@ -142,3 +142,23 @@ def test_overwrite_replaces_old_output(gemma_src, tmp_path):
     assert not (dst / "stale.safetensors").exists()
     assert json.loads((dst / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
     assert "27 tensors to FP8, 60 copied, 5 other files" in result.output
+
+
+def test_single_file_source_gives_one_model_safetensors_without_index(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from converter.verify import verify
+
+    src = tmp_path / "single"
+    LlamaForCausalLM.from_pretrained(tiny_llama(tmp_path / "sharded")).save_pretrained(src)  # one file, as saved
+    assert sorted(p.name for p in src.glob("model*")) == ["model.safetensors"]
+    result = run_cli("--src", src, "--dst", tmp_path / "dst", "--config", "llama")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "dst").glob("model*")) == ["model.safetensors"]
+    with safe_open(tmp_path / "dst" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.up_proj.weight").dtype == torch.float8_e4m3fn
+    report = verify(tmp_path / "dst", src)
+    assert report.ok, report.problems
+    assert report.fp8_tensors == 14 and report.tensors_checked == 14 * 2 + 7  # + embeddings, norms, lm_head
+    _, info = LlamaForCausalLM.from_pretrained(tmp_path / "dst", output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()

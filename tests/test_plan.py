@@ -166,3 +166,33 @@ def test_plan_of_the_real_31b_from_its_inventory():
     assert arch.cross_check(plan) is None  # transformers 5.24 builds the same 411 FP8Linear modules
     assert [s.name for s in plan.shards][-1] == f"model-{len(plan.shards):05d}-of-{len(plan.shards):05d}.safetensors"
     assert all(s.nbytes <= 5 * 10**9 for s in plan.shards)
+
+
+
+def _source_in(shards: tuple[str, ...]) -> SourceIndex:
+    """Two 128x128 BF16 Linears and a norm, as stored in `shards` (headers only)."""
+    tensors, offset = {}, 0
+    for name, shape in [("model.layers.0.mlp.up_proj.weight", (128, 128)), ("model.norm.weight", (128,)),
+                        ("model.layers.0.mlp.down_proj.weight", (128, 128))]:
+        nbytes = 2 * math.prod(shape)
+        tensors[name] = TensorInfo(name, "BF16", shape, shards[0], offset, nbytes)
+        offset += nbytes
+    return SourceIndex(root=Path("m"), config={"architectures": ["LlamaForCausalLM"]}, tensors=tensors,
+                       shards=shards, files_to_copy=())
+
+
+def test_single_file_source_whose_output_fits_one_shard_keeps_its_name():
+    plan = make_plan(_source_in(("model.safetensors",)), FP8Scheme(64), (), 5 * 10**9)
+    assert [s.name for s in plan.shards] == ["model.safetensors"] and plan.index_needed is False
+    assert len(plan.shards[0].tensors) == 5  # two FP8 weights, their scales, the norm
+
+
+def test_single_file_source_split_by_the_cap_gets_numbered_shards():
+    plan = make_plan(_source_in(("model.safetensors",)), FP8Scheme(64), (), 20_000)
+    assert [s.name for s in plan.shards] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert plan.index_needed is True
+
+
+def test_sharded_source_keeps_numbered_names_and_an_index_even_in_one_shard():
+    plan = make_plan(_source_in(("model-00001-of-00001.safetensors",)), FP8Scheme(64), (), 5 * 10**9)
+    assert [s.name for s in plan.shards] == ["model-00001-of-00001.safetensors"] and plan.index_needed is True
