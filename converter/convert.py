@@ -15,8 +15,8 @@ from . import arch
 from .configs import ConvertOptions
 from .errors import UsageError
 from .finalize import finalize_if_complete
-from .lanes import write_shards
-from .manifest import Manifest, PartLock, claim_run, read_run, run_identity
+from .lanes import Stop, write_shards
+from .manifest import Manifest, PartLock, claim_run, read_run, run_identity, source_stamp
 from .plan import QUANTIZE, SCALE, Plan, ShardPlan, make_plan
 from .resume import run_record, verified_pieces
 from .source import SourceIndex, open_hub_source, open_source
@@ -113,19 +113,21 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     out.check()
     mine = part_shards(plan, options.part)
     extra = sum((source.root / f).stat().st_size for f in plan.files_to_copy if (source.root / f).is_file())
-    out.check_space(sum(s.nbytes for s in mine) + extra + 2**20, already=out.staged_bytes())
+    out.check_space(sum(s.nbytes for s in mine) + extra + 2**20, already=out.staged_bytes([s.name for s in mine]))
     progress = progress or (lambda n: None)
     part_source_bytes = sum(source.tensors[t.source].nbytes for s in mine for t in s.tensors if t.action != SCALE)
     if on_start:
         on_start(part_source_bytes)
     quantizer = Quantizer(plan.scheme.block_size, options.quantizer, options.device)
     # The transformers cross-check mostly waits on importing transformers (about 2 s): it runs beside the
-    # writing, into the staging folder, and a failure removes what this run wrote before anything is moved.
-    arch_check = _Background(arch.cross_check, plan) if options.arch_check else None
-    identity = run_identity(source, plan)
+    # writing; its failure stops the lanes at once and removes what this run wrote before anything is moved.
+    stop = Stop()
+    arch_check = _Background(arch.cross_check, plan, on_error=stop.fail) if options.arch_check else None
+    stamp = source_stamp(source)
+    identity = run_identity(source, plan, stamp)
     i, n = options.part
     out.open()
-    resumed = claim_run(out.staging, run_record(options, identity), options.overwrite)
+    resumed = claim_run(out.staging, run_record(options, identity, stamp), options.overwrite)
     lock = PartLock(out.staging, options.part)
     taken_over = lock.acquire()
     if taken_over:
@@ -134,7 +136,7 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     finalized = False
     try:
         done = verified_pieces(manifest, out.staging) if resumed else {}
-        resumed_bytes = write_shards(out, mine, source, quantizer, progress, manifest, done, resumed)
+        resumed_bytes = write_shards(out, mine, source, quantizer, progress, manifest, done, resumed, stop)
         manifest.close()
         if arch_check is not None:
             skipped = arch_check.result()
@@ -215,10 +217,12 @@ def finalize(dst: Path) -> Summary:
 
 
 class _Background:
-    """Runs a function in a daemon thread; `result()` returns its value or raises its exception."""
+    """Runs a function in a daemon thread; `result()` returns its value or raises its exception, which is also
+    handed to `on_error` as soon as it happens."""
 
-    def __init__(self, func, *args):
+    def __init__(self, func, *args, on_error: Callable[[BaseException], None] | None = None):
         self._value = self._error = None
+        self._on_error = on_error
         self._thread = threading.Thread(target=self._run, args=(func, *args), daemon=True, name="convert-fp8-arch")
         self._thread.start()
 
@@ -227,6 +231,8 @@ class _Background:
             self._value = func(*args)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             self._error = exc
+            if self._on_error is not None:
+                self._on_error(exc)
 
     def wait(self) -> None:
         self._thread.join()

@@ -21,11 +21,38 @@ from .write import OutputDir, ShardWriter
 Progress = Callable[[int], None]
 
 
+class Stop:
+    """The first failure of a lane or of a check running beside them, and the signal for every lane to stop.
+
+    Lanes look at it between pieces (at most 16 MiB of work), so a failure anywhere ends the writing within a
+    piece's time instead of after the whole output.
+    """
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = error
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, quantizer: Quantizer,
-                  progress: Progress, manifest: Manifest, done: dict, resume: bool) -> int:
+                 progress: Progress, manifest: Manifest, done: dict, resume: bool, stop: Stop | None = None) -> int:
     """Write the given shards: all headers first, then two lanes at once, each writing at the offsets the headers
     fix. A thread copies the tensors that stay as they are (in the kernel where it can), while the main thread
-    reads, quantizes and writes the others. Pieces in `done` are kept. The first error stops both lanes.
+    reads, quantizes and writes the others. Pieces in `done` are kept. The first error anywhere, or Ctrl-C, or
+    a failure handed to `stop` from outside, stops both lanes and is raised.
 
     Returns:
         Source bytes whose output was kept from an earlier run.
@@ -39,7 +66,7 @@ def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, q
                 copies.append((writers[shard.name], t))
             elif t.action == QUANTIZE:
                 quantized.append((writers[shard.name], t, tensors[k + 1]))
-    stop = threading.Event()
+    stop = stop or Stop()
     lock = threading.Lock()
     pending: dict[str, int] = {}  # source shard -> tensors of it still to write (to release Hub downloads)
     for _, t, *_scale in copies + quantized:
@@ -68,13 +95,15 @@ def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, q
         for piece in done.values():
             writers[piece.shard].credit(piece.tensor, piece.length)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-fp8-copy") as lane:
-            copying = lane.submit(_copy_lane, copies, source, stop, advance, manifest, done, finished)
+            copying = lane.submit(_failing_to, stop, _copy_lane, copies, source, stop, advance, manifest, done,
+                                  finished)
             try:
                 kept += _quantize_lane(quantized, source, quantizer, stop, advance, manifest, done, finished)
-            except BaseException:
-                stop.set()
+            except BaseException as exc:
+                stop.fail(exc)
                 raise
             kept += copying.result()
+        stop.raise_if_failed()  # a lane that saw the signal returned early: its shards are incomplete
         for writer in writers.values():
             writer.close()
     finally:
@@ -83,7 +112,16 @@ def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, q
     return kept
 
 
-def _copy_lane(copies, source: SourceIndex, stop: threading.Event, advance: Progress, manifest: Manifest,
+def _failing_to(stop: Stop, lane, *args):
+    """Run a lane in its thread; its error, if any, also stops the other lane at once."""
+    try:
+        return lane(*args)
+    except BaseException as exc:
+        stop.fail(exc)
+        raise
+
+
+def _copy_lane(copies, source: SourceIndex, stop: Stop, advance: Progress, manifest: Manifest,
                done: dict, finished: Callable) -> int:
     buffer = bytearray(COPY_BUFFER_BYTES)
     kept = 0
@@ -106,7 +144,7 @@ def _copy_lane(copies, source: SourceIndex, stop: threading.Event, advance: Prog
     return kept
 
 
-def _quantize_lane(quantized, source: SourceIndex, quantizer: Quantizer, stop: threading.Event,
+def _quantize_lane(quantized, source: SourceIndex, quantizer: Quantizer, stop: Stop,
                    advance: Progress, manifest: Manifest, done: dict, finished: Callable) -> int:
     """Read, quantize and write the FP8 weights, each stripe with its scale rows; each stripe's write overlaps
     the next stripe's quantization (at most one write in flight, so the quantizer's two output buffers are

@@ -1,10 +1,10 @@
 """Progress that survives a killed run: the run's identity, and a manifest of the pieces already written.
 
 Every piece (a 16 MiB chunk of a copied tensor, a stripe of an FP8 weight, the scale rows of that stripe) is
-appended to the manifest once its bytes are in the file, with a CRC32 of its first and last 64 KiB. A new run
-with the same identity keeps each recorded piece whose bytes still match, and writes the rest: the header-first
-layout fixes every piece's place, so a partly written shard is continued, not restarted. The sampled CRC catches
-pieces never written or cut short (holes read as zeros); `convert-fp8 verify --src` checks every byte.
+appended to the manifest once its bytes are in the file, with a CRC32 of all its bytes. A new run with the same
+identity keeps each recorded piece whose bytes still match, and writes the rest: the header-first layout fixes
+every piece's place, so a partly written shard is continued, not restarted. The CRC catches pieces never
+written, cut short or with holes anywhere (holes read as zeros).
 """
 
 from __future__ import annotations
@@ -25,11 +25,26 @@ from .write import STAGING_NAME
 RUN_FILE = "run.json"
 
 
-def run_identity(source, plan) -> str:
-    """A digest of everything that decides the output bytes: the source's headers, sizes and config, the plan
-    (tensors, dtypes, shapes, shards, output config) and this tool's version."""
+def source_stamp(source) -> dict:
+    """What tells one version of the source's weights from another without reading them: the resolved commit of
+    a Hub source, or each local shard's size and modification time (a shard rewritten with equal headers and
+    other values changes its modification time)."""
+    commit = getattr(source, "commit", None)
+    if source.provider is not None:
+        return {"commit": commit}
+    stamp = {}
+    for shard in source.shards:
+        st = os.stat(source.root / shard)
+        stamp[shard] = [st.st_size, st.st_mtime_ns]
+    return stamp
+
+
+def run_identity(source, plan, stamp: dict | None = None) -> str:
+    """A digest of everything that decides the output bytes: the source's headers, sizes, config and stamp
+    (see `source_stamp`), the plan (tensors, dtypes, shapes, shards, output config) and this tool's version."""
     state = {
         "tool": __version__,
+        "source_stamp": source_stamp(source) if stamp is None else stamp,
         "source_config": source.config,
         "source": sorted((t.name, t.dtype, list(t.shape), t.shard, t.offset, t.nbytes) for t in source.tensors.values()),
         "shards": [[s.name, [(t.name, t.action, t.dtype, list(t.shape)) for t in s.tensors]] for s in plan.shards],
@@ -106,6 +121,13 @@ def claim_run(staging: Path, record: dict, overwrite: bool) -> bool:
             if found.get("identity") == record["identity"] and found.get("parts") == record["parts"]:
                 return True
             if not overwrite:
+                changed = _changed_source_file(found, record)
+                if changed:
+                    raise UsageError(
+                        f"{staging.parent}: holds the partial output of a conversion of {record['src']}, whose "
+                        f"{changed} changed since; its bytes would mix with the new ones: pass --overwrite to "
+                        "start over"
+                    ) from None
                 raise UsageError(
                     f"{staging.parent}: holds the partial output of a different conversion (source "
                     f"{found.get('src', '?')}, other source files, options or part count); pass --overwrite to "
@@ -120,6 +142,17 @@ def claim_run(staging: Path, record: dict, overwrite: bool) -> bool:
             os.fsync(f.fileno())
         return False
     raise UsageError(f"{staging}: another process keeps replacing the run record")
+
+
+def _changed_source_file(found: dict, record: dict) -> str | None:
+    """The first source file (or the Hub commit) that differs between two run records of the same source."""
+    before, now = found.get("source_stamp"), record.get("source_stamp")
+    if found.get("src") != record.get("src") or not isinstance(before, dict) or before == now:
+        return None
+    for name in sorted(set(before) | set(now)):
+        if before.get(name) != now.get(name):
+            return f"commit ({before.get(name)} -> {now.get(name)})" if name == "commit" else name
+    return None
 
 
 class PartLock:

@@ -22,9 +22,10 @@ def source_name(options: ConvertOptions) -> str:
     return str(options.src) if looks_like_repo_id(options.src) else str(Path(options.src).resolve())
 
 
-def run_record(options: ConvertOptions, identity: str) -> dict:
+def run_record(options: ConvertOptions, identity: str, stamp: dict) -> dict:
     return {
         "identity": identity,
+        "source_stamp": stamp,
         "parts": options.part[1],
         "tool": __version__,
         "src": source_name(options),
@@ -41,7 +42,7 @@ def run_record(options: ConvertOptions, identity: str) -> dict:
 
 
 def verified_pieces(manifest: Manifest, staging: Path) -> dict[tuple[str, str, int], Piece]:
-    """The recorded pieces whose bytes in the staged shards still match their sampled CRC."""
+    """The recorded pieces whose bytes in the staged shards still match their CRC."""
     good, shards = {}, {}
     try:
         for key, piece in manifest.load().items():

@@ -110,7 +110,7 @@ class ShardWriter:
         self._claim(name, 0, nbytes)
 
     def crc_at(self, name: str, start: int, nbytes: int) -> int:
-        """The sampled CRC of bytes of `name` as they are in the file (see `checksum.sample_crc`)."""
+        """The CRC32 of bytes of `name` as they are in the file."""
         return file_crc(self._fd, self._offsets[name][0] + start, nbytes)
 
     def _claim(self, name: str, start: int, nbytes: int) -> int:
@@ -239,11 +239,16 @@ class OutputDir:
                     f"{self.dst}: --dst already holds {len(own)} file(s) ({own[0]}, ...); pass --overwrite to replace them"
                 )
 
-    def staged_bytes(self) -> int:
-        """Bytes already in the staging folder (an earlier run's work, which this one may keep)."""
-        if not self.staging.is_dir():
-            return 0
-        return sum(p.stat().st_size for p in self.staging.iterdir() if p.is_file())
+    def staged_bytes(self, names: list[str]) -> int:
+        """Bytes of the named staged files that are on disk already (an earlier run's work, which this one may
+        keep): blocks allocated, not lengths, since a shard is sized in full before its data is written."""
+        allocated = 0
+        for name in names:
+            try:
+                allocated += os.stat(self.staging / name).st_blocks * 512
+            except FileNotFoundError:
+                pass
+        return allocated
 
     def check_space(self, needed: int, already: int = 0) -> None:
         """Refuse when the file system of `--dst` has less free space than the output needs (less what an earlier

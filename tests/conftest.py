@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import save_file
 
 from converter.cli import main
+from converter.configs import INDEX_NAME
 from converter.demo import build_gemma4_checkpoint
 
 
@@ -95,3 +97,26 @@ def read_json(path: Path) -> dict:
 def private_cache(tmp_path_factory, monkeypatch):
     """Each test session gets its own cache of architecture checks (nothing from the user's home)."""
     monkeypatch.setenv("CONVERT_FP8_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def synthetic(path: Path, layers: int = 3, seed: int = 0) -> Path:
+    """A Llama-shaped checkpoint of real-looking widths (about 60 MB) in several shards, no architecture."""
+    gen = torch.Generator().manual_seed(seed)
+    path.mkdir(parents=True)
+    weight_map = {}
+    tensors = {"model.embed_tokens.weight": (4096, 1024)}
+    for i in range(layers):
+        for name, shape in [("self_attn.q_proj", (1024, 1024)), ("self_attn.o_proj", (1024, 1024)),
+                            ("mlp.up_proj", (2816, 1024)), ("mlp.down_proj", (1024, 2816))]:
+            tensors[f"model.layers.{i}.{name}.weight"] = shape
+        tensors[f"model.layers.{i}.input_layernorm.weight"] = (1024,)
+    names = list(tensors)
+    for k in range(3):
+        shard = f"model-{k + 1:05d}-of-00003.safetensors"
+        part = {n: (torch.randn(tensors[n], generator=gen) * 0.02).to(torch.bfloat16) for n in names[k::3]}
+        save_file(part, path / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    (path / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps({"model_type": "toy", "hidden_size": 1024}))
+    (path / "tokenizer.json").write_text("{}")
+    return path

@@ -2,6 +2,9 @@
 
     python tests/kill_after.py pieces N ARGS...    # after the N-th piece is recorded in the manifest
     python tests/kill_after.py finalize ARGS...    # when the last part starts to finalize
+    python tests/kill_after.py interrupt N MARKER ARGS...
+        # Ctrl-C (SIGINT) after the N-th piece; each piece is recorded slowly, so the run would go on for
+        # seconds; MARKER is written with the time of the signal
 """
 
 import os
@@ -36,6 +39,24 @@ elif mode == "finalize":
         return real(out, plan, source, options, notes)
 
     convert.finalize_if_complete = die_when_complete
+elif mode == "interrupt":
+    import time
+
+    limit, marker = int(sys.argv[2]), sys.argv[3]
+    args = sys.argv[4:]
+    record = manifest.Manifest.record
+    count = [0]
+
+    def record_slowly_then_interrupt(self, piece):
+        time.sleep(0.1)
+        record(self, piece)
+        count[0] += 1
+        if count[0] == limit:
+            with open(marker, "w") as f:
+                f.write(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGINT)
+
+    manifest.Manifest.record = record_slowly_then_interrupt
 else:
     raise SystemExit(f"unknown mode {mode}")
 

@@ -6,41 +6,16 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from converter.configs import INDEX_NAME
 from converter.manifest import Manifest
 
-from .conftest import run_cli, tree_digest
+from .conftest import run_cli, synthetic, tree_digest
 
 HERE = Path(__file__).parent
-
-
-def synthetic(path: Path, layers: int = 3, seed: int = 0) -> Path:
-    """A Llama-shaped checkpoint of real-looking widths (about 60 MB) in several shards, no architecture."""
-    gen = torch.Generator().manual_seed(seed)
-    path.mkdir(parents=True)
-    weight_map = {}
-    tensors = {"model.embed_tokens.weight": (4096, 1024)}
-    for i in range(layers):
-        for name, shape in [("self_attn.q_proj", (1024, 1024)), ("self_attn.o_proj", (1024, 1024)),
-                            ("mlp.up_proj", (2816, 1024)), ("mlp.down_proj", (1024, 2816))]:
-            tensors[f"model.layers.{i}.{name}.weight"] = shape
-        tensors[f"model.layers.{i}.input_layernorm.weight"] = (1024,)
-    names = list(tensors)
-    for k in range(3):
-        shard = f"model-{k + 1:05d}-of-00003.safetensors"
-        part = {n: (torch.randn(tensors[n], generator=gen) * 0.02).to(torch.bfloat16) for n in names[k::3]}
-        save_file(part, path / shard, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, shard))
-    (path / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
-    (path / "config.json").write_text(json.dumps({"model_type": "toy", "hidden_size": 1024}))
-    (path / "tokenizer.json").write_text("{}")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +67,92 @@ def test_a_damaged_piece_is_written_again(src, reference, tmp_path):
     result = run_cli(*args)
     assert result.exit_code == 0, result.output
     assert tree_digest(dst) == tree_digest(reference)
+
+
+def test_damage_in_the_middle_of_a_piece_is_found_and_written_again(src, reference, tmp_path):
+    dst = tmp_path / "out"
+    args = ("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    killed_run(*args, mode=("pieces", "12"))
+    staging = dst / ".convert-fp8.partial"
+    piece = max(Manifest(staging / "manifest-part-1-of-1.jsonl").load().values(), key=lambda p: p.length)
+    assert piece.length >= 2 * 2**20
+    from converter.source import read_header
+
+    info = read_header(staging / piece.shard).tensors[piece.tensor]
+    middle = info.offset + piece.start + piece.length // 2
+    with open(staging / piece.shard, "r+b") as f:  # a page in the middle that never reached the disk
+        f.seek(middle)
+        f.write(b"\0" * 4096)
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert tree_digest(dst) == tree_digest(reference)
+
+
+def test_ctrl_c_stops_both_lanes_at_once_and_keeps_the_work(src, reference, tmp_path):
+    dst, marker = tmp_path / "out", tmp_path / "interrupted-at"
+    args = ("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    env = dict(os.environ, CONVERT_FP8_NO_PROGRESS="1")
+    done = subprocess.run([sys.executable, str(HERE / "kill_after.py"), "interrupt", "6", str(marker),
+                           *map(str, args)], capture_output=True, text=True, env=env)
+    exited = time.time()
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert done.stderr.startswith("convert-fp8: interrupted; the same command resumes the conversion")
+    assert exited - float(marker.read_text()) < 2.0
+    staging = dst / ".convert-fp8.partial"
+    recorded = Manifest(staging / "manifest-part-1-of-1.jsonl").load()
+    assert 6 <= len(recorded) <= 9 and not (dst / "config.json").exists()  # 28 pieces in the whole run
+    assert not (staging / "part-1-of-1.lock").exists()  # released for the rerun
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "resumed: kept" in result.output
+    assert tree_digest(dst) == tree_digest(reference)
+
+
+def test_a_source_changed_between_kill_and_rerun_is_refused(src, tmp_path):
+    changing = Path(shutil.copytree(src, tmp_path / "src"))
+    dst = tmp_path / "out"
+    args = ("--src", changing, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    killed_run(*args, mode=("pieces", "12"))
+    from converter.source import read_header
+
+    shard = changing / "model-00002-of-00003.safetensors"
+    header = read_header(shard)
+    with open(shard, "r+b") as f:  # same headers, other values
+        f.seek(header.data_start)
+        data = f.read(4096)
+        f.seek(header.data_start)
+        f.write(bytes(b ^ 0x01 for b in data))
+    result = run_cli(*args)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"convert-fp8: error: {dst}: holds the partial output of a conversion of {changing.resolve()}, whose "
+        "model-00002-of-00003.safetensors changed since; its bytes would mix with the new ones: pass --overwrite "
+        "to start over\n")
+    result = run_cli(*args, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert "resumed" not in result.output
+    fresh = tmp_path / "fresh"
+    assert run_cli("--src", changing, "--dst", fresh, "--max-shard-size", "20MB", "--no-arch-check").exit_code == 0
+    assert tree_digest(dst) == tree_digest(fresh)
+
+
+def test_free_space_on_resume_counts_the_blocks_on_disk(src, tmp_path, monkeypatch):
+    dst = tmp_path / "out"
+    args = ("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    killed_run(*args, mode=("pieces", "2"))
+    staging = dst / ".convert-fp8.partial"
+    shards = sorted(staging.glob("*.safetensors"))
+    lengths = sum(p.stat().st_size for p in shards)
+    on_disk = sum(p.stat().st_blocks * 512 for p in shards)
+    assert on_disk < lengths / 2  # sized in full, mostly holes
+    import converter.write as write
+
+    free = lengths // 2  # enough if the staged lengths were written data, not enough for what is missing
+    monkeypatch.setattr(write.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+    result = run_cli(*args)
+    assert result.exit_code == 1
+    assert f"{dst}: disk full: the output needs" in result.stderr and f"has {free:,} free" in result.stderr
+    assert (staging / "manifest-part-1-of-1.jsonl").exists()  # the earlier run's work is kept
 
 
 def test_leftovers_of_another_conversion_are_refused(src, tmp_path):

@@ -1,0 +1,149 @@
+"""The two writing lanes: the first failure anywhere stops both at once; every copy path gives the same bytes."""
+
+import errno
+import shutil
+import threading
+import time
+
+import pytest
+
+from converter import arch, lanes, resume, write
+from converter.errors import PlanError, QuantizeError, WriteError
+from converter.manifest import Manifest
+from converter.stripes import Quantizer
+
+from .conftest import run_cli, synthetic, tree_digest
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return synthetic(tmp_path_factory.mktemp("lanes") / "toy")
+
+
+@pytest.fixture(scope="module")
+def reference(src, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("lanes-reference") / "out"
+    result = run_cli("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    assert result.exit_code == 0, result.output
+    return dst
+
+
+class Recorder:
+    """Counts manifest records, per lane, before and after a planted failure; each record takes `delay` s, so a
+    run that does not stop would go on well past the failure."""
+
+    def __init__(self, monkeypatch, delay: float):
+        self.pieces, self.failed_at = [], None
+        self.lock = threading.Lock()
+        record = Manifest.record
+
+        def slow_record(manifest, piece):
+            time.sleep(delay)
+            record(manifest, piece)
+            with self.lock:
+                self.pieces.append((piece.tensor, self.failed_at is not None))
+
+        monkeypatch.setattr(Manifest, "record", slow_record)
+
+    def fail(self, error: Exception):
+        with self.lock:
+            self.failed_at = len(self.pieces)
+        raise error
+
+    def after(self, lane: str) -> int:
+        """Pieces of a lane ('copy' or 'fp8') recorded after the failure."""
+        fp8 = lambda name: name.endswith(("proj.weight", "_scale_inv"))  # noqa: E731
+        return sum(1 for name, late in self.pieces if late and fp8(name) == (lane == "fp8"))
+
+
+def test_a_failing_cross_check_stops_both_lanes_within_a_piece(src, tmp_path, monkeypatch):
+    recorder = Recorder(monkeypatch, delay=0.05)
+
+    def failing_cross_check(plan):
+        while len(recorder.pieces) < 2:  # fail once the writing is well under way
+            time.sleep(0.005)
+        recorder.fail(PlanError("model.layers.0.mlp.up_proj: transformers would keep it in BF16 (planted)"))
+
+    monkeypatch.setattr(arch, "cross_check", failing_cross_check)
+    dst = tmp_path / "out"
+    started = time.monotonic()
+    result = run_cli("--src", src, "--dst", dst, "--max-shard-size", "20MB")
+    elapsed = time.monotonic() - started
+    assert result.exit_code == 1
+    assert result.stderr == ("convert-fp8: error: model.layers.0.mlp.up_proj: transformers would keep it in BF16 "
+                             "(planted)\n")
+    assert recorder.after("copy") <= 1 and recorder.after("fp8") <= 2  # at most the piece each lane was writing
+    assert len(recorder.pieces) < 10 < 3 * 8 + 4  # the whole run records 28 pieces
+    assert elapsed < 3 and not dst.exists()
+
+
+def test_a_failing_copy_lane_stops_the_quantize_lane(src, tmp_path, monkeypatch):
+    recorder = Recorder(monkeypatch, delay=0.05)
+    copy_at = write.ShardWriter.copy_at
+
+    def failing_copy(writer, name, *args):
+        if name == "model.layers.1.input_layernorm.weight":
+            recorder.fail(WriteError(f"{writer.path}: planted failure while copying {name}"))
+        return copy_at(writer, name, *args)
+
+    monkeypatch.setattr(write.ShardWriter, "copy_at", failing_copy)
+    dst = tmp_path / "out"
+    result = run_cli("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    assert result.exit_code == 1
+    assert "planted failure while copying model.layers.1.input_layernorm.weight" in result.stderr
+    assert recorder.failed_at is not None and recorder.after("fp8") <= 2
+    assert sum(1 for name, _ in recorder.pieces if name.endswith("proj.weight")) < 12  # of 12 FP8 weights
+    assert not dst.exists()
+
+
+def test_a_failing_quantize_lane_stops_the_copy_lane(src, tmp_path, monkeypatch):
+    # 64 KiB copy pieces: the 8 MiB embedding alone is 128 pieces, seconds of copying at 10 ms a piece
+    monkeypatch.setattr(lanes, "COPY_BUFFER_BYTES", 2**16)
+    monkeypatch.setattr(resume, "COPY_BUFFER_BYTES", 2**16)
+    recorder = Recorder(monkeypatch, delay=0.01)
+    stripes = Quantizer.stripes
+
+    def failing_stripes(quantizer, info, reader, skip):
+        while len(recorder.pieces) < 3:
+            time.sleep(0.005)
+        recorder.fail(QuantizeError(f"tensor {info.name} in shard {info.shard} holds NaN or Inf (planted)"))
+        yield from stripes(quantizer, info, reader, skip)
+
+    monkeypatch.setattr(Quantizer, "stripes", failing_stripes)
+    dst = tmp_path / "out"
+    result = run_cli("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    assert result.exit_code == 1 and "holds NaN or Inf (planted)" in result.stderr
+    assert recorder.after("copy") <= 1
+    assert len(recorder.pieces) < 10  # of 128 + 3 copy pieces
+    assert not dst.exists()
+
+
+def test_disk_full_in_the_copy_lane(src, tmp_path, monkeypatch):
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(write.os, "copy_file_range", no_space)
+    monkeypatch.setattr(write.os, "sendfile", no_space)
+    dst = tmp_path / "out"
+    result = run_cli("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    assert result.exit_code == 1
+    assert "disk full while copying model." in result.stderr and result.stderr.count("\n") == 1
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("available, expected_calls", [
+    ({"copy_file_range": False, "sendfile": True}, {"sendfile"}),
+    ({"copy_file_range": False, "sendfile": False}, set()),  # through a buffer: preadv, then pwrite
+])
+def test_every_copy_path_gives_the_same_bytes(src, reference, tmp_path, monkeypatch, available, expected_calls):
+    calls = set()
+    monkeypatch.setattr(shutil, "_USE_CP_SENDFILE", False)  # other files: shutil would call sendfile too
+    for name in ("copy_file_range", "sendfile"):
+        real = getattr(write.os, name)
+        monkeypatch.setattr(write.os, name, lambda *args, _name=name, _real=real: calls.add(_name) or _real(*args))
+        monkeypatch.setitem(write._in_kernel_copy, name, available[name])
+    dst = tmp_path / "out"
+    result = run_cli("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    assert result.exit_code == 0, result.output
+    assert calls == expected_calls
+    assert tree_digest(dst) == tree_digest(reference)
