@@ -222,6 +222,72 @@ def _verify(dst, src, report_path, arch_check, quiet):
         sys.exit(1)
 
 
+@main.command("dequantize", epilog="""
+Examples:
+
+  convert-fp8 dequantize --src gemma-4-31B-it-FP8 --dst gemma-4-31B-it-BF16
+
+  convert-fp8 dequantize --src deepseek-ai/DeepSeek-V3 --dst DeepSeek-V3-BF16 --low-disk
+
+  convert-fp8 dequantize --src model-FP8 --dst model-F32 --dtype f32 --dry-run
+""")
+@click.option("--src", required=True, help="Block-FP8 checkpoint: a folder or a Hub repo id org/name.")
+@click.option("--dst", required=True, type=click.Path(path_type=Path), help="Output folder for the checkpoint.")
+@click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), default="bf16", show_default=True,
+              help="dtype of the dequantized weights.")
+@click.option("--revision", default=None, help="Hub sources: branch, tag or commit [main].")
+@click.option("--low-disk", is_flag=True, help="Hub sources: delete each downloaded shard once it is read.")
+@click.option("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE), show_default="5GB", callback=_size,
+              help="Largest output shard, e.g. 5GB, 500MB, 2GiB.")
+@click.option("--base-model", default=None, help="Base model id for the model card [source name].")
+@click.option("--dry-run", is_flag=True, help="Print the plan from headers alone; write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty --dst.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only errors and the final line.")
+@click.pass_context
+def dequantize_command(ctx, **opts):
+    """Dequantize a block-FP8 checkpoint (transformers fp8, DeepSeek-V3 style) to BF16, F16 or F32, streaming,
+    with the values transformers computes when it dequantizes on load."""
+    _run(ctx.obj["debug"], _dequantize, **opts)
+
+
+def _dequantize(src, dst, dry_run, quiet, **options):
+    from .dequantize import DequantOptions, dequantize, describe_dequant_plan, prepare
+    from .hub import looks_like_repo_id
+
+    options = DequantOptions(src=src if looks_like_repo_id(src) else Path(src), dst=dst, **options)
+    if dry_run:
+        _, plan = prepare(options)
+        click.echo(describe_dequant_plan(plan))
+        click.echo("dry run: nothing written")
+        return
+    bars = []
+
+    def start_bar(total: int):
+        from tqdm import tqdm
+
+        bars.append(tqdm(total=total, unit="B", unit_scale=True, desc="dequantize", file=sys.stderr,
+                         disable=quiet or os.environ.get("CONVERT_FP8_NO_PROGRESS") == "1"))
+
+    try:
+        summary = dequantize(options, progress=lambda n: bars[0].update(n), on_start=start_bar)
+    finally:
+        for bar in bars:
+            bar.close()
+    if not quiet:
+        for note in summary.notes:
+            click.echo(f"note: {note}")
+        if summary.resumed_bytes:
+            click.echo(f"resumed: kept {format_size(summary.resumed_bytes)} of source already written by an "
+                       "earlier run")
+        click.echo(
+            f"{summary.dequantized} tensors dequantized, {summary.copied} copied, {summary.files_copied} other files; "
+            f"{format_size(summary.bytes_in)} in, {format_size(summary.bytes_out)} out in {summary.shards} shard(s); "
+            f"{summary.seconds:.1f} s ({format_size(int(summary.bytes_in / max(summary.seconds, 1e-9)))}/s); "
+            f"peak memory {format_size(summary.peak_rss_bytes)}"
+        )
+    click.echo(f"wrote {summary.dst}")
+
+
 @main.command("validate", epilog="""
 Examples:
 

@@ -1,0 +1,505 @@
+"""`convert-fp8 dequantize`: a block-FP8 checkpoint back to BF16 (or F16, F32), streaming, resumable.
+
+Every FP8 weight becomes exactly what transformers' `Fp8Dequantize` gives on the CPU when it loads the checkpoint:
+
+    w = RN_dtype(RN_f32(float32(q) * float32(scale_inv)))
+
+per element, with `scale_inv` the inverse scale of the element's block. The scales are dropped; every other tensor
+and file is copied byte for byte; `quantization_config` leaves the config. The plan is a pure function of the
+source headers and reuses the conversion's shard layout (`ShardPlan`, `TensorPlan`), so the writer, the staging
+folder, the manifest and the resume work as for a conversion. Which tensors are weights and scales, and how
+scales read, is the source dialect's business (`converter/dialects/`).
+"""
+
+from __future__ import annotations
+
+import copy
+import resource
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .checksum import buffer_crc
+from .configs import CARD_NAME, CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, DTYPE_SIZES, INDEX_NAME, format_size
+from .dialects import ScaledWeight, reader_for
+from .dialects.transformers_fp8 import scales_to_float32
+from .errors import SourceError
+from .finalize import check_written_headers
+from .lanes import Stop, _copy_lane, _failing_to
+from .manifest import Manifest, PartLock, Piece, claim_run, run_identity, source_stamp
+from .plan import COPY, ShardPlan, TensorPlan, _assign_shards
+from .resume import COPY_BUFFER_BYTES, verified_pieces
+from .source import SINGLE_FILE_NAME, SourceIndex, TensorReader
+from .write import OutputDir, ShardWriter, config_json, index_json
+
+DEQUANTIZE = "dequantize"
+OUTPUT_DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
+_CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+_TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F8_E4M3": "float8_e4m3fn",
+                      "F8_E8M0": "float8_e8m0fnu", "U8": "uint8"}
+
+# FP8 bytes dequantized per step: the float32 product is 4x this, the output up to 4x.
+STRIPE_BYTES = 4 * 2**20
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class DequantOptions:
+    """Everything one dequantization run needs to know."""
+
+    src: Path | str  # a folder, or a Hub repo id
+    dst: Path
+    dtype: str = "bf16"  # a key of OUTPUT_DTYPES
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    overwrite: bool = False
+    base_model: str | None = None  # for the model card; defaults to the source's name
+    revision: str | None = None  # Hub sources: branch, tag or commit
+    low_disk: bool = False  # Hub sources: delete each downloaded shard once its tensors are written
+
+    def __post_init__(self):
+        if self.dtype not in OUTPUT_DTYPES:
+            raise ValueError(f"dtype {self.dtype!r}: expected one of {', '.join(OUTPUT_DTYPES)}")
+
+
+@dataclass(frozen=True)
+class DequantPlan:
+    """A complete dequantization, decided from headers before anything is written. It offers what the writer
+    reads of a conversion `Plan` (`shards`, `config`, `output_nbytes`, `weight_map`, `index_needed`)."""
+
+    dialect: str
+    dtype: str  # safetensors dtype of the dequantized weights
+    shards: tuple[ShardPlan, ...]
+    config: dict  # the output config.json
+    pairs: dict[str, ScaledWeight]  # dequantized weight -> its FP8 source and scales
+    files_to_copy: tuple[str, ...]
+    files_skipped: tuple[tuple[str, str], ...]
+    warnings: tuple[str, ...]
+    source_nbytes: int
+
+    @property
+    def tensors(self) -> list[TensorPlan]:
+        return [t for shard in self.shards for t in shard.tensors]
+
+    @property
+    def output_nbytes(self) -> int:
+        return sum(shard.nbytes for shard in self.shards)
+
+    def weight_map(self) -> dict[str, str]:
+        return {t.name: shard.name for shard in self.shards for t in shard.tensors}
+
+    @property
+    def index_needed(self) -> bool:
+        return [s.name for s in self.shards] != [SINGLE_FILE_NAME]
+
+
+@dataclass
+class DequantSummary:
+    """What a finished run did."""
+
+    dst: Path
+    shards: int
+    dequantized: int
+    copied: int
+    bytes_in: int
+    bytes_out: int
+    files_copied: int
+    seconds: float
+    peak_rss_bytes: int
+    resumed_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def make_dequant_plan(source: SourceIndex, dtype: str, max_shard_size: int) -> DequantPlan:
+    """Decide every output tensor, the shards and the output config from the source's headers and config alone.
+
+    Args:
+        source (`SourceIndex`): the FP8 checkpoint.
+        dtype (`str`): safetensors dtype of the dequantized weights, `BF16`, `F16` or `F32`.
+        max_shard_size (`int`): largest output shard in bytes.
+
+    Raises:
+        SourceError: not a quantized checkpoint, a dialect or config this tool cannot read, a weight without its
+            scale, a scale grid that does not fit its weight.
+    """
+    where = f"{source.name or source.root}/{CONFIG_NAME}"
+    reader = reader_for(source.config, where)
+    pairs = reader.pair(source.tensors, lambda info: f"{source.name or source.root}/{info.shard}")
+    if not pairs:
+        raise SourceError(f"{where}: says {reader.quant_method} but the checkpoint holds no FP8 weights")
+    scales = {p.scale.name for p in pairs.values()}
+    groups = []
+    for info in source.tensors.values():
+        if info.name in scales:
+            continue
+        if info.name in pairs:
+            groups.append([TensorPlan(info.name, info.name, DEQUANTIZE, dtype, info.shape, "dequantized")])
+        else:
+            groups.append([TensorPlan(info.name, info.name, COPY, info.dtype, info.shape, "copied")])
+    skipped = tuple((f, "replaced by the dequantized model card" if f == CARD_NAME else why)
+                    for f, why in source.files_skipped)
+    return DequantPlan(
+        dialect=reader.describe(),
+        dtype=dtype,
+        shards=_assign_shards(groups, max_shard_size, single_file=source.shards == (SINGLE_FILE_NAME,)),
+        config=output_config(source.config, dtype),
+        pairs=pairs,
+        files_to_copy=source.files_to_copy,
+        files_skipped=skipped,
+        warnings=source.warnings,
+        source_nbytes=source.nbytes,
+    )
+
+
+def output_config(config: dict, dtype: str) -> dict:
+    """The source config without `quantization_config`, its top-level dtype set to that of the weights."""
+    out = copy.deepcopy(config)
+    out.pop("quantization_config", None)
+    for key in ("dtype", "torch_dtype"):
+        if key in out:
+            out[key] = _CONFIG_DTYPE_NAMES[dtype]
+    return out
+
+
+def describe_dequant_plan(plan: DequantPlan) -> str:
+    """A human summary of a plan: what is read, what is written."""
+    n_deq = sum(1 for t in plan.tensors if t.action == DEQUANTIZE)
+    lines = [
+        f"source: {plan.dialect}",
+        f"{n_deq} FP8 weights to {plan.dtype}, {len(plan.pairs)} scale tensors dropped, "
+        f"{len(plan.tensors) - n_deq} tensors copied; {len(plan.shards)} shard(s)",
+        f"source tensors {format_size(plan.source_nbytes)} -> output tensors {format_size(plan.output_nbytes)}",
+        f"other files copied: {len(plan.files_to_copy)}",
+    ]
+    lines += [f"not copied: {path} ({why})" for path, why in plan.files_skipped]
+    lines += [f"warning: {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+def dequantize_rows(fp8, scale_inv, block: tuple[int, int], dtype):
+    """Dequantize whole rows of an FP8 matrix, as transformers' `Fp8Dequantize` does: float32 product, then one
+    rounding to `dtype`. Pure.
+
+    Args:
+        fp8 (`torch.Tensor`): `float8_e4m3fn`, `(rows, cols)`, its first row the first row of a block.
+        scale_inv (`torch.Tensor`): float32 `(ceil(rows/bm), ceil(cols/bn))`, the scales of those rows.
+        block (`tuple[int, int]`): `(bm, bn)`.
+        dtype (`torch.dtype`): output dtype.
+    """
+    import torch
+
+    rows, cols = fp8.shape
+    bm, bn = block
+    q = fp8.to(torch.float32)
+    if rows % bm == 0 and cols % bn == 0:
+        # the product of each element with its block's scale, as transformers' 5-D broadcast computes it
+        tiles = q.view(rows // bm, bm, cols // bn, bn)
+        return (tiles * scale_inv[:, None, :, None]).to(dtype).view(rows, cols)
+    # a last block cut short (DeepSeek-V3's 576-row projections in 128-row blocks): the same product per element
+    expanded = scale_inv.repeat_interleave(bm, dim=0)[:rows].repeat_interleave(bn, dim=1)[:, :cols]
+    return (q * expanded).to(dtype)
+
+
+def stripes(shape: tuple[int, ...], block: tuple[int, int], max_rows: int) -> list[tuple[int, int, int]]:
+    """The stripes a weight is dequantized in: `(first row, rows, first scale row)` of its matrix view (experts'
+    rows stacked), each of whole blocks and at most `max_rows` rows (at least one block). A stripe never spans
+    two experts whose rows do not divide by the block."""
+    *lead, rows, _ = shape
+    bm = block[0]
+    experts = 1
+    for d in lead:
+        experts *= d
+    step = max(bm, max_rows // bm * bm)
+    if rows % bm == 0:  # no block spans two experts: one matrix
+        total = experts * rows
+        return [(first, min(step, total - first), first // bm) for first in range(0, total, step)]
+    scale_rows = -(-rows // bm)
+    return [(e * rows + first, min(step, rows - first), e * scale_rows + first // bm)
+            for e in range(experts) for first in range(0, rows, step)]
+
+
+def stripe_rows(info) -> int:
+    """Rows per stripe: about STRIPE_BYTES of FP8."""
+    return max(1, STRIPE_BYTES // max(1, info.shape[-1]))
+
+
+def _load_source(options: DequantOptions) -> SourceIndex:
+    from .convert import _check_paths
+    from .errors import UsageError
+    from .hub import HubRepo, looks_like_repo_id
+    from .source import open_hub_source, open_source
+
+    if looks_like_repo_id(options.src):
+        return open_hub_source(HubRepo(str(options.src), options.revision, options.low_disk))
+    if options.revision or options.low_disk:
+        raise UsageError("--revision and --low-disk apply to Hub sources (--src org/name), not to a local folder")
+    _check_paths(options.src, options.dst)
+    return open_source(Path(options.src))
+
+
+def prepare(options: DequantOptions) -> tuple[SourceIndex, DequantPlan]:
+    """Read headers and make the plan; nothing is written."""
+    source = _load_source(options)
+    return source, make_dequant_plan(source, OUTPUT_DTYPES[options.dtype], options.max_shard_size)
+
+
+def _run_record(options: DequantOptions, identity: str, stamp: dict) -> dict:
+    from .hub import looks_like_repo_id
+
+    src = str(options.src) if looks_like_repo_id(options.src) else str(Path(options.src).resolve())
+    return {"identity": identity, "source_stamp": stamp, "parts": 1, "tool": __version__, "command": "dequantize", "src": src,
+            "revision": options.revision,
+            "options": {"dtype": options.dtype, "max_shard_size": options.max_shard_size,
+                        "base_model": options.base_model}}
+
+
+def dequantize(options: DequantOptions, progress: Progress | None = None,
+               on_start: Callable[[int], None] | None = None) -> DequantSummary:
+    """Dequantize `options.src` into `options.dst`.
+
+    A run killed half-way leaves its work in `DST/.convert-fp8.partial/`; the same command keeps every piece of
+    it that checks out and writes the rest.
+
+    Args:
+        options (`DequantOptions`): what to dequantize, where and to which dtype.
+        progress (`Callable[[int], None]`, *optional*): called with the number of source bytes done, per step.
+        on_start (`Callable[[int], None]`, *optional*): called once, before anything is written, with the
+            number of source bytes the run goes through.
+
+    Raises:
+        ConvertError: any failure; by then what this run wrote has been removed (a kill or Ctrl-C leaves it to be
+            resumed).
+    """
+    started = time.monotonic()
+    source, plan = prepare(options)
+    out = OutputDir(options.dst, options.overwrite)
+    out.check()
+    extra = sum((source.root / f).stat().st_size for f in plan.files_to_copy if (source.root / f).is_file())
+    out.check_space(plan.output_nbytes + extra + 2**20, already=out.staged_bytes([s.name for s in plan.shards]))
+    progress = progress or (lambda n: None)
+    if on_start:
+        on_start(source.nbytes)
+    stamp = source_stamp(source)
+    identity = run_identity(source, plan, stamp)
+    out.open()
+    notes = []
+    resumed = claim_run(out.staging, _run_record(options, identity, stamp), options.overwrite)
+    lock = PartLock(out.staging, (1, 1))
+    taken_over = lock.acquire()
+    if taken_over:
+        notes.append(taken_over)
+    manifest = Manifest(out.staging / "manifest-part-1-of-1.jsonl")
+    try:
+        done = verified_pieces(manifest, out.staging) if resumed else {}
+        resumed_bytes = _write_shards(out, plan, source, progress, manifest, done, resumed)
+        manifest.close()
+        lock.release()
+        _finalize(out, plan, source, options)
+    except KeyboardInterrupt:
+        manifest.close()
+        lock.release()
+        raise
+    except BaseException:
+        manifest.close()
+        lock.release()
+        out.abort()
+        raise
+    n_deq = len(plan.pairs)
+    return DequantSummary(
+        dst=options.dst, shards=len(plan.shards), dequantized=n_deq, copied=len(plan.tensors) - n_deq,
+        bytes_in=source.nbytes, bytes_out=plan.output_nbytes, files_copied=len(plan.files_to_copy),
+        seconds=time.monotonic() - started,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        resumed_bytes=resumed_bytes, notes=notes,
+    )
+
+
+def _write_shards(out: OutputDir, plan: DequantPlan, source: SourceIndex, progress: Progress, manifest: Manifest,
+                  done: dict, resume: bool) -> int:
+    """All shard headers first, then two lanes at the offsets they fix: the conversion's copy lane in a thread,
+    the dequantization in this one. Returns the source bytes kept from an earlier run."""
+    writers = {shard.name: ShardWriter(out.path(shard.name), shard) for shard in plan.shards}
+    copies = [(writers[s.name], t) for s in plan.shards for t in s.tensors if t.action == COPY]
+    weights = [(writers[s.name], t) for s in plan.shards for t in s.tensors if t.action == DEQUANTIZE]
+    stop = Stop()
+    lock = threading.Lock()
+    pending: dict[str, int] = {}  # source shard -> tensors of it still to read (to release Hub downloads)
+    for _, t in copies + weights:
+        for info in _sources(plan, source, t):
+            pending[info.shard] = pending.get(info.shard, 0) + 1
+
+    def advance(nbytes: int) -> None:
+        with lock:
+            progress(nbytes)
+
+    def finished(tensor: TensorPlan) -> None:
+        for info in _sources(plan, source, tensor):
+            with lock:
+                pending[info.shard] -= 1
+                last = pending[info.shard] == 0
+            if last and source.provider is not None:
+                source.provider.release(info.shard)
+
+    kept = 0
+    try:
+        for writer in writers.values():
+            writer.open(resume=resume)
+        fresh = {w.shard.name for w in writers.values() if not w.resumed}  # a shard begun anew keeps nothing
+        done = _usable_pieces({k: p for k, p in done.items() if p.shard not in fresh}, copies, weights, plan)
+        for piece in done.values():
+            writers[piece.shard].credit(piece.tensor, piece.length)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-fp8-copy") as lane:
+            copying = lane.submit(_failing_to, stop, _copy_lane, copies, source, stop, advance, manifest, done,
+                                  finished)
+            try:
+                kept += _dequantize_lane(weights, plan, source, stop, advance, manifest, done, finished)
+            except BaseException as exc:
+                stop.fail(exc)
+                raise
+            kept += copying.result()
+        stop.raise_if_failed()  # a lane that saw the signal returned early: its shards are incomplete
+        for writer in writers.values():
+            writer.close()
+    finally:
+        for writer in writers.values():
+            writer.abort()
+    return kept
+
+
+def _sources(plan: DequantPlan, source: SourceIndex, tensor: TensorPlan):
+    pair = plan.pairs.get(tensor.name)
+    return (pair.weight, pair.scale) if pair is not None else (source.tensors[tensor.source],)
+
+
+def _stripe_start(tensor: TensorPlan, first_row: int) -> int:
+    return first_row * tensor.shape[-1] * DTYPE_SIZES[tensor.dtype]
+
+
+def _usable_pieces(done: dict, copies, weights, plan: DequantPlan) -> dict:
+    """The recorded pieces the lanes will skip: copy chunks on the chunk grid and whole stripes."""
+    usable = {}
+    for writer, t in copies:
+        for start in range(0, t.nbytes, COPY_BUFFER_BYTES):
+            key = (writer.shard.name, t.name, start)
+            if key in done:
+                usable[key] = done[key]
+    for writer, t in weights:
+        pair = plan.pairs[t.name]
+        for first, _, _ in stripes(pair.weight.shape, pair.block, stripe_rows(pair.weight)):
+            key = (writer.shard.name, t.name, _stripe_start(t, first))
+            if key in done:
+                usable[key] = done[key]
+    return usable
+
+
+def _dequantize_lane(weights, plan: DequantPlan, source: SourceIndex, stop: Stop, advance: Progress,
+                     manifest: Manifest, done: dict, finished: Callable) -> int:
+    """Read, dequantize and write every FP8 weight stripe by stripe, each stripe's write overlapping the next
+    stripe's arithmetic."""
+    import torch
+
+    dtype = getattr(torch, _TORCH_DTYPE_NAMES[plan.dtype])
+    kept = 0
+    with TensorReader(source) as reader, ThreadPoolExecutor(1, thread_name_prefix="convert-fp8-write") as io:
+        for writer, t in weights:
+            pair = plan.pairs[t.name]
+            info, cols = pair.weight, pair.weight.shape[-1]
+            shard = writer.shard.name
+            todo = []
+            for first, rows, scale_first in stripes(info.shape, pair.block, stripe_rows(info)):
+                if (shard, t.name, _stripe_start(t, first)) in done:
+                    kept += rows * cols
+                    advance(rows * cols)
+                else:
+                    todo.append((first, rows, scale_first))
+            scale_inv = _read_scales(reader, pair, source) if todo else None
+            writing = None
+            for first, rows, scale_first in todo:
+                if stop.is_set():
+                    return kept
+                raw = reader.read(info, first * cols, rows * cols)
+                fp8 = torch.frombuffer(raw, dtype=torch.float8_e4m3fn).view(rows, cols)
+                scale_rows = scale_inv[scale_first: scale_first + -(-rows // pair.block[0])]
+                out = dequantize_rows(fp8, scale_rows, pair.block, dtype).view(torch.uint8).numpy()
+                if writing is not None:
+                    writing.result()
+                writing = io.submit(_write_stripe, writer, manifest, t.name, _stripe_start(t, first), out)
+                advance(rows * cols)
+            if writing is not None:
+                writing.result()
+            advance(pair.scale.nbytes)
+            finished(t)
+    return kept
+
+
+def _write_stripe(writer: ShardWriter, manifest: Manifest, name: str, start: int, data) -> None:
+    writer.write_at(name, start, data)
+    manifest.record(Piece(writer.shard.name, name, start, data.nbytes, buffer_crc(data)))
+
+
+def _read_scales(reader: TensorReader, pair: ScaledWeight, source: SourceIndex):
+    """A weight's inverse scales as a float32 matrix (experts' grids stacked), checked finite.
+
+    Raises:
+        SourceError: a scale is NaN or infinite, naming the tensor and the block.
+    """
+    import torch
+
+    info = pair.scale
+    raw = reader.read(info)
+    scales = torch.frombuffer(raw, dtype=getattr(torch, _TORCH_DTYPE_NAMES[info.dtype])) if raw else torch.empty(0)
+    scales = scales_to_float32(scales, info.dtype).view(-1, info.shape[-1])
+    bad = ~torch.isfinite(scales)
+    if bad.any():
+        row, col = (int(i) for i in bad.nonzero()[0])
+        *lead, grid_rows, _ = info.shape
+        at = f"expert {row // grid_rows}, block ({row % grid_rows}, {col})" if lead else f"block ({row}, {col})"
+        raise SourceError(f"{source.name or source.root}/{info.shard}: scale {info.name} is "
+                          f"{scales[row, col].item()} at {at}; the checkpoint is damaged")
+    return scales
+
+
+def _finalize(out: OutputDir, plan: DequantPlan, source: SourceIndex, options: DequantOptions) -> None:
+    """Index, other files, model card and config (last); check the headers; move everything into place."""
+    if plan.index_needed:
+        out.write_text(INDEX_NAME, index_json(plan))
+    for relative in plan.files_to_copy:
+        origin = source.provider.fetch(relative) if source.provider is not None else source.root / relative
+        out.copy_file(origin, relative)
+    base = options.base_model or source.name or source.root.resolve().name
+    out.write_text(CARD_NAME, model_card(plan, base_model=base))
+    out.write_text(CONFIG_NAME, config_json(plan))
+    check_written_headers(out.staging, plan)
+    names = [s.name for s in plan.shards] + ([INDEX_NAME] if plan.index_needed else []) + [CARD_NAME, CONFIG_NAME]
+    names += sorted({Path(f).parts[0] for f in plan.files_to_copy})
+    out.commit(names)
+
+
+def model_card(plan: DequantPlan, base_model: str) -> str:
+    """The model card of a dequantized checkpoint: where it comes from and how it was made."""
+    archs = plan.config.get("architectures") or ["(unknown architecture)"]
+    dtype = _CONFIG_DTYPE_NAMES[plan.dtype]
+    return f"""---
+base_model: {base_model}
+tags:
+- {dtype}
+- convert-fp8
+---
+# {Path(base_model).name}, dequantized to {dtype}
+
+`{base_model}` ({archs[0]}) with its FP8 weights dequantized to {dtype} by convert-fp8 {__version__}
+(`convert-fp8 dequantize`), streaming, without loading the model.
+
+- Source: {plan.dialect}.
+- {len(plan.pairs)} FP8 weights dequantized: each E4M3 value times its block's inverse scale in float32,
+  rounded once to {dtype}, the same values transformers computes when it dequantizes the checkpoint on load.
+  The scale tensors are dropped and `quantization_config` is removed from the config.
+- Every other tensor and file is copied unchanged.
+- Tensor data: {format_size(plan.source_nbytes)} in the source, {format_size(plan.output_nbytes)} here.
+
+The values are those of the FP8 checkpoint: dequantizing does not restore what quantization lost.
+"""

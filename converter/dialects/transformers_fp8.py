@@ -1,0 +1,115 @@
+"""transformers' `quant_method: fp8` (FineGrainedFP8Config, and DeepSeek-V3-style checkpoints): E4M3 weights with
+per-block inverse scales.
+
+A Linear's scales are `<module>.weight_scale_inv`, shape `[ceil(rows/bm), ceil(cols/bn)]`; a fused expert
+tensor's are `<tensor>_scale_inv`, `[experts, ceil(rows/bm), ceil(cols/bn)]`, with `[bm, bn]` the config's
+`weight_block_size`. Scales are float32 (`scale_fmt: float`), or powers of two (`scale_fmt: ue8m0`) stored as
+`F8_E8M0`, as float32, or as exponent bytes (`U8`). Headers only, and one pure function for the scale values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import SourceError
+from ..source import TensorInfo
+
+WEIGHT_DTYPE = "F8_E4M3"
+SCALE_SUFFIX = "_scale_inv"
+SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0", "U8")
+SCALE_FORMATS = ("float", "ue8m0")
+
+
+@dataclass(frozen=True)
+class ScaledWeight:
+    """A quantized weight with the tensor of its inverse scales and the block each scale covers."""
+
+    weight: TensorInfo
+    scale: TensorInfo
+    block: tuple[int, int]  # (rows, columns) of a block
+
+
+class TransformersFP8Reader:
+    """Reads the `quantization_config` and tensor names of a transformers `fp8` checkpoint.
+
+    Raises (from the constructor):
+        SourceError: a config this dialect cannot read (no block size, another FP8 format, static activations).
+    """
+
+    quant_method = "fp8"
+
+    def __init__(self, qc: dict, where: str):
+        self.where = where
+        block = qc.get("weight_block_size")
+        if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            raise SourceError(f"{where}: quantization_config.weight_block_size is {block!r}; only block-wise FP8 "
+                              "(two positive block edges, e.g. [128, 128]) can be dequantized")
+        self.block = (block[0], block[1])
+        fmt = qc.get("fmt", "e4m3")
+        if fmt != "e4m3":
+            raise SourceError(f"{where}: quantization_config.fmt is {fmt!r}; only e4m3 weights can be dequantized")
+        self.scale_fmt = qc.get("scale_fmt") or "float"
+        if self.scale_fmt not in SCALE_FORMATS:
+            raise SourceError(f"{where}: quantization_config.scale_fmt is {self.scale_fmt!r}; expected float or ue8m0")
+        if qc.get("activation_scheme", "dynamic") != "dynamic":
+            raise SourceError(f"{where}: activation_scheme {qc.get('activation_scheme')!r}: only dynamic activation "
+                              "scales can be dequantized (static ones store activation scales this tool does not drop)")
+
+    def describe(self) -> str:
+        bm, bn = self.block
+        return f"transformers fp8, E4M3 weights, {bm}x{bn} blocks, {self.scale_fmt} scales"
+
+    @staticmethod
+    def scale_name(weight: TensorInfo) -> str:
+        """`a.b.weight` -> `a.b.weight_scale_inv` (a Linear); a fused expert tensor `t` -> `t_scale_inv`."""
+        return weight.name + SCALE_SUFFIX
+
+    def pair(self, tensors: dict[str, TensorInfo], shard_of) -> dict[str, ScaledWeight]:
+        """Every E4M3 weight of the checkpoint with its scale tensor, by weight name, in source order.
+
+        `shard_of(info)` names a tensor's file, for messages.
+
+        Raises:
+            SourceError: a weight without its scale, a scale without its weight, a scale of a dtype that is not a
+                scale, or a scale grid that does not fit its weight and the config's block.
+        """
+        pairs: dict[str, ScaledWeight] = {}
+        bm, bn = self.block
+        for info in tensors.values():
+            if info.dtype != WEIGHT_DTYPE:
+                if info.dtype.startswith("F8_") and info.dtype != "F8_E8M0":
+                    raise SourceError(f"{shard_of(info)}: tensor {info.name} is {info.dtype}; this checkpoint's "
+                                      "weights are E4M3 (F8_E4M3)")
+                continue
+            where = shard_of(info)
+            if len(info.shape) < 2:
+                raise SourceError(f"{where}: FP8 tensor {info.name} is {len(info.shape)}-D; block scales need a matrix")
+            scale = tensors.get(self.scale_name(info))
+            if scale is None:
+                raise SourceError(f"{where}: FP8 weight {info.name} has no scale {self.scale_name(info)} in the "
+                                  "checkpoint")
+            if scale.dtype not in SCALE_DTYPES:
+                raise SourceError(f"{shard_of(scale)}: scale {scale.name} is {scale.dtype}; expected one of "
+                                  f"{', '.join(SCALE_DTYPES)}")
+            *lead, rows, cols = info.shape
+            grid = (*lead, -(-rows // bm), -(-cols // bn))
+            if tuple(scale.shape) != grid:
+                raise SourceError(f"{shard_of(scale)}: scale {scale.name} has shape {list(scale.shape)}, but weight "
+                                  f"{info.name} {list(info.shape)} in {bm}x{bn} blocks needs {list(grid)}")
+            pairs[info.name] = ScaledWeight(info, scale, self.block)
+        scales = {p.scale.name for p in pairs.values()}
+        for info in tensors.values():
+            if info.name.endswith(SCALE_SUFFIX) and info.name not in scales:
+                raise SourceError(f"{shard_of(info)}: scale {info.name} belongs to no FP8 weight "
+                                  f"({info.name[:-len(SCALE_SUFFIX)]} is missing or not {WEIGHT_DTYPE})")
+        return pairs
+
+
+def scales_to_float32(scales, dtype: str):
+    """Inverse scales as float32, exactly as transformers' `Fp8Dequantize` reads them: a float or `F8_E8M0` tensor
+    cast to float32, exponent bytes (`U8`) as `2 ** (byte - 127)`."""
+    import torch
+
+    if dtype == "U8":
+        return (scales.to(torch.float32) - 127.0).exp2()
+    return scales.to(torch.float32)

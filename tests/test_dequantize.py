@@ -1,0 +1,348 @@
+"""`convert-fp8 dequantize`: FP8 back to BF16 with the values transformers computes on load; round trips to the
+same FP8 bytes; DeepSeek-V3-style and UE8M0 sources; resume after a kill; one-line refusals."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import FineGrainedFP8Config
+from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
+
+from converter import dequantize as dq
+from converter.demo import build_checkpoint, gemma4_moe_config
+
+from .conftest import read_json, run_cli, tree_digest
+from .test_convert import load_all, raw
+
+HERE = Path(__file__).parent
+
+
+def transformers_dequantize(fp8: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    """transformers' own `Fp8Dequantize` on one weight and its scales."""
+    return Fp8Dequantize(None)._dequantize_one(fp8, scale_inv, output_dtype=dtype)
+
+
+def float64_dequantize(fp8: torch.Tensor, scale_inv: torch.Tensor, block, dtype=torch.bfloat16) -> torch.Tensor:
+    """An independent reference for any grid (a last block cut short too): the product of an E4M3 value (4
+    significant bits) and a float32 (24) is exact in float64, so rounding it to float32 is what a float32
+    multiply gives."""
+    *_, rows, cols = fp8.shape
+    s = scale_inv.double().repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)
+    return (fp8.double() * s[..., :cols]).float().to(dtype)
+
+
+def tensors_of(folder: Path) -> dict:
+    """Every tensor of a checkpoint folder, sharded or one `model.safetensors`."""
+    if (folder / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(folder / "model.safetensors")
+    return load_all(folder)[1]
+
+
+def scale_name(name: str) -> str:
+    return name[: -len(".weight")] + ".weight_scale_inv" if name.endswith(".weight") else name + "_scale_inv"
+
+
+def fp8_checkpoint(path: Path, tensors: dict, qc: dict, config: dict | None = None) -> Path:
+    """A one-file FP8 checkpoint from ready tensors, with `qc` as its quantization_config."""
+    path.mkdir(parents=True)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps({**(config or {"model_type": "toy"}), "quantization_config": qc}))
+    return path
+
+
+def dequantized(src: Path, dst: Path, *args) -> Path:
+    result = run_cli("dequantize", "--src", src, "--dst", dst, *args)
+    assert result.exit_code == 0, result.output
+    return dst
+
+
+def converted(src: Path, dst: Path, *args) -> Path:
+    result = run_cli("--src", src, "--dst", dst, *args)
+    assert result.exit_code == 0, result.output
+    return dst
+
+
+@pytest.fixture(scope="module")
+def gemma_bf16(gemma_dst, tmp_path_factory):
+    return dequantized(gemma_dst, tmp_path_factory.mktemp("deq") / "bf16", "--max-shard-size", "300KB")
+
+
+def moe_128_config():
+    """The MoE structure with widths that tile by 128, so that its experts are FP8 with 128x128 blocks too."""
+    config = gemma4_moe_config()
+    config.text_config.hidden_size = 256
+    config.text_config.moe_intermediate_size = 128
+    return config
+
+
+# --- the values: transformers' own dequantization ---------------------------------------------------------------
+
+
+def test_every_weight_is_what_transformers_loads_and_the_rest_is_copied(gemma_dst, gemma_bf16):
+    from transformers import Gemma4ForConditionalGeneration
+
+    _, fp8 = load_all(gemma_dst)
+    _, out = load_all(gemma_bf16)
+    weights = sorted(n for n, t in fp8.items() if t.dtype == torch.float8_e4m3fn)
+    assert len(weights) == 27
+    assert set(out) == set(fp8) - {scale_name(n) for n in weights}
+    loaded = Gemma4ForConditionalGeneration.from_pretrained(gemma_dst, dtype=torch.bfloat16).state_dict()
+    for name in weights:
+        assert out[name].dtype == torch.bfloat16
+        assert raw(out[name]) == raw(loaded[name]), name  # what transformers' loader made of the FP8 weight
+        assert raw(out[name]) == raw(transformers_dequantize(fp8[name], fp8[scale_name(name)])), name
+    for name in set(out) - set(weights):
+        assert raw(out[name]) == raw(fp8[name]), name
+
+
+def test_transformers_loads_it_with_every_key_and_the_fp8_logits(gemma_dst, gemma_bf16):
+    from transformers import Gemma4ForConditionalGeneration
+
+    model, info = Gemma4ForConditionalGeneration.from_pretrained(gemma_bf16, dtype=torch.bfloat16,
+                                                                 output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    fp8_model = Gemma4ForConditionalGeneration.from_pretrained(gemma_dst, dtype=torch.bfloat16)
+    ids = torch.tensor([[2, 10, 11, 12, 13, 40, 41, 300]])
+    with torch.no_grad():
+        ours, theirs = model(input_ids=ids).logits, fp8_model(input_ids=ids).logits
+    assert ours.shape == (1, 8, 512) and torch.equal(ours, theirs)
+
+
+def test_config_card_and_files(gemma_src, gemma_dst, gemma_bf16):
+    config = read_json(gemma_bf16 / "config.json")
+    assert "quantization_config" not in config and config == read_json(gemma_src / "config.json")
+    card = (gemma_bf16 / "README.md").read_text()
+    assert card.startswith("---\nbase_model: fp8\n")
+    assert "27 FP8 weights dequantized" in card and "transformers fp8, E4M3 weights, 64x64 blocks" in card
+    assert (gemma_bf16 / "1_Pooling" / "config.json").read_bytes() == (gemma_dst / "1_Pooling" / "config.json").read_bytes()
+    index = read_json(gemma_bf16 / "model.safetensors.index.json")
+    assert not any(n.endswith("_scale_inv") for n in index["weight_map"])
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in load_all(gemma_bf16)[1].values())
+
+
+@pytest.mark.parametrize("dtype,torch_dtype,name", [("f16", torch.float16, "float16"), ("f32", torch.float32, "float32")])
+def test_other_dtypes_match_transformers(gemma_dst, tmp_path, dtype, torch_dtype, name):
+    out_dir = dequantized(gemma_dst, tmp_path / dtype, "--dtype", dtype)
+    _, fp8 = load_all(gemma_dst)
+    _, out = load_all(out_dir)
+    weights = [n for n, t in fp8.items() if t.dtype == torch.float8_e4m3fn]
+    for n in weights:
+        assert out[n].dtype == torch_dtype
+        assert raw(out[n]) == raw(transformers_dequantize(fp8[n], fp8[scale_name(n)], torch_dtype)), n
+    assert read_json(out_dir / "config.json")["dtype"] == name
+
+
+def test_many_stripes_give_the_same_bytes(gemma_dst, gemma_bf16, tmp_path, monkeypatch):
+    monkeypatch.setattr(dq, "STRIPE_BYTES", 64 * 64)  # one block row per stripe
+    out_dir = dequantized(gemma_dst, tmp_path / "o", "--max-shard-size", "300KB")
+    assert tree_digest(out_dir) == tree_digest(gemma_bf16)
+
+
+# --- round trips: our own outputs ----------------------------------------------------------------------------------
+
+
+def assert_round_trip(src: Path, tmp_path: Path, *convert_args) -> dict:
+    """convert, dequantize, convert again: the second FP8 checkpoint is the first, byte for byte."""
+    fp8 = converted(src, tmp_path / "fp8", *convert_args)
+    bf16 = dequantized(fp8, tmp_path / "bf16")
+    again = converted(bf16, tmp_path / "again", *convert_args, "--base-model", src.name)
+    digest = tree_digest(fp8)
+    assert tree_digest(again) == digest
+    return load_all(fp8)[1]
+
+
+def test_round_trip_dense_64(gemma_src, gemma_dst, gemma_bf16, tmp_path):
+    again = converted(gemma_bf16, tmp_path / "again", "--max-shard-size", "300KB", "--base-model", gemma_src.name)
+    assert tree_digest(again) == tree_digest(gemma_dst)
+
+
+def test_round_trip_dense_128(gemma_src, tmp_path):
+    fp8 = assert_round_trip(gemma_src, tmp_path, "--block-size", "128")
+    assert sum(t.dtype == torch.float8_e4m3fn for t in fp8.values()) == 22
+
+
+def test_round_trip_moe_64(tmp_path):
+    src = build_checkpoint(tmp_path / "gemma-4-moe", gemma4_moe_config())
+    fp8 = assert_round_trip(src, tmp_path, "--config", "gemma-4-26b-a4b-it")
+    experts = [n for n, t in fp8.items() if n.endswith("experts.gate_up_proj")]
+    assert len(experts) == 2 and fp8[experts[0]].dtype == torch.float8_e4m3fn
+
+
+def test_round_trip_moe_128_and_experts_match_transformers(tmp_path):
+    src = build_checkpoint(tmp_path / "gemma-4-moe-128", moe_128_config())
+    fp8 = assert_round_trip(src, tmp_path, "--config", "gemma-4-26b-a4b-it", "--block-size", "128")
+    _, out = load_all(tmp_path / "bf16")
+    experts = sorted(n for n, t in fp8.items() if ".experts." in n and t.dtype == torch.float8_e4m3fn)
+    assert len(experts) == 4
+    for name in experts:  # transformers 5.24 does not dequantize experts on load: its own op is the reference
+        s = fp8[name + "_scale_inv"]
+        assert s.shape == (4, fp8[name].shape[1] // 128, fp8[name].shape[2] // 128)
+        assert raw(out[name]) == raw(transformers_dequantize(fp8[name], s)), name
+    from transformers import Gemma4ForConditionalGeneration
+
+    _, info = Gemma4ForConditionalGeneration.from_pretrained(tmp_path / "bf16", output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+
+
+# --- other dialects: UE8M0 scales, DeepSeek-V3 style, non-square blocks ------------------------------------------
+
+
+def test_ue8m0_scales_made_by_transformers(gemma_src, gemma_dst, tmp_path):
+    """A UE8M0 checkpoint quantized by transformers' own `Fp8Quantize(scale_fmt="ue8m0")`, dequantized to what
+    transformers loads from it."""
+    from transformers import Gemma4ForConditionalGeneration
+
+    class Quantizer:
+        quantization_config = FineGrainedFP8Config(weight_block_size=(64, 64), scale_fmt="ue8m0")
+
+    _, src = load_all(gemma_src)
+    _, ours = load_all(gemma_dst)
+    tensors = {}
+    for name, t in src.items():
+        tensors.update(Fp8Quantize(Quantizer()).convert({name: t}) if ours[name].dtype == torch.float8_e4m3fn
+                       else {name: t})
+    qc = {**read_json(gemma_dst / "config.json")["quantization_config"], "scale_fmt": "ue8m0"}
+    ckpt = fp8_checkpoint(tmp_path / "ue8m0", tensors, qc, read_json(gemma_src / "config.json"))
+    assert tensors["model.language_model.layers.0.mlp.up_proj.weight_scale_inv"].dtype == torch.float8_e8m0fnu
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(gemma_src / f, ckpt / f)
+    out_dir = dequantized(ckpt, tmp_path / "bf16")
+    out = tensors_of(out_dir)
+    loaded = Gemma4ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16).state_dict()
+    weights = [n for n, t in tensors.items() if t.dtype == torch.float8_e4m3fn]
+    assert len(weights) == 27
+    for name in weights:
+        assert raw(out[name]) == raw(loaded[name]), name
+    assert "ue8m0 scales" in (out_dir / "README.md").read_text()
+
+
+def test_deepseek_v3_style_with_blocks_cut_short_and_experts(tmp_path):
+    """128x128 blocks, `fmt: e4m3`, a 576-row projection whose last block row is cut short (as DeepSeek-V3's
+    kv_a_proj_with_mqa), a 2-D FP8 weight next to BF16 ones, and 3-D experts whose rows do not divide."""
+    gen = torch.Generator().manual_seed(3)
+    qc = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+    shapes = {"model.layers.0.self_attn.kv_a_proj_with_mqa.weight": (576, 320),
+              "model.layers.0.mlp.experts": (3, 200, 256), "model.layers.0.mlp.down_proj.weight": (256, 384)}
+    tensors = {"model.embed_tokens.weight": torch.randn(64, 320, generator=gen).to(torch.bfloat16)}
+    for name, shape in shapes.items():
+        *lead, rows, cols = shape
+        tensors[name] = (torch.randn(shape, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        tensors[scale_name(name)] = torch.rand((*lead, -(-rows // 128), -(-cols // 128)), generator=gen) * 1e-3
+    src = fp8_checkpoint(tmp_path / "ds", tensors, qc, {"model_type": "deepseek_v3", "torch_dtype": "bfloat16"})
+    out_dir = dequantized(src, tmp_path / "bf16", "--dtype", "f32")
+    out = tensors_of(out_dir)
+    assert set(out) == {"model.embed_tokens.weight", *shapes}
+    for name in shapes:
+        assert raw(out[name]) == raw(float64_dequantize(tensors[name], tensors[scale_name(name)], (128, 128),
+                                                        torch.float32)), name
+    name = "model.layers.0.mlp.down_proj.weight"  # a grid that divides: transformers' op agrees
+    assert raw(out[name]) == raw(transformers_dequantize(tensors[name], tensors[scale_name(name)], torch.float32))
+    assert read_json(out_dir / "config.json") == {"model_type": "deepseek_v3", "torch_dtype": "float32"}
+    assert (out_dir / "model.safetensors").is_file() and not (out_dir / "model.safetensors.index.json").exists()
+
+
+def test_non_square_blocks(tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [64, 128]}
+    w = (torch.randn(192, 256, generator=gen) * 50).to(torch.float8_e4m3fn)
+    s = torch.rand(3, 2, generator=gen)
+    src = fp8_checkpoint(tmp_path / "ns", {"m.weight": w, "m.weight_scale_inv": s}, qc)
+    out = tensors_of(dequantized(src, tmp_path / "o"))
+    assert raw(out["m.weight"]) == raw(transformers_dequantize(w, s))
+    assert raw(out["m.weight"]) == raw(float64_dequantize(w, s, (64, 128)))
+
+
+# --- refusals ------------------------------------------------------------------------------------------------------
+
+
+def refused(src: Path, tmp_path: Path) -> str:
+    result = run_cli("dequantize", "--src", src, "--dst", tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    assert not (tmp_path / "out").exists()
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def tiny(**extra) -> dict:
+    gen = torch.Generator().manual_seed(5)
+    return {"m.weight": (torch.randn(128, 128, generator=gen) * 50).to(torch.float8_e4m3fn),
+            "m.weight_scale_inv": torch.ones(2, 2), **extra}
+
+
+QC = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [64, 64]}
+
+
+def test_refuses_a_bf16_checkpoint(gemma_src, tmp_path):
+    assert refused(gemma_src, tmp_path) == (f"convert-fp8: error: {gemma_src}/config.json: no quantization_config: "
+                                            "not an FP8 checkpoint, nothing to dequantize")
+
+
+def test_refuses_compressed_tensors_by_name(tmp_path):
+    src = fp8_checkpoint(tmp_path / "ct", tiny(), {"quant_method": "compressed-tensors", "format": "float-quantized"})
+    assert refused(src, tmp_path) == (f"convert-fp8: error: {src}/config.json: quant_method 'compressed-tensors' "
+                                      "cannot be dequantized by this tool (it reads fp8)")
+
+
+def test_refuses_a_weight_without_its_scale(tmp_path):
+    tensors = tiny()
+    del tensors["m.weight_scale_inv"]
+    src = fp8_checkpoint(tmp_path / "noscale", tensors, QC)
+    assert refused(src, tmp_path) == (f"convert-fp8: error: {src}/model.safetensors: FP8 weight m.weight has no "
+                                      "scale m.weight_scale_inv in the checkpoint")
+
+
+def test_refuses_a_scale_grid_that_does_not_fit(tmp_path):
+    src = fp8_checkpoint(tmp_path / "grid", tiny(**{"m.weight_scale_inv": torch.ones(2, 3)}), QC)
+    assert refused(src, tmp_path) == (f"convert-fp8: error: {src}/model.safetensors: scale m.weight_scale_inv has "
+                                      "shape [2, 3], but weight m.weight [128, 128] in 64x64 blocks needs [2, 2]")
+
+
+def test_refuses_nan_scales_and_removes_what_it_wrote(tmp_path):
+    scales = torch.ones(2, 2)
+    scales[1, 0] = float("nan")
+    src = fp8_checkpoint(tmp_path / "nan", tiny(**{"m.weight_scale_inv": scales}), QC)
+    assert refused(src, tmp_path) == (f"convert-fp8: error: {src}/model.safetensors: scale m.weight_scale_inv is "
+                                      "nan at block (1, 0); the checkpoint is damaged")
+
+
+def test_refuses_a_scale_of_no_weight(tmp_path):
+    src = fp8_checkpoint(tmp_path / "orphan", tiny(**{"n.weight_scale_inv": torch.ones(1)}), QC)
+    assert refused(src, tmp_path) == (f"convert-fp8: error: {src}/model.safetensors: scale n.weight_scale_inv "
+                                      "belongs to no FP8 weight (n.weight is missing or not F8_E4M3)")
+
+
+# --- resume ------------------------------------------------------------------------------------------------------
+
+
+def test_sigkill_then_same_command_gives_the_same_bytes(gemma_dst, gemma_bf16, tmp_path, monkeypatch):
+    dst = tmp_path / "out"
+    args = ("dequantize", "--src", gemma_dst, "--dst", dst, "--max-shard-size", "300KB")
+    done = subprocess.run([sys.executable, str(HERE / "kill_after.py"), "pieces", "30", *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, "CONVERT_FP8_NO_PROGRESS": "1"})
+    assert done.returncode == -9, done.stderr[-2000:]
+    staging = dst / ".convert-fp8.partial"
+    assert len((staging / "manifest-part-1-of-1.jsonl").read_text().splitlines()) == 30
+    assert not (dst / "config.json").exists()
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "resumed: kept" in result.output
+    assert tree_digest(dst) == tree_digest(gemma_bf16) and not staging.exists()
+
+
+def test_a_conversion_left_in_dst_is_refused(gemma_src, gemma_dst, tmp_path):
+    dst = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(HERE / "kill_after.py"), "pieces", "5", "--src", str(gemma_src),
+                           "--dst", str(dst)], capture_output=True, text=True)
+    assert done.returncode == -9, done.stderr[-2000:]
+    result = run_cli("dequantize", "--src", gemma_dst, "--dst", dst)
+    assert result.exit_code == 2
+    assert "holds the partial output of a different conversion" in result.output
