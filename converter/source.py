@@ -108,37 +108,77 @@ def parse_header_bytes(path: Path, raw: bytes, header_len: int, file_size: int) 
         if not isinstance(header, dict):
             raise ValueError("not a JSON object")
     except ValueError as exc:
-        raise SourceError(f"{path}: corrupt header: not valid JSON ({exc})") from None
+        raise SourceError(f"{path}: corrupt header: not valid JSON ({_short(exc)})") from None
+    except RecursionError:
+        raise SourceError(f"{path}: corrupt header: JSON nested too deeply") from None
 
     data_start = 8 + header_len
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SourceError(f"{path}: corrupt header: __metadata__ must map names to strings")
     tensors = {}
     for name, entry in header.items():
         tensors[name] = _parse_entry(path, name, entry, data_start, file_size)
+    _check_no_overlap(path, tensors)
     return ShardHeader(tensors=tensors, metadata=metadata, data_start=data_start, file_size=file_size)
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _parse_entry(path: Path, name: str, entry, data_start: int, file_size: int) -> TensorInfo:
-    try:
-        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        shape = tuple(int(d) for d in shape)
-        begin, end = int(begin), int(end)
-    except (KeyError, TypeError, ValueError):
-        raise SourceError(f"{path}: corrupt header: entry for {name!r} lacks dtype, shape or data_offsets") from None
-    if dtype not in DTYPE_SIZES:
-        raise SourceError(f"{path}: tensor {name!r} has dtype {dtype!r}, which this tool does not know")
-    if any(d < 0 for d in shape) or not 0 <= begin <= end:
-        raise SourceError(f"{path}: corrupt header: bad shape or offsets for {name!r}")
-    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    """One tensor's entry, checked as strictly as safetensors itself: a string dtype, a list of non-negative
+    integer dimensions, two integer offsets (no floats, booleans or strings standing in for numbers)."""
+    shown = _short(name)
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise SourceError(f"{path}: corrupt header: entry for {shown!r} lacks dtype, shape or data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise SourceError(f"{path}: tensor {shown!r} has dtype {_short(dtype)!r}, which this tool does not know")
+    if (not isinstance(shape, list) or not all(map(_is_count, shape)) or not isinstance(offsets, list)
+            or len(offsets) != 2 or not all(map(_is_count, offsets)) or offsets[0] > offsets[1]):
+        raise SourceError(f"{path}: corrupt header: bad shape or offsets for {shown!r}")
+    shape, (begin, end) = tuple(shape), offsets
+    expected = _numel_up_to(shape, file_size) * DTYPE_SIZES[dtype]
     if end - begin != expected:
         raise SourceError(
-            f"{path}: corrupt header: {name!r} is {dtype}{list(shape)} ({expected} bytes) but spans {end - begin}"
+            f"{path}: corrupt header: {shown!r} is {dtype}{_short(list(shape))} ({_short(expected)} bytes) but spans "
+            f"{_short(end - begin)}"
         )
     if data_start + end > file_size:
         raise SourceError(
-            f"{path}: truncated: {file_size} bytes on disk, but tensor {name!r} ends at byte {data_start + end}"
+            f"{path}: truncated: {file_size} bytes on disk, but tensor {shown!r} ends at byte {_short(data_start + end)}"
         )
     return TensorInfo(name=name, dtype=dtype, shape=shape, shard=path.name, offset=data_start + begin, nbytes=end - begin)
+
+
+def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
+    """Two tensors sharing bytes would be read as each other; safetensors refuses such files too."""
+    spans = sorted((t.offset, t.offset + t.nbytes, name) for name, t in tensors.items() if t.nbytes)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise SourceError(f"{path}: corrupt header: tensors {_short(first)!r} and {_short(second)!r} share bytes")
+
+
+def _numel_up_to(shape: tuple[int, ...], cap: int) -> int:
+    """The product of the dimensions, or the first partial product past `cap` (a file of `cap` bytes cannot
+    hold more elements): a hostile header's dimensions would otherwise make a number of millions of digits."""
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel > cap:
+            return numel
+    return numel
+
+
+def _short(value, limit: int = 80) -> str:
+    """A hostile header can hold names and numbers of any length: messages show at most `limit` characters."""
+    try:
+        text = str(value)
+    except ValueError:  # an integer past Python's digit limit for str()
+        return f"a {value.bit_length()}-bit number"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def open_source(src: Path) -> SourceIndex:
@@ -161,6 +201,10 @@ def open_source(src: Path) -> SourceIndex:
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise SourceError(f"{index_path}: corrupt index: no 'weight_map'")
+        for shard in weight_map.values():  # a name like ../x would read outside the source
+            if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
+                raise SourceError(f"{index_path}: corrupt index: {_short(shard)!r} is not a .safetensors file name "
+                                  "in the source folder")
         shards = tuple(sorted(set(weight_map.values())))
         for shard in shards:
             if not (src / shard).is_file():
@@ -238,7 +282,9 @@ def _read_json(path: Path, what: str) -> dict:
     except PermissionError:
         raise SourceError(f"{path}: permission denied reading the {what}") from None
     except ValueError as exc:
-        raise SourceError(f"{path}: corrupt {what}: {exc}") from None
+        raise SourceError(f"{path}: corrupt {what}: {_short(exc, 200)}") from None
+    except RecursionError:
+        raise SourceError(f"{path}: corrupt {what}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise SourceError(f"{path}: corrupt {what}: expected a JSON object")
     return data
