@@ -5,7 +5,7 @@ import torch
 from transformers import FineGrainedFP8Config
 from transformers.integrations.finegrained_fp8 import Fp8Quantize
 
-from converter.quantize import NonFiniteError, dequantize_blocks, quantize_blocks, scale_shape, tiles_evenly
+from converter.quantize import FP8_MAX, NonFiniteError, dequantize_blocks, quantize_blocks, scale_shape, tiles_evenly
 
 
 def transformers_quantize(name: str, tensor: torch.Tensor, block: int) -> dict:
@@ -96,3 +96,78 @@ def test_shapes_that_do_not_tile():
     assert scale_shape((4304, 1152), 64) == (68, 18)
     with pytest.raises(ValueError, match="does not tile"):
         quantize_blocks(torch.zeros(100, 64), 64)
+
+
+def e4m3_ties(scale: torch.Tensor, dtype: torch.dtype, amax: float) -> torch.Tensor:
+    """Every `dtype` value w with |w| < amax whose product with `scale` (float32, exact) lies exactly halfway
+    between two neighbouring E4M3 values, with both signs."""
+    codes = torch.arange(0, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448, ascending
+    halfway = (codes[:-1] + codes[1:]) / 2
+    halfway = torch.cat([halfway, -halfway])
+    w = (halfway / scale).to(dtype)
+    exact = (w.float() * scale == halfway) & (w.float().abs() < amax)
+    return w[exact]
+
+
+def tie_tiles(dtype: torch.dtype) -> tuple[torch.Tensor, list[int]]:
+    """One 64x64 tile per amax, the amax first and then ties. amax 448 gives the scale 1.0 (a tie at every
+    midpoint); a power-of-two amax gives the scale 7 * 2**n, whose ties are the odd multiples of 21 and 7."""
+    tiles, counts = [], []
+    for amax in (448.0, 1.0, 2.0**-4, 2.0**6, 2.0**-9):
+        scale = torch.reciprocal(torch.tensor(amax)) * 448  # as the formula computes it
+        ties = e4m3_ties(scale, dtype, amax)
+        counts.append(len(ties))
+        flat = torch.cat([torch.tensor([amax], dtype=dtype), ties.repeat(4096 // max(len(ties), 1) + 1)])[:4096]
+        tiles.append(flat.reshape(64, 64))
+    return torch.cat(tiles, dim=1), counts
+
+
+def torch_cast(weight: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """E4M3 bytes by torch's own cast of each value times its tile's scale (a product that is exact here)."""
+    rows, cols = weight.shape
+    tiles = weight.float().reshape(rows // block, block, cols // block, block)
+    scale = torch.reciprocal(tiles.abs().amax(dim=(1, 3))) * FP8_MAX
+    return (tiles * scale[:, None, :, None]).to(torch.float8_e4m3fn).reshape(rows, cols).view(torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_exact_ties_round_to_even_as_torch_casts(dtype):
+    w, counts = tie_tiles(dtype)
+    assert min(counts) >= 4, counts  # every tile holds ties
+    fp8, scale_inv = assert_same_bytes(w)
+    assert torch.equal(fp8.view(torch.uint8), torch_cast(w))
+    assert scale_inv[0, 0].item() == 1.0  # amax 448: the values are cast as they are
+
+
+# Ties in a tile of amax 448 (scale 1.0) and their E4M3 bytes: 17 -> 16 and 19 -> 20 (to the even mantissa),
+# 31 -> 32 (the carry moves into the exponent), 2**-10 -> 0 and 3 * 2**-10 -> 2**-8 among the subnormals,
+# -2**-10 -> -0.0.
+TIES = {17.0: 0x58, 19.0: 0x5A, 31.0: 0x60, -17.0: 0xD8, 2.0**-10: 0x00, 3 * 2.0**-10: 0x02, -(2.0**-10): 0x80,
+        -(5 * 2.0**-10): 0x82}
+
+
+def tie_tile(dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    w = torch.full((64, 64), 448.0)
+    w[0, : len(TIES)] = torch.tensor(list(TIES))
+    return w.to(dtype)
+
+
+def test_tie_bytes():
+    fp8, _ = quantize_blocks(tie_tile(), 64)
+    assert fp8[0, : len(TIES)].view(torch.uint8).tolist() == list(TIES.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_negative_zero_keeps_its_sign(dtype):
+    w = torch.zeros(64, 192)
+    w[:, 64:128] = -0.0  # a tile of only -0.0: amax 0, scale 1
+    w[:, 128:] = 1.0
+    w[0, 0], w[5, 130], w[6, 131] = -0.0, -0.0, -(2.0**-20)  # -2**-20 * 448 rounds to -0.0
+    w = w.to(dtype)
+    fp8, _ = assert_same_bytes(w)
+    codes = fp8.view(torch.uint8)
+    assert codes[0, 0] == 0x80 and codes[1, 0] == 0x00 and codes[:, 64:128].eq(0x80).all()
+    assert codes[5, 130] == 0x80 and codes[6, 131] == 0x80
+    # torch's own cast: of the values themselves in all-zero tiles (scale 1), of the scaled values elsewhere
+    assert torch.equal(codes[:, :128], w[:, :128].float().to(torch.float8_e4m3fn).view(torch.uint8))
+    assert torch.equal(codes[:, 128:], torch_cast(w[:, 128:]))

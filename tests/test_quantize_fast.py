@@ -8,7 +8,7 @@ from converter import quantize_fast
 from converter.quantize import quantize_blocks
 
 from .conftest import run_cli, tiny_llama, tree_digest
-from .test_quantize import reference
+from .test_quantize import TIES, reference, tie_tile, tie_tiles, torch_cast
 
 pytestmark = pytest.mark.skipif(not quantize_fast.available(), reason="numba is not installed")
 
@@ -51,6 +51,23 @@ def test_edge_tiles_match_transformers(dtype, exponent, block):
     ref_fp8, ref_scale = quantize_blocks(w, block)
     assert np.array_equal(out, ref_fp8.view(torch.uint8).numpy())
     assert np.array_equal(scales, ref_scale.numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_exact_ties_and_negative_zero_match_torchs_cast(dtype):
+    w, counts = tie_tiles(dtype)
+    assert min(counts) >= 4, counts
+    out, scales, status = fast(w)
+    assert status == (quantize_fast.OK, 0)
+    assert np.array_equal(out, torch_cast(w).numpy())
+    assert fast(tie_tile(dtype))[0][0, : len(TIES)].tolist() == list(TIES.values())
+    zeros = torch.zeros(64, 128, dtype=dtype)
+    zeros[:, 64:] = -0.0  # amax 0: scale 1, each value cast as it is
+    zeros[3, 5] = -0.0
+    out, scales, _ = fast(zeros)
+    assert out[3, 5] == 0x80 and out[4, 5] == 0x00 and (out[:, 64:] == 0x80).all()
+    assert np.array_equal(out, zeros.float().to(torch.float8_e4m3fn).view(torch.uint8).numpy())
+    assert scales.tolist() == [[1.0, 1.0]]
 
 
 def test_non_finite_and_overflowing_tiles_are_reported_with_their_row():
