@@ -51,6 +51,9 @@ def _size(ctx, param, value):
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty --dst.")
 @click.option("--no-arch-check", is_flag=True, help="Skip the cross-check against transformers' own module set.")
 @click.option("--base-model", default=None, help="Base model id for the model card [source folder name].")
+@click.option("--allow-external-links", is_flag=True,
+              help="Copy files of --src that are links to places outside it (refused by default: the output may "
+                   "be published, and a link can point at anything).")
 @click.option("--quantizer", type=click.Choice(["auto", "numba", "torch"]), default="auto", show_default=True,
               help="numba: the fused CPU kernel; torch: the reference formula. Same bytes either way.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,

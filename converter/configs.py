@@ -118,6 +118,7 @@ class ConvertOptions:
     part: tuple[int, int] = (1, 1)  # (i, n): convert the i-th of n fixed subsets of the output shards
     revision: str | None = None  # Hub sources: branch, tag or commit
     low_disk: bool = False  # Hub sources: delete each downloaded shard once its tensors are written
+    allow_external_links: bool = False  # copy files of --src that link outside it (refused by default)
     scheme: FP8Scheme = field(init=False)
 
     def __post_init__(self):

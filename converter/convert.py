@@ -74,7 +74,7 @@ def load_source(options: ConvertOptions) -> SourceIndex:
     if options.revision or options.low_disk:
         raise UsageError("--revision and --low-disk apply to Hub sources (--src org/name), not to a local folder")
     _check_paths(options.src, options.dst)
-    return open_source(options.src)
+    return open_source(options.src, allow_external_links=options.allow_external_links)
 
 
 def _check_paths(src: Path, dst: Path) -> None:
@@ -201,7 +201,7 @@ def finalize(dst: Path) -> Summary:
         src=record["src"], dst=Path(dst), preset=load_preset(opts["preset"]), revision=record.get("revision"),
         extra_excludes=tuple(opts["exclude"]), block_size=opts["block_size"],
         max_shard_size=opts["max_shard_size"], arch_check=False, base_model=opts["base_model"],
-        overwrite=True, part=(n, n),
+        allow_external_links=opts.get("allow_external_links", False), overwrite=True, part=(n, n),
     )
     source, plan, notes = prepare(options, check_arch_now=False)
     if run_identity(source, plan) != record["identity"]:

@@ -37,6 +37,7 @@ def run_record(options: ConvertOptions, identity: str, stamp: dict) -> dict:
             "max_shard_size": options.max_shard_size,
             "arch_check": options.arch_check,
             "base_model": options.base_model,
+            "allow_external_links": options.allow_external_links,
         },
     }
 

@@ -12,6 +12,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from .configs import CARD_NAME, CONFIG_NAME, DTYPE_SIZES, INDEX_NAME
 from .errors import SourceError
@@ -19,9 +20,11 @@ from .errors import SourceError
 SINGLE_FILE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 
-# Files at the top of a checkpoint that hold weights in another container: copying them would ship the
-# unquantized model beside the FP8 one, and some loaders would pick them up.
-_OTHER_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".ckpt")
+# Files that hold weights in another container, at any depth (Llama repositories carry the whole model again as
+# `original/consolidated.00.pth`): copying them would ship the unquantized model, often tens of GB, beside the
+# FP8 one, and some loaders would pick them up.
+_OTHER_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".ckpt", ".onnx",
+                          ".onnx_data", ".ot", ".tflite")
 _NEVER_COPIED_DIRS = {".git", ".cache", ".huggingface"}
 
 
@@ -51,6 +54,30 @@ class ShardHeader:
     file_size: int
 
 
+class ShardProvider(Protocol):
+    """Where a remote source's files come from (`hub.HubRepo`): this module reads through it and never imports
+    it, so the Hub client depends on the source reader and not the other way."""
+
+    repo_id: str
+    commit: str | None  # set by `config()`, which resolves the requested revision once
+    snapshot: Path | None
+    warnings: list[str]
+
+    def config(self) -> dict: ...
+
+    def shard_names(self) -> tuple[list[str], dict | None]: ...
+
+    def header(self, shard: str) -> ShardHeader: ...
+
+    def other_files(self) -> list[str]: ...
+
+    def fetch(self, filename: str) -> Path: ...
+
+    def ensure(self, shard: str) -> Path: ...
+
+    def prefetch_after(self, shard: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class SourceIndex:
     """A source checkpoint as read from its headers, index and config; no tensor data.
@@ -65,8 +92,9 @@ class SourceIndex:
     files_to_copy: tuple[str, ...]  # relative paths, copied unchanged
     files_skipped: tuple[tuple[str, str], ...] = ()  # (relative path, why)
     warnings: tuple[str, ...] = field(default=())
-    provider: object | None = None  # a HubRepo when the shards are fetched on demand
+    provider: ShardProvider | None = None  # a HubRepo when the shards are fetched on demand
     name: str | None = None  # the Hub repo id, for a Hub source
+    commit: str | None = None  # the Hub commit every file is read at (resolved once); None for a local folder
 
     @property
     def nbytes(self) -> int:
@@ -181,11 +209,18 @@ def _short(value, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def open_source(src: Path) -> SourceIndex:
+def open_source(src: Path, allow_external_links: bool = False) -> SourceIndex:
     """Read a local checkpoint folder's config, index and shard headers.
 
+    Args:
+        src (`Path`): the checkpoint folder.
+        allow_external_links (`bool`, *optional*, defaults to `False`): copy files that are links resolving
+            outside `src` (by default they are refused: a cloned repository can link `tokenizer.model` to a
+            private key, and the output may be published). Links into a Hugging Face cache's `blobs/` are fine.
+
     Raises:
-        SourceError: missing folder or config, an index naming a missing shard, a bad header, a truncated shard.
+        SourceError: missing folder or config, an index naming a missing shard, a bad header, a truncated shard,
+            a file to copy that links outside `src` or to nothing.
     """
     src = Path(src)
     if not src.exists():
@@ -234,7 +269,7 @@ def open_source(src: Path) -> SourceIndex:
             )
 
     weight_files = set(shards) | {INDEX_NAME}
-    copy, skipped = _other_files(src, weight_files)
+    copy, skipped = _other_files(src, weight_files, allow_external_links)
     return SourceIndex(
         root=src,
         config=config,
@@ -253,15 +288,15 @@ def _check_same_header(path: Path, source: SourceIndex, shard: str) -> None:
         raise SourceError(f"{path}: differs from the header the plan was made from (did the repository change?)")
 
 
-def open_hub_source(repo) -> SourceIndex:
-    """A Hub repository as a `SourceIndex`: config, index and shard headers; shards stay remote until read.
+def open_hub_source(repo: ShardProvider) -> SourceIndex:
+    """A Hub repository as a `SourceIndex`: config, index and shard headers; shards stay remote until read. The
+    revision is resolved to its commit first, and every file is read at that commit.
 
     Raises:
-        SourceError: offline with the files not cached, repository or revision not found, a bad header.
+        SourceError: offline with the files not cached, repository gated, not found or revision not found, a
+            failed file listing, a bad header.
     """
-    from .hub import fetch_config
-
-    config = fetch_config(repo)
+    config = repo.config()
     shards, weight_map = repo.shard_names()
     tensors: dict[str, TensorInfo] = {}
     for shard in shards:
@@ -271,7 +306,8 @@ def open_hub_source(repo) -> SourceIndex:
                 tensors[info.name] = TensorInfo(info.name, info.dtype, info.shape, shard, info.offset, info.nbytes)
     copy, skipped = classify_files(repo.other_files(), set(shards) | {INDEX_NAME})
     return SourceIndex(root=repo.snapshot, config=config, tensors=tensors, shards=tuple(shards),
-                       files_to_copy=tuple(copy), files_skipped=tuple(skipped), provider=repo, name=repo.repo_id)
+                       files_to_copy=tuple(copy), files_skipped=tuple(skipped), warnings=tuple(repo.warnings),
+                       provider=repo, name=repo.repo_id, commit=repo.commit)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -290,13 +326,46 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-def _other_files(src: Path, weight_files: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
+def _other_files(src: Path, weight_files: set[str],
+                 allow_external_links: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
     relative = []
-    for root, dirs, files in os.walk(src):
-        dirs[:] = sorted(d for d in dirs if d not in _NEVER_COPIED_DIRS)
+    chains = {str(src): (src.resolve(),)}  # the real folders above each walked folder, to stop at link loops
+    for root, dirs, files in os.walk(src, followlinks=True):
+        chain = chains.pop(root)
+        kept = []
+        for d in sorted(dirs):
+            real = Path(root, d).resolve()
+            if d not in _NEVER_COPIED_DIRS and real not in chain:
+                kept.append(d)
+                chains[os.path.join(root, d)] = (*chain, real)
+        dirs[:] = kept
         rel_root = Path(root).relative_to(src)
         relative += [(rel_root / name).as_posix() for name in sorted(files)]
-    return classify_files(relative, weight_files)
+    copy, skipped = classify_files(relative, weight_files)
+    if not allow_external_links:
+        for rel in copy:
+            _check_link(src, rel)
+    return copy, skipped
+
+
+def _check_link(src: Path, rel: str) -> None:
+    """Refuse a file to copy that is, or sits below, a link to nothing or to a place outside `src` (other than a
+    Hugging Face cache snapshot's links into its repository's `blobs/`)."""
+    path = src / rel
+    real, root = path.resolve(), src.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    inside = any(real == a or a in real.parents for a in allowed)
+    if inside and real.exists():
+        return
+    link = next((src / Path(*Path(rel).parts[:k]) for k in range(1, len(Path(rel).parts) + 1)
+                 if (src / Path(*Path(rel).parts[:k])).is_symlink()), path)
+    target = os.readlink(link) if link.is_symlink() else real
+    if not inside:
+        raise SourceError(f"{link}: a link to {target}, outside the source folder: refusing to copy it into the "
+                          "output (replace the link by the file, or pass --allow-external-links)")
+    raise SourceError(f"{link}: a link to {target}, which does not exist")
 
 
 def classify_files(relative: list[str], weight_files: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -304,16 +373,29 @@ def classify_files(relative: list[str], weight_files: set[str]) -> tuple[list[st
     copied unchanged and those left out, with why."""
     copy, skipped = [], []
     for rel in relative:
-        top = "/" not in rel
+        name = rel.rsplit("/", 1)[-1]
         if rel in weight_files or rel == CONFIG_NAME or rel.split("/")[0] in _NEVER_COPIED_DIRS:
             continue
         if rel == CARD_NAME:
             skipped.append((rel, "replaced by the FP8 model card"))
-        elif top and (rel.endswith(_OTHER_WEIGHT_SUFFIXES) or ".safetensors" in rel):
+        elif name.endswith(".index.json") and name[: -len(".index.json")].endswith(_OTHER_WEIGHT_SUFFIXES):
+            skipped.append((rel, "the index of weights that are not copied"))
+        elif name.endswith(_OTHER_WEIGHT_SUFFIXES) or ".safetensors" in name:
             skipped.append((rel, "another copy of the unquantized weights"))
         else:
             copy.append(rel)
     return copy, skipped
+
+
+def source_card(source: SourceIndex) -> str | None:
+    """The source's model card (README.md) text, or None when it has none or it is not UTF-8."""
+    if (CARD_NAME, "replaced by the FP8 model card") not in source.files_skipped:
+        return None
+    path = source.provider.fetch(CARD_NAME) if source.provider is not None else source.root / CARD_NAME
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 class TensorReader:

@@ -1,6 +1,7 @@
 """Reading a source from its headers: order, offsets, and each kind of malformed input."""
 
 import json
+import os
 import struct
 
 import pytest
@@ -78,3 +79,113 @@ def test_missing_things(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
     with pytest.raises(SourceError, match="names shard 'gone.safetensors'"):
         open_source(tmp_path)
+
+
+def test_weight_copies_at_any_depth_are_skipped():
+    from converter.source import classify_files
+
+    files = ["README.md", "tokenizer.json", "1_Pooling/config.json", "original/params.json",
+             "original/tokenizer.model", "original/consolidated.00.pth", "original/consolidated.01.pth",
+             "onnx/model.onnx", "onnx/model.onnx_data", "2_Dense/model.safetensors", "gguf/model-Q4_K_M.gguf",
+             "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json", "old/model.safetensors.index.json",
+             "tf_model.h5", "training_args.bin", "model-00001-of-00001.safetensors"]
+    copy, skipped = classify_files(files, {"model-00001-of-00001.safetensors"})
+    assert copy == ["tokenizer.json", "1_Pooling/config.json", "original/params.json", "original/tokenizer.model"]
+    assert dict(skipped) == {
+        "README.md": "replaced by the FP8 model card",
+        "original/consolidated.00.pth": "another copy of the unquantized weights",
+        "original/consolidated.01.pth": "another copy of the unquantized weights",
+        "onnx/model.onnx": "another copy of the unquantized weights",
+        "onnx/model.onnx_data": "another copy of the unquantized weights",
+        "2_Dense/model.safetensors": "another copy of the unquantized weights",
+        "gguf/model-Q4_K_M.gguf": "another copy of the unquantized weights",
+        "pytorch_model-00001-of-00002.bin": "another copy of the unquantized weights",
+        "pytorch_model.bin.index.json": "the index of weights that are not copied",
+        "old/model.safetensors.index.json": "the index of weights that are not copied",
+        "tf_model.h5": "another copy of the unquantized weights",
+        "training_args.bin": "another copy of the unquantized weights",
+    }
+
+
+def test_dry_run_lists_the_nested_weight_copies_it_skips(gemma_copy, tmp_path):
+    from .conftest import run_cli, tree_digest
+
+    (gemma_copy / "original").mkdir()
+    (gemma_copy / "original" / "consolidated.00.pth").write_bytes(b"\0" * 1000)
+    (gemma_copy / "original" / "params.json").write_text("{}")
+    result = run_cli("--src", gemma_copy, "--dst", tmp_path / "out", "--dry-run", "--no-arch-check")
+    assert result.exit_code == 0, result.output
+    assert "not copied: original/consolidated.00.pth (another copy of the unquantized weights)" in result.output
+    assert "not copied: original/params.json" not in result.output
+    result = run_cli("--src", gemma_copy, "--dst", tmp_path / "out", "--no-arch-check")
+    assert result.exit_code == 0, result.output
+    written = tree_digest(tmp_path / "out")
+    assert "original/params.json" in written and "original/consolidated.00.pth" not in written
+
+
+@pytest.fixture
+def linked_src(tmp_path):
+    """A one-shard checkpoint plus a file that only its links point at."""
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"a.weight": torch.zeros(64, 64, dtype=torch.bfloat16)}, src / "model.safetensors")
+    (src / "config.json").write_text("{}")
+    (tmp_path / "secret").write_text("private key\n")
+    return src
+
+
+def test_a_link_out_of_the_source_is_refused_unless_allowed(linked_src, tmp_path):
+    os.symlink(tmp_path / "secret", linked_src / "tokenizer.model")
+    with pytest.raises(SourceError) as caught:
+        open_source(linked_src)
+    assert str(caught.value) == (
+        f"{linked_src / 'tokenizer.model'}: a link to {tmp_path / 'secret'}, outside the source folder: refusing to "
+        "copy it into the output (replace the link by the file, or pass --allow-external-links)")
+    assert open_source(linked_src, allow_external_links=True).files_to_copy == ("tokenizer.model",)
+
+
+def test_a_folder_link_out_of_the_source_is_refused_by_its_name(linked_src, tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "id_rsa").write_text("private key\n")
+    os.symlink("../elsewhere", linked_src / "extras")
+    with pytest.raises(SourceError, match=r"/src/extras: a link to \.\./elsewhere, outside the source folder"):
+        open_source(linked_src)
+    assert open_source(linked_src, allow_external_links=True).files_to_copy == ("extras/id_rsa",)
+
+
+def test_links_inside_the_source_and_loops_are_fine(linked_src):
+    (linked_src / "tok").mkdir()
+    (linked_src / "tok" / "tokenizer.json").write_text("{}")
+    os.symlink("tok/tokenizer.json", linked_src / "tokenizer.json")
+    os.symlink("..", linked_src / "tok" / "up")  # a loop: walked once, not forever
+    source = open_source(linked_src)
+    assert source.files_to_copy == ("tokenizer.json", "tok/tokenizer.json")
+
+
+def test_a_broken_link_is_named(linked_src):
+    os.symlink("gone.json", linked_src / "tokenizer.json")
+    with pytest.raises(SourceError, match=r"/src/tokenizer.json: a link to gone.json, which does not exist$"):
+        open_source(linked_src)
+
+
+def test_a_hugging_face_cache_snapshot_is_a_source_as_it_is(linked_src, tmp_path):
+    from .test_resume import hub_cache
+
+    (linked_src / "tokenizer.json").write_text("{}")
+    cache = hub_cache(tmp_path / "hub", "acme/toy", linked_src)
+    snapshot = next((cache / "models--acme--toy" / "snapshots").iterdir())
+    assert (snapshot / "tokenizer.json").is_symlink()
+    source = open_source(snapshot)
+    assert source.files_to_copy == ("tokenizer.json",) and list(source.tensors) == ["a.weight"]
+
+
+def test_the_cli_flag_allows_a_link_out_of_the_source(linked_src, tmp_path):
+    from .conftest import run_cli
+
+    os.symlink(tmp_path / "secret", linked_src / "tokenizer.model")
+    result = run_cli("--src", linked_src, "--dst", tmp_path / "out", "--no-arch-check")
+    assert result.exit_code == 1 and "outside the source folder: refusing to copy it" in result.stderr
+    assert not (tmp_path / "out").exists()
+    result = run_cli("--src", linked_src, "--dst", tmp_path / "out", "--no-arch-check", "--allow-external-links")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "tokenizer.model").read_text() == "private key\n"
