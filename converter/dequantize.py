@@ -399,11 +399,9 @@ def _usable_pieces(done: dict, copies, weights, plan: DequantPlan) -> dict:
 def _dequantize_lane(weights, plan: DequantPlan, source: SourceIndex, stop: Stop, advance: Progress,
                      manifest: Manifest, done: dict, finished: Callable) -> int:
     """Read, dequantize and write every FP8 weight stripe by stripe, each stripe's write overlapping the next
-    stripe's arithmetic."""
-    import torch
-
-    dtype = getattr(torch, _TORCH_DTYPE_NAMES[plan.dtype])
+    stripe's arithmetic (at most one write in flight, so the two output buffers are never overwritten early)."""
     kept = 0
+    engine = _Dequantizer(plan.dtype)
     with TensorReader(source) as reader, ThreadPoolExecutor(1, thread_name_prefix="convert-fp8-write") as io:
         for writer, t in weights:
             pair = plan.pairs[t.name]
@@ -418,13 +416,12 @@ def _dequantize_lane(weights, plan: DequantPlan, source: SourceIndex, stop: Stop
                     todo.append((first, rows, scale_first))
             scale_inv = _read_scales(reader, pair, source) if todo else None
             writing = None
-            for first, rows, scale_first in todo:
+            for k, (first, rows, scale_first) in enumerate(todo):
                 if stop.is_set():
                     return kept
-                raw = reader.read(info, first * cols, rows * cols)
-                fp8 = torch.frombuffer(raw, dtype=torch.float8_e4m3fn).view(rows, cols)
+                codes = engine.read(reader, info, first, rows)
                 scale_rows = scale_inv[scale_first: scale_first + -(-rows // pair.block[0])]
-                out = dequantize_rows(fp8, scale_rows, pair.block, dtype).view(torch.uint8).numpy()
+                out = engine.dequantize(codes, scale_rows, pair.block, slot=k % 2)
                 if writing is not None:
                     writing.result()
                 writing = io.submit(_write_stripe, writer, manifest, t.name, _stripe_start(t, first), out)
@@ -434,6 +431,48 @@ def _dequantize_lane(weights, plan: DequantPlan, source: SourceIndex, stop: Stop
             advance(pair.scale.nbytes)
             finished(t)
     return kept
+
+
+class _Dequantizer:
+    """Reads stripes of E4M3 codes into a reused buffer and dequantizes them into two output buffers used in turn:
+    numba table lookups where numba is installed, the torch formula otherwise (same bytes)."""
+
+    def __init__(self, dtype: str):
+        import numpy as np
+        import torch
+
+        from . import dequantize_fast
+
+        self.fast = dequantize_fast if dequantize_fast.available() else None
+        self.torch_dtype = getattr(torch, _TORCH_DTYPE_NAMES[dtype])
+        self.bits = {2: np.uint16, 4: np.uint32}[DTYPE_SIZES[dtype]]
+        self._codes = np.empty(0, np.uint8)
+        self._outs = [np.empty(0, self.bits), np.empty(0, self.bits)]
+
+    def read(self, reader: TensorReader, info, first: int, rows: int):
+        import numpy as np
+
+        cols = info.shape[-1]
+        if len(self._codes) < rows * cols:
+            self._codes = np.empty(rows * cols, np.uint8)
+        codes = self._codes[: rows * cols]
+        reader.read_into(info, first * cols, memoryview(codes))
+        return codes.reshape(rows, cols)
+
+    def dequantize(self, codes, scale_inv, block: tuple[int, int], slot: int):
+        """The stripe's output bits, in output buffer `slot` (numba) or a new array (torch)."""
+        import numpy as np
+        import torch
+
+        rows, cols = codes.shape
+        if self.fast is None:
+            fp8 = torch.from_numpy(codes).view(torch.float8_e4m3fn)
+            return dequantize_rows(fp8, scale_inv, block, self.torch_dtype).view(torch.uint8).numpy()
+        if len(self._outs[slot]) < rows * cols:
+            self._outs[slot] = np.empty(rows * cols, self.bits)
+        out = self._outs[slot][: rows * cols].reshape(rows, cols)
+        self.fast.dequantize_into(codes, scale_inv, block, self.torch_dtype, out)
+        return out
 
 
 def _write_stripe(writer: ShardWriter, manifest: Manifest, name: str, start: int, data) -> None:

@@ -346,3 +346,27 @@ def test_a_conversion_left_in_dst_is_refused(gemma_src, gemma_dst, tmp_path):
     result = run_cli("dequantize", "--src", gemma_dst, "--dst", dst)
     assert result.exit_code == 2
     assert "holds the partial output of a different conversion" in result.output
+
+
+def test_the_torch_formula_without_numba_gives_the_same_bytes(gemma_dst, gemma_bf16, tmp_path, monkeypatch):
+    from converter import dequantize_fast
+
+    monkeypatch.setattr(dequantize_fast, "available", lambda: False)
+    out_dir = dequantized(gemma_dst, tmp_path / "o", "--max-shard-size", "300KB")
+    assert tree_digest(out_dir) == tree_digest(gemma_bf16)
+
+
+def test_lookup_tables_give_the_torch_formula_on_every_code_and_extreme_scales():
+    import numpy as np
+
+    from converter.dequantize_fast import dequantize_into
+
+    codes = torch.arange(256, dtype=torch.uint8).repeat(200, 1)[:, torch.randperm(256)].contiguous()  # NaN codes too
+    scales = torch.exp2(torch.randint(-149, 128, (4, 3)).float()) * (1 + torch.rand(4, 3))
+    scales[0, 0], scales[1, 1], scales[2, 2] = float("inf"), 0.0, torch.finfo(torch.float32).max
+    for dtype, bits, np_bits in [(torch.bfloat16, torch.uint16, np.uint16), (torch.float16, torch.uint16, np.uint16),
+                                 (torch.float32, torch.uint32, np.uint32)]:
+        ref = dq.dequantize_rows(codes.view(torch.float8_e4m3fn), scales, (64, 100), dtype).view(bits).numpy()
+        out = np.empty((200, 256), np_bits)
+        dequantize_into(codes.numpy(), scales, (64, 100), dtype, out)  # blocks cut short in both directions
+        assert (out == ref).all(), dtype
