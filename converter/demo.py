@@ -116,6 +116,63 @@ def _save_tokenizer(path: Path, vocab_size: int) -> None:
     fast.save_pretrained(path)
 
 
+# sentence-transformers' files for a mean-pooled, normalized encoder (what `validate` reads of them)
+SENTENCE_TRANSFORMERS_MODULES = [
+    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+]
+
+
+def build_sentence_encoder(path: Path, seed: int = 0, hidden_size: int = 128, layers: int = 2,
+                           sentence_transformers: bool = True, head=None) -> Path:
+    """Save a random BERT encoder as a sentence-embedding model is published: one `model.safetensors`, a
+    WordPiece tokenizer whose words cover `validate`'s sentences and, with `sentence_transformers`, the
+    `modules.json` layout with mean pooling and a Normalize module. `head` (a BERT class name such as
+    "BertForSequenceClassification", with three labels) saves that head instead of the bare encoder."""
+    import torch
+    import transformers
+
+    from .validate import SENTENCES
+
+    words = sorted({w.strip(".,").lower() for s in SENTENCES for w in s.split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + words
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                                     num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=64,
+                                     num_labels=3)
+    torch.manual_seed(seed)
+    model = getattr(transformers, head or "BertModel")(config).to(torch.bfloat16).eval()
+    path = Path(path)
+    model.save_pretrained(path)
+    _save_wordpiece_tokenizer(path, vocab)
+    if sentence_transformers:
+        (path / "modules.json").write_text(json.dumps(SENTENCE_TRANSFORMERS_MODULES, indent=2) + "\n")
+        (path / "sentence_bert_config.json").write_text('{"max_seq_length": 64, "do_lower_case": false}\n')
+        (path / "1_Pooling").mkdir(exist_ok=True)
+        pooling = {"word_embedding_dimension": hidden_size, "pooling_mode_cls_token": False,
+                   "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+                   "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+                   "pooling_mode_lasttoken": False, "include_prompt": True}
+        (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n")
+    return path
+
+
+def _save_wordpiece_tokenizer(path: Path, vocab: list[str]) -> None:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    ids = {tok: i for i, tok in enumerate(vocab)}
+    tok = Tokenizer(models.WordPiece(vocab=ids, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(path)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
