@@ -1,4 +1,8 @@
-"""The model card (README.md) of a converted checkpoint. Pure text from the plan."""
+"""The model card (README.md) of a converted checkpoint: pure text from the plan and the source's own card.
+
+The front matter keeps what still holds for the FP8 copy (licence, languages, task, library, gating prompts,
+tags) so that the card can be uploaded as is, and names the source as its quantized base model.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +10,93 @@ from . import __version__
 from .configs import format_size
 from .plan import Plan
 
+# Source front-matter keys that hold for a quantized copy as well, in the order they are written. `base_model`
+# (the source's own base), `model-index` (its evaluation results) and the rest describe the source only.
+KEPT_KEYS = ("license", "license_name", "license_link", "language", "pipeline_tag", "library_name")
+GATED_PREFIX = "extra_gated_"
+OWN_TAGS = ("fp8", "convert-fp8")
 
-def model_card(plan: Plan, base_model: str, repo_name: str) -> str:
+
+class UnreadableFrontMatter(ValueError):
+    """The source card's front matter is not a YAML mapping."""
+
+
+def source_front_matter(card: str | None) -> dict:
+    """The YAML front matter of a model card (`---` lines around it, at the very top), as a dict.
+
+    Raises:
+        UnreadableFrontMatter: it is there but is not valid YAML, or not a mapping.
+    """
+    import yaml
+
+    if not card:
+        return {}
+    lines = card.lstrip("\ufeff").splitlines()
+    if not lines or lines[0].strip() != "---":
+        return {}
+    try:
+        end = next(i for i in range(1, len(lines)) if lines[i].strip() == "---")
+    except StopIteration:
+        raise UnreadableFrontMatter("no closing '---' line") from None
+    try:
+        data = yaml.safe_load("\n".join(lines[1:end]))
+    except yaml.YAMLError as exc:
+        raise UnreadableFrontMatter(str(exc).splitlines()[0]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UnreadableFrontMatter("not a mapping")
+    return data
+
+
+def card_front_matter(source: dict, base_model_id: str | None) -> dict:
+    """What the FP8 card's front matter holds: the kept source keys, the base model and the tags."""
+    out = {key: source[key] for key in KEPT_KEYS if key in source}
+    if base_model_id:
+        out["base_model"] = base_model_id
+        out["base_model_relation"] = "quantized"
+    tags = source.get("tags")
+    tags = [tags] if isinstance(tags, str) else list(tags) if isinstance(tags, list) else []
+    out["tags"] = list(dict.fromkeys([*tags, *OWN_TAGS]))
+    out.update({key: value for key, value in source.items() if str(key).startswith(GATED_PREFIX)})
+    return out
+
+
+def model_card(plan: Plan, base_model: str, repo_name: str, source_card: str | None = None,
+               base_model_id: str | None = None, commit: str | None = None) -> str:
+    """The README.md of the FP8 checkpoint.
+
+    Args:
+        plan (`Plan`): the conversion.
+        base_model (`str`): the source's name, as the text shows it.
+        repo_name (`str`): the FP8 checkpoint's name, for the loading example.
+        source_card (`str`, *optional*): the source's README.md; its front matter that still holds is kept.
+        base_model_id (`str`, *optional*): the source's Hub id, written as `base_model` (left out when unknown:
+            the Hub refuses a card whose `base_model` is not a model id).
+        commit (`str`, *optional*): the Hub commit the source was read at.
+    """
+    import yaml
+
+    try:
+        source_meta, unreadable = source_front_matter(source_card), None
+    except UnreadableFrontMatter as exc:
+        source_meta, unreadable = {}, str(exc)
+    front = yaml.safe_dump(card_front_matter(source_meta, base_model_id), sort_keys=False, allow_unicode=True,
+                           default_flow_style=False, width=1000)
     block = plan.scheme.block_size
     archs = plan.config.get("architectures") or ["(unknown architecture)"]
-    excluded = "\n".join(f"- `{m}`" for m in plan.modules_to_not_convert) or "- (none)"
-    kept_reasons = sorted(set(plan.kept_linears.values()))
-    kept = "\n".join(f"- {r}" for r in kept_reasons) or "- (none)"
+    excluded = _items(f"`{m}`" for m in plan.modules_to_not_convert)
+    kept = _items(sorted(set(plan.kept_linears.values())))
+    origin = f"`{base_model}`" + (f" at commit `{commit}`" if commit else "")
+    warning = (f"\n> The source card's metadata could not be read ({unreadable}): copy its licence into the front "
+               "matter above before publishing.\n" if unreadable else "")
     return f"""---
-base_model: {base_model}
-tags:
-- fp8
-- convert-fp8
----
+{front}---
 # {repo_name}
 
-Fine-grained FP8 (block-quantized) version of `{base_model}` ({archs[0]}), converted offline by
+Fine-grained FP8 (block-quantized) version of {origin} ({archs[0]}), converted offline by
 convert-fp8 {__version__} without loading the model.
-
+{warning}
 - {len(plan.fp8_modules)} Linear weights stored as FP8 E4M3 with per-{block}x{block}-block float32 scales
   (`weight_scale_inv`), byte-identical to transformers' `FineGrainedFP8Config(weight_block_size=({block}, {block}))`
   quantization; activations are quantized at run time (`activation_scheme: dynamic`).
@@ -50,3 +123,8 @@ tok = AutoTokenizer.from_pretrained("{repo_name}")
 On a GPU of compute capability 8.9 or newer transformers runs the FP8 kernel (`kernels` package, version matching
 your transformers); on a CPU it dequantizes to BF16 on load.
 """
+
+
+def _items(texts) -> str:
+    """A sub-list under a list item: indented to the item's text, or Markdown renders it as the outer list."""
+    return "\n".join(f"  - {t}" for t in texts) or "  - (none)"

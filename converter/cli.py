@@ -50,7 +50,8 @@ def _size(ctx, param, value):
 @click.option("--dry-run", is_flag=True, help="Print the plan from headers alone; write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty --dst.")
 @click.option("--no-arch-check", is_flag=True, help="Skip the cross-check against transformers' own module set.")
-@click.option("--base-model", default=None, help="Base model id for the model card [source folder name].")
+@click.option("--base-model", default=None, metavar="ORG/NAME",
+              help="Hub id of the source, the model card's base_model [a Hub source's repo id; none for a folder].")
 @click.option("--allow-external-links", is_flag=True,
               help="Copy files of --src that are links to places outside it (refused by default: the output may "
                    "be published, and a link can point at anything).")

@@ -10,7 +10,7 @@ from .card import model_card
 from .configs import CARD_NAME, CONFIG_NAME, INDEX_NAME, ConvertOptions
 from .errors import WriteError
 from .plan import Plan
-from .source import SourceIndex, read_header
+from .source import SourceIndex, read_header, source_card
 from .write import OutputDir, config_json, index_json
 
 
@@ -40,7 +40,9 @@ def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, option
             origin = source.provider.fetch(relative) if source.provider is not None else source.root / relative
             out.copy_file(origin, relative)
         base = options.base_model or source.name or source.root.resolve().name
-        out.write_text(CARD_NAME, model_card(plan, base_model=base, repo_name=f"{Path(base).name}-FP8"))
+        out.write_text(CARD_NAME, model_card(plan, base_model=base, repo_name=f"{Path(base).name}-FP8",
+                                             source_card=source_card(source),
+                                             base_model_id=options.base_model or source.name, commit=source.commit))
         out.write_text(CONFIG_NAME, config_json(plan))
         check_written_headers(out.staging, plan)
         self_check(out.staging)

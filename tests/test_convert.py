@@ -85,7 +85,8 @@ def test_other_files_are_copied_and_a_card_written(gemma_src, gemma_dst):
                 "1_Pooling/config.json"):
         assert (gemma_dst / rel).read_bytes() == (gemma_src / rel).read_bytes(), rel
     card = (gemma_dst / "README.md").read_text()
-    assert "base_model: gemma-4-tiny" in card and "weight_block_size=(64, 64)" in card
+    # a local folder is no Hub id: the card names it in the text, not as `base_model` (the Hub would refuse it)
+    assert "version of `gemma-4-tiny`" in card and "base_model" not in card and "weight_block_size=(64, 64)" in card
     assert "- `model.vision_tower`" in card and "convert-fp8 0.1.0" in card
     assert not (gemma_dst / ".convert-fp8.partial").exists()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from converter.configs import INDEX_NAME
@@ -121,3 +122,22 @@ def test_a_repository_without_safetensors_weights(tmp_path):
     with FakeHub("acme/toy", tmp_path / "repo") as hub:
         got = open_via_hub(hub, tmp_path / "hub")
     assert got == {"error": f"acme/toy: no {INDEX_NAME} and no model.safetensors in it: not a safetensors checkpoint"}
+
+
+def test_a_converted_hub_repository_names_its_base_and_commit_in_the_card(repo, tmp_path):
+    with FakeHub("acme/toy", repo) as hub:
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_DISABLE_XET="1",
+                   CONVERT_FP8_NO_PROGRESS="1")
+        env.pop("HF_HUB_OFFLINE", None)
+        done = subprocess.run([sys.executable, "-m", "converter.cli", "--src", "acme/toy", "--dst",
+                               str(tmp_path / "out"), "--no-arch-check", "-q"], capture_output=True, text=True,
+                              env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    card = (tmp_path / "out" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta == {"license": "llama3.2", "base_model": "acme/toy", "base_model_relation": "quantized",
+                    "tags": ["fp8", "convert-fp8"]}
+    assert f"version of `acme/toy` at commit `{COMMIT}`" in card
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()) == [
+        "README.md", "config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json",
+        "original/params.json", "tokenizer.json"]
