@@ -5,6 +5,7 @@ The only module that imports click or tqdm, prints, or exits.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -244,6 +245,8 @@ Examples:
 @click.option("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE), show_default="5GB", callback=_size,
               help="Largest output shard, e.g. 5GB, 500MB, 2GiB.")
 @click.option("--base-model", default=None, help="Base model id for the model card [source name].")
+@click.option("--allow-external-links", is_flag=True,
+              help="Copy files of --src that are links to places outside it (refused by default).")
 @click.option("--dry-run", is_flag=True, help="Print the plan from headers alone; write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty --dst.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only errors and the final line.")
@@ -302,28 +305,35 @@ Examples:
   convert-fp8 validate --dst model-FP8 --src model --device cpu     # transformers' dequantize path
 """)
 @click.option("--dst", required=True, type=click.Path(path_type=Path), help="The converted checkpoint folder.")
-@click.option("--src", type=click.Path(path_type=Path), default=None, help="The BF16 source, to compare logits.")
+@click.option("--src", type=click.Path(path_type=Path), default=None, help="The BF16 source, to compare outputs.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="auto: cuda when a GPU is visible, else cpu.")
 @click.option("--kernel", default="hub", show_default=True, metavar="hub|local:PATH|builtin",
               help="Where the FP8 matmul kernel comes from (GPU only).")
 @click.option("--prompt", default=None, help="Chat prompt for the forward pass and generation.")
 @click.option("--max-new-tokens", type=int, default=20, show_default=True)
-@click.option("--min-cosine", type=float, default=None, help="Mean logits cosine required [0.98].")
+@click.option("--min-cosine", type=float, default=None,
+              help="Mean cosine of the logits (or a head's main output) required [0.98].")
 @click.option("--min-top1", type=float, default=None, help="Top-1 agreement with the source required [0.80].")
 @click.option("--max-kl", type=float, default=None, help="Mean KL(source || FP8) allowed [0.05].")
+@click.option("--min-embedding-cosine", type=float, default=None,
+              help="Encoders: mean cosine of the sentence embeddings required [0.99].")
+@click.option("--min-rank-correlation", type=float, default=None,
+              help="Encoders: Spearman correlation of the pairwise sentence similarities required [0.90].")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Where to write the JSON report [DST/convert-fp8-validate.json].")
 @click.pass_context
 def validate_command(ctx, dst, src, device, kernel, prompt, max_new_tokens, min_cosine, min_top1, max_kl,
-                     report_path):
+                     min_embedding_cosine, min_rank_correlation, report_path):
     """Load the checkpoint with transformers, confirm the FP8 path, find NaN/Inf, compare with BF16, generate."""
     _run(ctx.obj["debug"], _validate, dst=dst, src=src, device=device, kernel=kernel, prompt=prompt,
          max_new_tokens=max_new_tokens, min_cosine=min_cosine, min_top1=min_top1, max_kl=max_kl,
+         min_embedding_cosine=min_embedding_cosine, min_rank_correlation=min_rank_correlation,
          report_path=report_path)
 
 
-def _validate(dst, src, device, kernel, prompt, max_new_tokens, min_cosine, min_top1, max_kl, report_path):
+def _validate(dst, src, device, kernel, prompt, max_new_tokens, min_cosine, min_top1, max_kl, min_embedding_cosine,
+              min_rank_correlation, report_path):
     from .errors import UsageError
     from .validate import DEFAULT_PROMPT, REPORT_NAME, Thresholds, describe_report, validate
 
@@ -340,6 +350,8 @@ def _validate(dst, src, device, kernel, prompt, max_new_tokens, min_cosine, min_
         min_cosine=defaults.min_cosine if min_cosine is None else min_cosine,
         min_top1=defaults.min_top1 if min_top1 is None else min_top1,
         max_kl=defaults.max_kl if max_kl is None else max_kl,
+        min_embedding_cosine=defaults.min_embedding_cosine if min_embedding_cosine is None else min_embedding_cosine,
+        min_rank_correlation=defaults.min_rank_correlation if min_rank_correlation is None else min_rank_correlation,
     )
     report = validate(dst, src, device=device, kernel=kernel, prompt=prompt or DEFAULT_PROMPT,
                       max_new_tokens=max_new_tokens, thresholds=thresholds)
@@ -355,8 +367,20 @@ def _validate(dst, src, device, kernel, prompt, max_new_tokens, min_cosine, min_
         sys.exit(1)
 
 
+class _LibraryNotes(logging.Handler):
+    """Warnings the library logs (on the `converter.*` loggers) as one `note:` line on stderr, above any bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"note: {record.getMessage()}", file=sys.stderr)
+
+
 def _run(debug: bool, func, **kwargs):
     """Call `func`; map every error to one line on stderr and a non-zero exit (traceback only with --debug)."""
+    library = logging.getLogger("converter")
+    if not any(isinstance(h, _LibraryNotes) for h in library.handlers):
+        library.addHandler(_LibraryNotes(logging.WARNING))
     try:
         return func(**kwargs)
     except ConvertError as exc:

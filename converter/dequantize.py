@@ -25,6 +25,7 @@ from typing import Callable
 from . import __version__
 from .checksum import buffer_crc
 from .configs import CARD_NAME, CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, DTYPE_SIZES, INDEX_NAME, format_size
+from .convert import load_source
 from .dialects import ScaledWeight, reader_for
 from .dialects.transformers_fp8 import scales_to_float32
 from .errors import SourceError
@@ -60,6 +61,7 @@ class DequantOptions:
     base_model: str | None = None  # for the model card; defaults to the source's name
     revision: str | None = None  # Hub sources: branch, tag or commit
     low_disk: bool = False  # Hub sources: delete each downloaded shard once its tensors are written
+    allow_external_links: bool = False  # copy files of --src that link outside it (refused by default)
 
     def __post_init__(self):
         if self.dtype not in OUTPUT_DTYPES:
@@ -227,23 +229,9 @@ def stripe_rows(info) -> int:
     return max(1, STRIPE_BYTES // max(1, info.shape[-1]))
 
 
-def _load_source(options: DequantOptions) -> SourceIndex:
-    from .convert import _check_paths
-    from .errors import UsageError
-    from .hub import HubRepo, looks_like_repo_id
-    from .source import open_hub_source, open_source
-
-    if looks_like_repo_id(options.src):
-        return open_hub_source(HubRepo(str(options.src), options.revision, options.low_disk))
-    if options.revision or options.low_disk:
-        raise UsageError("--revision and --low-disk apply to Hub sources (--src org/name), not to a local folder")
-    _check_paths(options.src, options.dst)
-    return open_source(Path(options.src))
-
-
 def prepare(options: DequantOptions) -> tuple[SourceIndex, DequantPlan]:
     """Read headers and make the plan; nothing is written."""
-    source = _load_source(options)
+    source = load_source(options)  # reads only the source and path fields, which DequantOptions shares
     return source, make_dequant_plan(source, OUTPUT_DTYPES[options.dtype], options.max_shard_size)
 
 

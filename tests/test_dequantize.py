@@ -149,19 +149,28 @@ def test_many_stripes_give_the_same_bytes(gemma_dst, gemma_bf16, tmp_path, monke
 # --- round trips: our own outputs ----------------------------------------------------------------------------------
 
 
+def without_card(folder: Path) -> dict:
+    """`tree_digest` less the model card, whose text tells where a checkpoint came from (for a round trip, from the
+    dequantized copy rather than the original source)."""
+    digest = tree_digest(folder)
+    assert "README.md" in digest
+    del digest["README.md"]
+    return digest
+
+
 def assert_round_trip(src: Path, tmp_path: Path, *convert_args) -> dict:
     """convert, dequantize, convert again: the second FP8 checkpoint is the first, byte for byte."""
     fp8 = converted(src, tmp_path / "fp8", *convert_args)
     bf16 = dequantized(fp8, tmp_path / "bf16")
-    again = converted(bf16, tmp_path / "again", *convert_args, "--base-model", src.name)
-    digest = tree_digest(fp8)
-    assert tree_digest(again) == digest
+    again = converted(bf16, tmp_path / "again", *convert_args)
+    assert without_card(again) == without_card(fp8)
     return load_all(fp8)[1]
 
 
-def test_round_trip_dense_64(gemma_src, gemma_dst, gemma_bf16, tmp_path):
-    again = converted(gemma_bf16, tmp_path / "again", "--max-shard-size", "300KB", "--base-model", gemma_src.name)
-    assert tree_digest(again) == tree_digest(gemma_dst)
+def test_round_trip_dense_64(gemma_dst, gemma_bf16, tmp_path):
+    again = converted(gemma_bf16, tmp_path / "again", "--max-shard-size", "300KB")
+    assert without_card(again) == without_card(gemma_dst)
+    assert len(without_card(gemma_dst)) == 11  # 4 shards, index, config and 5 other files
 
 
 def test_round_trip_dense_128(gemma_src, tmp_path):
