@@ -146,7 +146,7 @@ def test_each_kind_passes_when_good(converted, tmp_path):
     kind, src, dst = converted
     report_path = tmp_path / "r.json"
     result = run_cli("validate", "--dst", dst, "--src", src, "--device", "cpu", "--max-new-tokens", "4",
-                     "--report", report_path)
+                     "--min-embedding-cosine", "0.995", "--min-rank-correlation", "0.95", "--report", report_path)
     assert result.exit_code == 0, result.output
     assert "validate: OK" in result.output
     report = json.loads(report_path.read_text())
@@ -162,6 +162,7 @@ def test_each_kind_passes_when_good(converted, tmp_path):
         stats = report["embeddings"]
         assert stats["sentences"] == 6 and stats["pairs"] == 15 and stats["dim"] == 128
         assert stats["cosine_min"] > 0.999 and stats["rank_correlation"] > 0.95 and stats["nearest_agreement"] == 1
+        assert stats["thresholds"] == {"min_embedding_cosine": 0.995, "min_rank_correlation": 0.95}
         assert report["logits"] is None and report["generation"] is None
     if kind == "classifier":
         assert "BertForSequenceClassification, sequence classification (head)" in result.output
