@@ -5,6 +5,7 @@ The only module that imports click or tqdm, prints, or exits.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -244,6 +245,8 @@ Examples:
 @click.option("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE), show_default="5GB", callback=_size,
               help="Largest output shard, e.g. 5GB, 500MB, 2GiB.")
 @click.option("--base-model", default=None, help="Base model id for the model card [source name].")
+@click.option("--allow-external-links", is_flag=True,
+              help="Copy files of --src that are links to places outside it (refused by default).")
 @click.option("--dry-run", is_flag=True, help="Print the plan from headers alone; write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty --dst.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only errors and the final line.")
@@ -364,8 +367,20 @@ def _validate(dst, src, device, kernel, prompt, max_new_tokens, min_cosine, min_
         sys.exit(1)
 
 
+class _LibraryNotes(logging.Handler):
+    """Warnings the library logs (on the `converter.*` loggers) as one `note:` line on stderr, above any bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"note: {record.getMessage()}", file=sys.stderr)
+
+
 def _run(debug: bool, func, **kwargs):
     """Call `func`; map every error to one line on stderr and a non-zero exit (traceback only with --debug)."""
+    library = logging.getLogger("converter")
+    if not any(isinstance(h, _LibraryNotes) for h in library.handlers):
+        library.addHandler(_LibraryNotes(logging.WARNING))
     try:
         return func(**kwargs)
     except ConvertError as exc:
