@@ -1,5 +1,6 @@
-"""GPU check: the builtin FP8 kernel on real shapes, and tiny + real-shape Gemma-4 conversions validated with
-transformers' FP8Linear on the GPU. Prints one table; writes gpu_check.json (to $OUT when set).
+"""GPU check: the builtin FP8 kernel on real shapes, and tiny + real-shape Gemma-4 conversions and a tiny
+sentence-transformers BERT encoder validated with transformers' FP8Linear on the GPU. Prints one table; writes
+gpu_check.json (to $OUT when set).
 
     python bench/gpu_check.py [--device cuda] [--kernel builtin|hub|local:PATH] [--vocab 262144] [--skip-slice]
 
@@ -24,7 +25,7 @@ import torch  # noqa: E402
 
 from converter.configs import ConvertOptions  # noqa: E402
 from converter.convert import convert  # noqa: E402
-from converter.demo import build_gemma4_checkpoint  # noqa: E402
+from converter.demo import build_gemma4_checkpoint, build_sentence_encoder  # noqa: E402
 from converter.presets import load_preset  # noqa: E402
 from converter.validate import validate  # noqa: E402
 
@@ -78,10 +79,12 @@ def convert_and_validate(src: Path, dst: Path, device: str, kernel: str, tokens:
         "ok": report.ok,
         "convert_s": round(summary.seconds, 1),
         "convert_gb": round(summary.bytes_in / 1e9, 2),
+        "kind": (report.kind or {}).get("kind"),
         "fp8_path": report.fp8_path,
         "checks": {c.name: ("ok " if c.ok else "FAIL ") + c.detail for c in report.checks},
         "first_non_finite": report.first_non_finite,
         "logits": report.logits,
+        "embeddings": report.embeddings,
         "tokens_per_s": (report.generation or {}).get("tokens_per_s"),
         "text": (report.generation or {}).get("text"),
         "peak_gpu_gib": round(report.peak_gpu_memory_bytes / 2**30, 2) if report.peak_gpu_memory_bytes else None,
@@ -102,6 +105,14 @@ def tiny_moe(work: Path, device: str, kernel: str):
 
     src = build_checkpoint(work / "moe", gemma4_moe_config())
     return convert_and_validate(src, work / "moe-FP8", device, kernel, tokens=10, preset="gemma-4-26b-a4b-it")
+
+
+@stage("tiny_encoder")
+def tiny_encoder(work: Path, device: str, kernel: str):
+    """A BERT encoder in the sentence-transformers layout: FP8Linear with biases, GELU and LayerNorm around it,
+    judged by its mean-pooled, normalized sentence embeddings."""
+    src = build_sentence_encoder(work / "encoder", hidden_size=256)
+    return convert_and_validate(src, work / "encoder-FP8", device, kernel, tokens=0, preset="default")
 
 
 def build_slice(path: Path, vocab: int, device: str) -> Path:
@@ -151,10 +162,17 @@ def table() -> str:
     if f:
         lines.append(f"| transformers FP8Linear -> kernel | {f['kernel_calls']} call(s), rel err "
                      f"{f['rel_err_vs_emulated_bf16']:.1e} vs bf16-rounded reference |")
-    for name in [n for n in ("tiny_gemma4", "tiny_gemma4_moe", "real_shape_slice") if n in RESULTS]:
+    for name in [n for n in ("tiny_gemma4", "tiny_gemma4_moe", "tiny_encoder", "real_shape_slice") if n in RESULTS]:
         r = RESULTS[name]
         if "error" in r:
             lines.append(f"| {name} | ERROR {r['error'][:200]} |")
+            continue
+        if r.get("embeddings") is not None:
+            e = r["embeddings"]
+            lines.append(
+                f"| {name} | {'OK' if r.get('ok') else 'FAILED'}; path {r.get('fp8_path')}; embedding cosine "
+                f"{e['cosine_mean']:.4f}, similarity ranking {e['rank_correlation']:.3f} over {e['pairs']} pairs; "
+                f"first NaN/Inf {r.get('first_non_finite')}; peak {r.get('peak_gpu_gib')} GiB |")
             continue
         lg = r.get("logits") or {}
         tps = r.get("tokens_per_s")
@@ -179,6 +197,7 @@ def main() -> int:
     kernel_accuracy(args.device)
     tiny(work, args.device, args.kernel)
     tiny_moe(work, args.device, args.kernel)
+    tiny_encoder(work, args.device, args.kernel)
     if not args.skip_slice:
         real_slice(work, args.device, args.kernel, args.vocab)
     out = Path(os.environ.get("OUT", work))
@@ -186,7 +205,7 @@ def main() -> int:
     print(table())
     # the MoE stage reports what transformers does with FP8 experts; it does not decide the verdict
     ok = all("error" not in r for k, r in RESULTS.items() if k != "tiny_gemma4_moe") and all(
-        RESULTS[k].get("ok") for k in ("tiny_gemma4", "real_shape_slice") if k in RESULTS)
+        RESULTS[k].get("ok") for k in ("tiny_gemma4", "tiny_encoder", "real_shape_slice") if k in RESULTS)
     print("gpu check:", "OK" if ok else "FAILED")
     return 0 if ok else 1
 
