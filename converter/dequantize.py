@@ -34,7 +34,7 @@ from .lanes import Stop, _copy_lane, _failing_to
 from .manifest import Manifest, PartLock, Piece, claim_run, run_identity, source_stamp
 from .plan import COPY, ShardPlan, TensorPlan, _assign_shards
 from .resume import COPY_BUFFER_BYTES, verified_pieces
-from .source import SINGLE_FILE_NAME, SourceIndex, TensorReader
+from .source import SINGLE_FILE_NAME, SourceIndex, TensorReader, source_card
 from .write import OutputDir, ShardWriter, config_json, index_json
 
 DEQUANTIZE = "dequantize"
@@ -498,7 +498,8 @@ def _finalize(out: OutputDir, plan: DequantPlan, source: SourceIndex, options: D
         origin = source.provider.fetch(relative) if source.provider is not None else source.root / relative
         out.copy_file(origin, relative)
     base = options.base_model or source.name or source.root.resolve().name
-    out.write_text(CARD_NAME, model_card(plan, base_model=base))
+    out.write_text(CARD_NAME, model_card(plan, base_model=base, source_card=source_card(source),
+                                         base_model_id=options.base_model or source.name, commit=source.commit))
     out.write_text(CONFIG_NAME, config_json(plan))
     check_written_headers(out.staging, plan)
     names = [s.name for s in plan.shards] + ([INDEX_NAME] if plan.index_needed else []) + [CARD_NAME, CONFIG_NAME]
@@ -506,24 +507,42 @@ def _finalize(out: OutputDir, plan: DequantPlan, source: SourceIndex, options: D
     out.commit(names)
 
 
-def model_card(plan: DequantPlan, base_model: str) -> str:
-    """The model card of a dequantized checkpoint: where it comes from and how it was made."""
-    archs = plan.config.get("architectures") or ["(unknown architecture)"]
+def model_card(plan: DequantPlan, base_model: str, source_card: str | None = None, base_model_id: str | None = None,
+               commit: str | None = None) -> str:
+    """The model card of a dequantized checkpoint: where it comes from and how it was made. The front matter of
+    the source's card that still holds (licence, language, task, library, tags, gating prompts) is kept, as the
+    conversion keeps it; `base_model` is written only when the source's Hub id is known."""
+    import yaml
+
+    from .card import GATED_PREFIX, KEPT_KEYS, UnreadableFrontMatter, source_front_matter
+
+    try:
+        meta, unreadable = source_front_matter(source_card), None
+    except UnreadableFrontMatter as exc:
+        meta, unreadable = {}, str(exc)
     dtype = _CONFIG_DTYPE_NAMES[plan.dtype]
+    front = {key: meta[key] for key in KEPT_KEYS if key in meta}
+    if base_model_id:
+        front["base_model"] = base_model_id
+    tags = meta.get("tags")
+    tags = [tags] if isinstance(tags, str) else list(tags) if isinstance(tags, list) else []
+    front["tags"] = list(dict.fromkeys([*(t for t in tags if t != "fp8"), dtype, "convert-fp8"]))
+    front.update({key: value for key, value in meta.items() if str(key).startswith(GATED_PREFIX)})
+    front_text = yaml.safe_dump(front, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1000)
+    archs = plan.config.get("architectures") or ["(unknown architecture)"]
+    origin = f"`{base_model}`" + (f" at commit `{commit}`" if commit else "")
+    warning = (f"\n> The source card's metadata could not be read ({unreadable}): copy its licence into the front "
+               "matter above before publishing.\n" if unreadable else "")
     return f"""---
-base_model: {base_model}
-tags:
-- {dtype}
-- convert-fp8
----
+{front_text}---
 # {Path(base_model).name}, dequantized to {dtype}
 
-`{base_model}` ({archs[0]}) with its FP8 weights dequantized to {dtype} by convert-fp8 {__version__}
-(`convert-fp8 dequantize`), streaming, without loading the model.
-
+{origin} ({archs[0]}) with its FP8 weights dequantized to {dtype} by `convert-fp8 dequantize` {__version__},
+streaming, without loading the model.
+{warning}
 - Source: {plan.dialect}.
 - {len(plan.pairs)} FP8 weights dequantized: each E4M3 value times its block's inverse scale in float32,
-  rounded once to {dtype}, the same values transformers computes when it dequantizes the checkpoint on load.
+  rounded once to {dtype}, the values transformers computes when it dequantizes the checkpoint on load.
   The scale tensors are dropped and `quantization_config` is removed from the config.
 - Every other tensor and file is copied unchanged.
 - Tensor data: {format_size(plan.source_nbytes)} in the source, {format_size(plan.output_nbytes)} here.

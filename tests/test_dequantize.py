@@ -120,12 +120,21 @@ def test_config_card_and_files(gemma_src, gemma_dst, gemma_bf16):
     config = read_json(gemma_bf16 / "config.json")
     assert "quantization_config" not in config and config == read_json(gemma_src / "config.json")
     card = (gemma_bf16 / "README.md").read_text()
-    assert card.startswith("---\nbase_model: fp8\n")
+    assert card.startswith("---\ntags:\n- convert-fp8\n- bfloat16\n---\n# fp8, dequantized to bfloat16\n")
     assert "27 FP8 weights dequantized" in card and "transformers fp8, E4M3 weights, 64x64 blocks" in card
     assert (gemma_bf16 / "1_Pooling" / "config.json").read_bytes() == (gemma_dst / "1_Pooling" / "config.json").read_bytes()
     index = read_json(gemma_bf16 / "model.safetensors.index.json")
     assert not any(n.endswith("_scale_inv") for n in index["weight_map"])
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in load_all(gemma_bf16)[1].values())
+
+
+def test_card_keeps_the_source_licence_and_names_the_hub_id(gemma_dst, tmp_path):
+    src = shutil.copytree(gemma_dst, tmp_path / "src")
+    (src / "README.md").write_text("---\nlicense: apache-2.0\nbase_model: google/gemma-4-tiny\ntags:\n- fp8\n- gemma\n"
+                                   "---\n# the FP8 card\n")
+    card = (dequantized(src, tmp_path / "o", "--base-model", "me/gemma-4-tiny-FP8") / "README.md").read_text()
+    assert card.startswith("---\nlicense: apache-2.0\nbase_model: me/gemma-4-tiny-FP8\ntags:\n- gemma\n- bfloat16\n"
+                           "- convert-fp8\n---\n# gemma-4-tiny-FP8, dequantized to bfloat16\n")
 
 
 @pytest.mark.parametrize("dtype,torch_dtype,name", [("f16", torch.float16, "float16"), ("f32", torch.float32, "float32")])
