@@ -102,12 +102,14 @@ class HubRepo:
         return SourceError(f"{where}: cannot fetch {what}: {cause}")
 
     def config(self) -> dict:
-        """The config, read at the resolved commit (resolving it first)."""
+        """The config, read at the resolved commit (resolving it fetches it)."""
         self.resolve()
         try:
-            data = json.loads(self.fetch(CONFIG_NAME).read_text())
+            data = json.loads((self.snapshot / CONFIG_NAME).read_text())
         except ValueError as exc:
             raise SourceError(f"{self.where}: corrupt config.json: {exc}") from None
+        except RecursionError:
+            raise SourceError(f"{self.where}: corrupt config.json: JSON nested too deeply") from None
         if not isinstance(data, dict):
             raise SourceError(f"{self.where}: corrupt config.json: expected a JSON object")
         return data
@@ -155,8 +157,12 @@ class HubRepo:
                 if not isinstance(weight_map, dict) or not weight_map:
                     raise ValueError("empty")
                 self._order = sorted(set(weight_map.values()))
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 raise SourceError(f"{self.where}: corrupt {INDEX_NAME}: no 'weight_map' of tensor to shard") from None
+            for shard in self._order:  # the index names files of the repository's top level, nothing else
+                if "/" in shard or not shard.endswith(".safetensors"):
+                    raise SourceError(f"{self.where}: {INDEX_NAME} names shard {shard[:80]!r}, which is not a "
+                                      ".safetensors file at the top of the repository")
             return self._order, weight_map
         if SINGLE_FILE_NAME in files:
             self._order = [SINGLE_FILE_NAME]

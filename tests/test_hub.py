@@ -141,3 +141,13 @@ def test_a_converted_hub_repository_names_its_base_and_commit_in_the_card(repo, 
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()) == [
         "README.md", "config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json",
         "original/params.json", "tokenizer.json"]
+
+
+def test_an_index_naming_a_shard_outside_the_top_level_is_refused(tmp_path):
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "config.json").write_text("{}")
+    (tmp_path / "repo" / INDEX_NAME).write_text(json.dumps({"weight_map": {"w": "../../x.safetensors"}}))
+    with FakeHub("acme/toy", tmp_path / "repo") as hub:
+        got = open_via_hub(hub, tmp_path / "hub")
+    assert got == {"error": f"acme/toy: {INDEX_NAME} names shard '../../x.safetensors', which is not a .safetensors "
+                            "file at the top of the repository"}
