@@ -388,3 +388,39 @@ def test_lookup_tables_give_the_torch_formula_on_every_code_and_extreme_scales()
         out = np.empty((200, 256), np_bits)
         dequantize_into(codes.numpy(), scales, (64, 100), dtype, out)  # blocks cut short in both directions
         assert (out == ref).all(), dtype
+
+
+@pytest.mark.parametrize("qc,message", [
+    ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": None},
+     "quantization_config.weight_block_size is None; only block-wise FP8 (two positive block edges, e.g. [128, 128]) "
+     "can be dequantized"),
+    ({**QC, "fmt": "e5m2"}, "quantization_config.fmt is 'e5m2'; only e4m3 weights can be dequantized"),
+    ({**QC, "activation_scheme": "static"},
+     "activation_scheme 'static': only dynamic activation scales can be dequantized (static ones store activation "
+     "scales this tool does not drop)"),
+    ({**QC, "scale_fmt": "e4m3"}, "quantization_config.scale_fmt is 'e4m3'; expected float or ue8m0"),
+])
+def test_refuses_configs_it_cannot_read(tmp_path, qc, message):
+    src = fp8_checkpoint(tmp_path / "cfg", tiny(), qc)
+    assert refused(src, tmp_path) == f"convert-fp8: error: {src}/config.json: {message}"
+
+
+def test_from_the_hub_with_low_disk(gemma_dst, gemma_bf16, tmp_path):
+    """Online, against a local stand-in for the Hub: the card names the repo and its commit, and with --low-disk
+    no shard is left in the cache."""
+    from .fake_hub import COMMIT, FakeHub
+
+    cache = tmp_path / "hub"
+    with FakeHub("acme/tiny-FP8", gemma_dst) as hub:
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(cache), CONVERT_FP8_NO_PROGRESS="1",
+                   HF_HUB_DISABLE_XET="1")
+        env.pop("HF_HUB_OFFLINE", None)
+        done = subprocess.run([sys.executable, "-m", "converter.cli", "dequantize", "--src", "acme/tiny-FP8", "--dst",
+                               str(tmp_path / "out"), "--max-shard-size", "300KB", "--low-disk", "-q"],
+                              capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert without_card(tmp_path / "out") == without_card(gemma_bf16)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: acme/tiny-FP8\n") and f"`acme/tiny-FP8` at commit `{COMMIT}`" in card
+    assert list(cache.rglob("*.safetensors")) == []
+    assert [p for p in cache.rglob("blobs/*") if p.stat().st_size > 100_000] == []  # shards are about 300 kB
