@@ -6,9 +6,15 @@ scaled, clamped and rounded to E4M3 with integer arithmetic in one loop. Tile ro
 the GIL released. Kernels are compiled per (source width, block size), the block size being a constant so that
 the inner loops vectorize, and cached on disk (the first use of a variant compiles it, about 2 s). Without numba, `available()` is False and callers use
 `quantize_blocks`.
+
+numba caches beside this file, else in `NUMBA_CACHE_DIR` or the user's cache folder. Where none of them can be
+written (a read-only container, a shared install used by another user), the kernels are compiled for this process
+only, with one warning on the `converter.quantize_fast` logger (the CLI prints it as a note): same bytes, 2 s more.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 
@@ -22,7 +28,9 @@ except ImportError:  # pragma: no cover - exercised where numba is absent
 
 OK, NON_FINITE, SCALE_OVERFLOW = 0, 1, 2
 
-_kernels: dict = {}
+log = logging.getLogger(__name__)
+_kernels: dict = {}  # (shift, block) -> compiled kernel
+_uncached = False  # set once numba could not use any cache folder: later variants skip the attempt
 
 
 def available() -> bool:
@@ -98,14 +106,43 @@ def _make_kernel(shift: int, block: int):
     # One name per variant gives each its own on-disk cache index: variants sharing one index can be mixed up
     # when two processes compile at once.
     kernel.__qualname__ = kernel.__name__ = f"quantize_tiles_shift{shift}_block{block}"
-    return numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False, error_model="numpy")(kernel)
+    return kernel
+
+
+def _compile(kernel, cache: bool):
+    return numba.njit(parallel=True, nogil=True, cache=cache, boundscheck=False, error_model="numpy")(kernel)
+
+
+def _without_cache(why: str) -> None:
+    global _uncached
+    if not _uncached:
+        log.warning(f"numba cannot cache its compiled kernels here ({why}); they are compiled for this run only "
+                    "(about 2 s each; NUMBA_CACHE_DIR=<a writable folder> keeps them)")
+    _uncached = True
 
 
 def _kernel(shift: int, block: int):
     key = (shift, block)
     if key not in _kernels:
-        _kernels[key] = _make_kernel(shift, block)
+        kernel = _make_kernel(shift, block)
+        try:
+            _kernels[key] = _compile(kernel, cache=not _uncached)
+        except RuntimeError:  # numba's answer when no cache folder is writable; the decoration does nothing else
+            _without_cache("neither the package folder, NUMBA_CACHE_DIR nor the user cache folder is writable")
+            _kernels[key] = _compile(kernel, cache=False)
     return _kernels[key]
+
+
+def _run(shift: int, block: int, bits: np.ndarray, out: np.ndarray, scale_inv: np.ndarray) -> np.ndarray:
+    """The kernel's status per tile row; a cache numba finds but cannot read or write is given up for the run."""
+    try:
+        return _kernel(shift, block)(bits, out, scale_inv)
+    except OSError as exc:  # the kernel does no I/O: numba failed to read or write its cache file
+        if _uncached:
+            raise
+        _without_cache(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
+        _kernels.clear()  # every variant compiled so far is tied to that cache
+        return _kernel(shift, block)(bits, out, scale_inv)
 
 
 def quantize_into(raw: np.ndarray, dtype: str, out: np.ndarray, scale_inv: np.ndarray, block: int) -> tuple[int, int]:
@@ -130,7 +167,7 @@ def quantize_into(raw: np.ndarray, dtype: str, out: np.ndarray, scale_inv: np.nd
         bits, shift = raw.view(np.float16).reshape(rows, cols).astype(np.float32).view(np.uint32), 0
     else:
         raise ValueError(f"cannot quantize {dtype}")
-    status = _kernel(shift, block)(bits, out, scale_inv)
+    status = _run(shift, block, bits, out, scale_inv)
     bad = np.flatnonzero(status)
     if len(bad):
         return int(status[bad[0]]), int(bad[0]) * block

@@ -1,5 +1,7 @@
 """The fused numba kernel: the same bytes as transformers' formula, on every BF16 value and on edge tiles."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -85,3 +87,48 @@ def test_numba_and_torch_quantizers_write_the_same_files(tmp_path):
         result = run_cli("--src", src, "--dst", tmp_path / kind, "--quantizer", kind)
         assert result.exit_code == 0, result.output
     assert tree_digest(tmp_path / "numba") == tree_digest(tmp_path / "torch")
+
+
+@pytest.fixture
+def fresh_kernels(monkeypatch):
+    """No kernel compiled in this process yet, and none known to lack a cache (restored after the test)."""
+    monkeypatch.setattr(quantize_fast, "_kernels", {})
+    monkeypatch.setattr(quantize_fast, "_uncached", False)
+
+
+def cache_notes(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "converter.quantize_fast"]
+
+
+def test_without_a_writable_cache_folder_the_kernels_compile_for_the_run(fresh_kernels, monkeypatch, caplog):
+    from numba.core import caching
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])  # as where no cache folder can be written
+    w = (torch.randn(128, 192, generator=torch.Generator().manual_seed(11)) * 0.02).to(torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="converter.quantize_fast"):
+        out, scales, status = fast(w)
+        again = fast(w)[0]
+    assert status == (quantize_fast.OK, 0)
+    ref_fp8, ref_scale = quantize_blocks(w, 64)
+    assert np.array_equal(out, ref_fp8.view(torch.uint8).numpy()) and np.array_equal(scales, ref_scale.numpy())
+    assert np.array_equal(again, out)
+    notes = cache_notes(caplog)
+    assert len(notes) == 1 and notes[0].startswith("numba cannot cache its compiled kernels here (neither the "
+                                                   "package folder, NUMBA_CACHE_DIR nor the user cache folder")
+
+
+def test_a_cache_file_that_cannot_be_written_compiles_for_the_run(fresh_kernels, monkeypatch, caplog):
+    from numba.core import caching
+
+    def refuse(self, key, data):
+        raise PermissionError(13, "Permission denied", f"{self._cache_path}/{self._index_name}")
+
+    monkeypatch.setattr(caching.IndexDataCacheFile, "load", lambda self, key: None)  # a miss: compile, then save
+    monkeypatch.setattr(caching.IndexDataCacheFile, "save", refuse)  # an index another user owns, a full disk
+    w = (torch.randn(64, 128, generator=torch.Generator().manual_seed(12)) * 3).to(torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="converter.quantize_fast"):
+        out, _, status = fast(w)
+    assert status == (quantize_fast.OK, 0)
+    assert np.array_equal(out, quantize_blocks(w, 64)[0].view(torch.uint8).numpy())
+    notes = cache_notes(caplog)
+    assert len(notes) == 1 and "quantize_tiles_shift16_block64" in notes[0] and "Permission denied" in notes[0]
