@@ -128,7 +128,8 @@ def linked_src(tmp_path):
     """A one-shard checkpoint plus a file that only its links point at."""
     src = tmp_path / "src"
     src.mkdir()
-    save_file({"a.weight": torch.zeros(64, 64, dtype=torch.bfloat16)}, src / "model.safetensors")
+    weight = torch.randn(64, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    save_file({"a.weight": weight}, src / "model.safetensors")
     (src / "config.json").write_text("{}")
     (tmp_path / "secret").write_text("private key\n")
     return src
@@ -189,3 +190,14 @@ def test_the_cli_flag_allows_a_link_out_of_the_source(linked_src, tmp_path):
     result = run_cli("--src", linked_src, "--dst", tmp_path / "out", "--no-arch-check", "--allow-external-links")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "tokenizer.model").read_text() == "private key\n"
+
+
+def test_verify_reads_a_source_with_an_allowed_link(linked_src, tmp_path):
+    from .conftest import run_cli
+
+    os.symlink(tmp_path / "secret", linked_src / "tokenizer.model")
+    result = run_cli("--src", linked_src, "--dst", tmp_path / "out", "--no-arch-check", "--allow-external-links")
+    assert result.exit_code == 0, result.output
+    result = run_cli("verify", "--src", linked_src, "--dst", tmp_path / "out", "--no-arch-check", "-q")
+    assert result.exit_code == 0, result.output
+    assert "problem:" not in result.output
