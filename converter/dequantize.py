@@ -27,7 +27,6 @@ from .checksum import buffer_crc
 from .configs import CARD_NAME, CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, DTYPE_SIZES, INDEX_NAME, format_size
 from .convert import load_source
 from .dialects import ScaledWeight, reader_for
-from .dialects.transformers_fp8 import scales_to_float32
 from .errors import SourceError
 from .finalize import check_written_headers
 from .lanes import Stop, _copy_lane, _failing_to
@@ -74,6 +73,7 @@ class DequantPlan:
     reads of a conversion `Plan` (`shards`, `config`, `output_nbytes`, `weight_map`, `index_needed`)."""
 
     dialect: str
+    reader: object  # the source dialect's reader (converter/dialects), which decodes its scales
     dtype: str  # safetensors dtype of the dequantized weights
     shards: tuple[ShardPlan, ...]
     config: dict  # the output config.json
@@ -146,6 +146,7 @@ def make_dequant_plan(source: SourceIndex, dtype: str, max_shard_size: int) -> D
                     for f, why in source.files_skipped)
     return DequantPlan(
         dialect=reader.describe(),
+        reader=reader,
         dtype=dtype,
         shards=_assign_shards(groups, max_shard_size, single_file=source.shards == (SINGLE_FILE_NAME,)),
         config=output_config(source.config, dtype),
@@ -402,7 +403,7 @@ def _dequantize_lane(weights, plan: DequantPlan, source: SourceIndex, stop: Stop
                     advance(rows * cols)
                 else:
                     todo.append((first, rows, scale_first))
-            scale_inv = _read_scales(reader, pair, source) if todo else None
+            scale_inv = _read_scales(reader, pair, plan, source) if todo else None
             writing = None
             for k, (first, rows, scale_first) in enumerate(todo):
                 if stop.is_set():
@@ -468,7 +469,7 @@ def _write_stripe(writer: ShardWriter, manifest: Manifest, name: str, start: int
     manifest.record(Piece(writer.shard.name, name, start, data.nbytes, buffer_crc(data)))
 
 
-def _read_scales(reader: TensorReader, pair: ScaledWeight, source: SourceIndex):
+def _read_scales(reader: TensorReader, pair: ScaledWeight, plan: DequantPlan, source: SourceIndex):
     """A weight's inverse scales as a float32 matrix (experts' grids stacked), checked finite.
 
     Raises:
@@ -479,7 +480,7 @@ def _read_scales(reader: TensorReader, pair: ScaledWeight, source: SourceIndex):
     info = pair.scale
     raw = reader.read(info)
     scales = torch.frombuffer(raw, dtype=getattr(torch, _TORCH_DTYPE_NAMES[info.dtype])) if raw else torch.empty(0)
-    scales = scales_to_float32(scales, info.dtype).view(-1, info.shape[-1])
+    scales = plan.reader.scales_to_float32(scales, info.dtype).view(-1, info.shape[-1])
     bad = ~torch.isfinite(scales)
     if bad.any():
         row, col = (int(i) for i in bad.nonzero()[0])

@@ -424,3 +424,15 @@ def test_from_the_hub_with_low_disk(gemma_dst, gemma_bf16, tmp_path):
     assert card.startswith("---\nbase_model: acme/tiny-FP8\n") and f"`acme/tiny-FP8` at commit `{COMMIT}`" in card
     assert list(cache.rglob("*.safetensors")) == []
     assert [p for p in cache.rglob("blobs/*") if p.stat().st_size > 100_000] == []  # shards are about 300 kB
+
+
+def test_ue8m0_exponent_bytes(tmp_path):
+    """UE8M0 scales stored as U8 exponents (2 ** (byte - 127)), as transformers reads MXFP8 checkpoints."""
+    gen = torch.Generator().manual_seed(6)
+    qc = {**QC, "scale_fmt": "ue8m0"}
+    w = (torch.randn(128, 192, generator=gen) * 50).to(torch.float8_e4m3fn)
+    s = torch.randint(100, 140, (2, 3), dtype=torch.uint8, generator=gen)
+    src = fp8_checkpoint(tmp_path / "u8", {"m.weight": w, "m.weight_scale_inv": s}, qc)
+    out = tensors_of(dequantized(src, tmp_path / "o"))
+    assert raw(out["m.weight"]) == raw(transformers_dequantize(w, s))
+    assert out["m.weight"][0, 0].item() == pytest.approx(w[0, 0].float().item() * 2.0 ** (s[0, 0].item() - 127))

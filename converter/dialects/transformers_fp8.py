@@ -60,6 +60,10 @@ class TransformersFP8Reader:
         return f"transformers fp8, E4M3 weights, {bm}x{bn} blocks, {self.scale_fmt} scales"
 
     @staticmethod
+    def scales_to_float32(scales, dtype: str):
+        return scales_to_float32(scales, dtype)
+
+    @staticmethod
     def scale_name(weight: TensorInfo) -> str:
         """`a.b.weight` -> `a.b.weight_scale_inv` (a Linear); a fused expert tensor `t` -> `t_scale_inv`."""
         return weight.name + SCALE_SUFFIX
