@@ -122,7 +122,7 @@ class ValidateReport:
     non_finite_modules: list[str] = field(default_factory=list)
     logits: dict | None = None  # generative models
     embeddings: dict | None = None  # encoders
-    outputs: dict | None = None  # other heads: their main output tensor
+    head_output: dict | None = None  # other heads: their main output tensor
     generation: dict | None = None
     peak_gpu_memory_bytes: int | None = None
 
@@ -556,11 +556,15 @@ def _check_fp8_modules(report: ValidateReport, model, dst: Path, device: str) ->
             if "FP8" not in type(module).__name__ or weight.dtype != torch.float8_e4m3fn:
                 wrong.append(f"{module_of(name)}: {type(module).__name__} with {weight.dtype} {leaf}")
             continue
-        with safe_open(dst / shard, "pt") as f:
-            q, s = f.get_tensor(name), f.get_tensor(name + SCALE_SUFFIX)
-        cols = q.shape[-1]
-        block = cols // s.shape[-1]  # square blocks (verify checks the scale shapes)
-        want = dequantize_blocks(q.reshape(-1, cols), s.reshape(-1, s.shape[-1]), block).reshape(q.shape)
+        try:
+            with safe_open(dst / shard, "pt") as f:
+                q, s = f.get_tensor(name), f.get_tensor(name + SCALE_SUFFIX)
+            cols = q.shape[-1]
+            block = cols // s.shape[-1]  # square blocks (verify checks the scale shapes)
+            want = dequantize_blocks(q.reshape(-1, cols), s.reshape(-1, s.shape[-1]), block).reshape(q.shape)
+        except Exception as exc:  # noqa: BLE001 - a weight or scale that cannot be read back is the finding
+            wrong.append(f"{name}: cannot dequantize it from {shard}: {type(exc).__name__}: {exc}")
+            continue
         got = weight.detach().float().cpu()
         want = want.to(weight.dtype).float()
         same = (got == want) | (got.isnan() & want.isnan())
@@ -711,7 +715,7 @@ def _compare(report: ValidateReport, kind: ModelKind, fp8: list, ref: list, thre
         stats = compare_outputs(torch.cat([x for _, x in fp8]), torch.cat([x for _, x in ref]))
         stats["name"] = name
         stats["thresholds"] = {"min_cosine": t.min_cosine, "min_top1": t.min_top1}
-        report.outputs = stats
+        report.head_output = stats
         top1 = stats["top1_agreement"]
         ok = stats["finite"] and stats["cosine_mean"] >= t.min_cosine and (top1 is None or top1 >= t.min_top1)
         report.add(f"{name} vs source", ok,

@@ -12,7 +12,11 @@ from torch import nn
 from converter.kernels.loading import check_kernels_version
 from converter.errors import UsageError
 from converter.validate import (
+    Check,
     Pooling,
+    ValidateReport,
+    _main,
+    _run_checked,
     compare_embeddings,
     compare_logits,
     forward_with_hooks,
@@ -166,7 +170,7 @@ def test_each_kind_passes_when_good(converted, tmp_path):
         assert report["logits"] is None and report["generation"] is None
     if kind == "classifier":
         assert "BertForSequenceClassification, sequence classification (head)" in result.output
-        stats = report["outputs"]
+        stats = report["head_output"]
         assert stats["name"] == "logits" and stats["rows"] == 6  # one row of 3 labels per sentence
         assert stats["cosine_min"] > 0.99 and stats["top1_agreement"] == 1.0 and stats["relative_error"] < 0.1
     if kind == "causal_lm":
@@ -262,3 +266,14 @@ def test_compare_embeddings_ranks_pair_similarities():
     assert swapped["nearest_agreement"] == 0.0 and swapped["rank_correlation"] < 0.5
     assert spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 1.0])) == pytest.approx(-1.0)
     assert math.isnan(spearman(torch.tensor([1.0, math.inf]), torch.tensor([1.0, 2.0])))
+
+
+def test_a_forward_pass_that_raises_is_a_failed_check():
+    class Broken(nn.Module):
+        def forward(self, input_ids):
+            raise IndexError("index out of range in self")
+
+    report = ValidateReport(dst="d", src=None, device="cpu", kernel="hub")
+    assert _run_checked(report, Broken(), [{"input_ids": torch.ones(1, 2)}], _main, "6 sentences") is None
+    assert report.checks == [Check("forward", False, "the forward pass failed (6 sentences): IndexError: index out "
+                                                     "of range in self")]
