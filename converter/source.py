@@ -335,9 +335,12 @@ def _other_files(src: Path, weight_files: set[str],
         kept = []
         for d in sorted(dirs):
             real = Path(root, d).resolve()
-            if d not in _NEVER_COPIED_DIRS and real not in chain:
-                kept.append(d)
-                chains[os.path.join(root, d)] = (*chain, real)
+            if d in _NEVER_COPIED_DIRS or real in chain:
+                continue
+            if not allow_external_links and not _inside(real, src):  # refused before walking whatever it holds
+                _refuse_link(Path(root, d))
+            kept.append(d)
+            chains[os.path.join(root, d)] = (*chain, real)
         dirs[:] = kept
         rel_root = Path(root).relative_to(src)
         relative += [(rel_root / name).as_posix() for name in sorted(files)]
@@ -348,24 +351,31 @@ def _other_files(src: Path, weight_files: set[str],
     return copy, skipped
 
 
+def _inside(real: Path, src: Path) -> bool:
+    """Whether a resolved path lies in `src`, or, for a Hugging Face cache snapshot, in its repository's
+    `blobs/` (where every file of a snapshot links to)."""
+    root = src.resolve()
+    allowed = [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
+    return any(real == a or a in real.parents for a in allowed)
+
+
 def _check_link(src: Path, rel: str) -> None:
-    """Refuse a file to copy that is, or sits below, a link to nothing or to a place outside `src` (other than a
-    Hugging Face cache snapshot's links into its repository's `blobs/`)."""
+    """Refuse a file to copy that is, or sits below, a link to nothing or to a place outside `src`."""
     path = src / rel
-    real, root = path.resolve(), src.resolve()
-    allowed = [root]
-    if root.parent.name == "snapshots":
-        allowed.append(root.parent.parent / "blobs")
-    inside = any(real == a or a in real.parents for a in allowed)
+    real = path.resolve()
+    inside = _inside(real, src)
     if inside and real.exists():
         return
     link = next((src / Path(*Path(rel).parts[:k]) for k in range(1, len(Path(rel).parts) + 1)
                  if (src / Path(*Path(rel).parts[:k])).is_symlink()), path)
-    target = os.readlink(link) if link.is_symlink() else real
     if not inside:
-        raise SourceError(f"{link}: a link to {target}, outside the source folder: refusing to copy it into the "
-                          "output (replace the link by the file, or pass --allow-external-links)")
-    raise SourceError(f"{link}: a link to {target}, which does not exist")
+        _refuse_link(link)
+    raise SourceError(f"{link}: a link to {os.readlink(link) if link.is_symlink() else real}, which does not exist")
+
+
+def _refuse_link(link: Path) -> None:
+    raise SourceError(f"{link}: a link to {os.readlink(link)}, outside the source folder: refusing to copy it into "
+                      "the output (replace the link by the file, or pass --allow-external-links)")
 
 
 def classify_files(relative: list[str], weight_files: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
