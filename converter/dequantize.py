@@ -387,11 +387,13 @@ def _usable_pieces(done: dict, copies, weights, plan: DequantPlan) -> dict:
 
 def _dequantize_lane(weights, plan: DequantPlan, source: SourceIndex, stop: Stop, advance: Progress,
                      manifest: Manifest, done: dict, finished: Callable) -> int:
-    """Read, dequantize and write every FP8 weight stripe by stripe, each stripe's write overlapping the next
-    stripe's arithmetic (at most one write in flight, so the two output buffers are never overwritten early)."""
+    """Read, dequantize and write every FP8 weight stripe by stripe: the next stripe is read and the previous one
+    written while this one is dequantized (one read and one write in flight, each buffer used in turn, so none is
+    overwritten early)."""
     kept = 0
     engine = _Dequantizer(plan.dtype)
-    with TensorReader(source) as reader, ThreadPoolExecutor(1, thread_name_prefix="convert-fp8-write") as io:
+    with TensorReader(source) as reader, ThreadPoolExecutor(1, thread_name_prefix="convert-fp8-write") as io, \
+            ThreadPoolExecutor(1, thread_name_prefix="convert-fp8-read") as ahead:
         for writer, t in weights:
             pair = plan.pairs[t.name]
             info, cols = pair.weight, pair.weight.shape[-1]
@@ -403,12 +405,17 @@ def _dequantize_lane(weights, plan: DequantPlan, source: SourceIndex, stop: Stop
                     advance(rows * cols)
                 else:
                     todo.append((first, rows, scale_first))
-            scale_inv = _read_scales(reader, pair, plan, source) if todo else None
+            if todo:
+                scale_inv = _read_scales(reader, pair, plan, source)
+                reader.fd_for(info)  # open the weight's shard here, not in the reading thread
+                reading = ahead.submit(engine.read, reader, info, todo[0][0], todo[0][1], 0)
             writing = None
             for k, (first, rows, scale_first) in enumerate(todo):
+                codes = reading.result()
                 if stop.is_set():
                     return kept
-                codes = engine.read(reader, info, first, rows)
+                if k + 1 < len(todo):
+                    reading = ahead.submit(engine.read, reader, info, todo[k + 1][0], todo[k + 1][1], (k + 1) % 2)
                 scale_rows = scale_inv[scale_first: scale_first + -(-rows // pair.block[0])]
                 out = engine.dequantize(codes, scale_rows, pair.block, slot=k % 2)
                 if writing is not None:
@@ -423,8 +430,8 @@ def _dequantize_lane(weights, plan: DequantPlan, source: SourceIndex, stop: Stop
 
 
 class _Dequantizer:
-    """Reads stripes of E4M3 codes into a reused buffer and dequantizes them into two output buffers used in turn:
-    numba table lookups where numba is installed, the torch formula otherwise (same bytes)."""
+    """Reads stripes of E4M3 codes and dequantizes them, each into two buffers kept across stripes and used in
+    turn: numba table lookups where numba is installed, the torch formula otherwise (same bytes)."""
 
     def __init__(self, dtype: str):
         import numpy as np
@@ -435,16 +442,17 @@ class _Dequantizer:
         self.fast = dequantize_fast if dequantize_fast.available() else None
         self.torch_dtype = getattr(torch, _TORCH_DTYPE_NAMES[dtype])
         self.bits = {2: np.uint16, 4: np.uint32}[DTYPE_SIZES[dtype]]
-        self._codes = np.empty(0, np.uint8)
+        self._codes = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
         self._outs = [np.empty(0, self.bits), np.empty(0, self.bits)]
 
-    def read(self, reader: TensorReader, info, first: int, rows: int):
+    def read(self, reader: TensorReader, info, first: int, rows: int, slot: int):
+        """Rows `[first, first + rows)` of an FP8 weight's matrix view, in codes buffer `slot`."""
         import numpy as np
 
         cols = info.shape[-1]
-        if len(self._codes) < rows * cols:
-            self._codes = np.empty(rows * cols, np.uint8)
-        codes = self._codes[: rows * cols]
+        if len(self._codes[slot]) < rows * cols:
+            self._codes[slot] = np.empty(rows * cols, np.uint8)
+        codes = self._codes[slot][: rows * cols]
         reader.read_into(info, first * cols, memoryview(codes))
         return codes.reshape(rows, cols)
 
