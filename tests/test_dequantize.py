@@ -137,6 +137,20 @@ def test_card_keeps_the_source_licence_and_names_the_hub_id(gemma_dst, tmp_path)
                            "- convert-fp8\n---\n# gemma-4-tiny-FP8, dequantized to bfloat16\n")
 
 
+def test_dry_run_prints_the_plan_and_writes_nothing(gemma_dst, tmp_path):
+    result = run_cli("dequantize", "--src", gemma_dst, "--dst", tmp_path / "o", "--dry-run", "--max-shard-size", "300KB")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "source: transformers fp8, E4M3 weights, 64x64 blocks, float scales",
+        "27 FP8 weights to BF16, 27 scale tensors dropped, 60 tensors copied; 7 shard(s)",
+        "source tensors 1.06 MB -> output tensors 1.72 MB",
+        "other files copied: 5",
+        "not copied: README.md (replaced by the dequantized model card)",
+        "dry run: nothing written",
+    ]
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("dtype,torch_dtype,name", [("f16", torch.float16, "float16"), ("f32", torch.float32, "float32")])
 def test_other_dtypes_match_transformers(gemma_dst, tmp_path, dtype, torch_dtype, name):
     out_dir = dequantized(gemma_dst, tmp_path / dtype, "--dtype", dtype)
