@@ -12,11 +12,11 @@ ARGS ?=
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: install convert test test-slow bench gpu-check clean
+.PHONY: install convert test test-slow wheel-smoke bench gpu-check clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg
+$(VENV)/.installed: setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
@@ -40,6 +40,12 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
+# The package as users install it: the wheel (dist/), installed into a fresh venv under SMOKE_DIR, converts and
+# verifies the demo checkpoint from outside the checkout (.ci/wheel_smoke.sh; CI runs it before the tests).
+SMOKE_DIR ?= /tmp/convert-fp8-wheel-smoke
+wheel-smoke:
+	PYTHON=$(PYTHON) bash .ci/wheel_smoke.sh $(SMOKE_DIR) $(TORCH_VERSION)
+
 # Conversion speed and memory on a 6.3 GiB real-shape slice of gemma-4-31B, beside `cp -r` (needs ~20 GB of disk
 # under BENCH_DIR; run as root for cold-cache figures and the memory cgroup).
 BENCH_DIR ?= /tmp/convert-fp8-bench
@@ -52,4 +58,4 @@ gpu-check:
 	bash bench/gpu_check.sh $(ARGS)
 
 clean:
-	rm -rf $(DEMO_DIR) build *.egg-info .pytest_cache
+	rm -rf $(DEMO_DIR) build dist *.egg-info .pytest_cache
