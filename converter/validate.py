@@ -389,11 +389,20 @@ def compare_logits(fp8_logits, ref_logits) -> dict:
         "positions": int(a.shape[0]),
         "cosine_mean": float(cosine.mean()),
         "cosine_min": float(cosine.min()),
-        "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+        "top1_agreement": _top1_agreement(a, b),
         "kl_mean": float(kl.mean()),
         "kl_max": float(kl.max()),
         "finite": bool(torch.isfinite(a).all()),
     }
+
+
+def _top1_agreement(a, b) -> float:
+    """Share of rows whose largest entry is at the same place; a row with NaN or Inf never agrees (argmax would
+    call an all-NaN row's first entry its largest)."""
+    import torch
+
+    agree = (a.argmax(-1) == b.argmax(-1)) & torch.isfinite(a).all(-1)
+    return float(agree.float().mean())
 
 
 def compare_embeddings(fp8, ref) -> dict:
@@ -456,7 +465,7 @@ def compare_outputs(fp8, ref) -> dict:
         "rows": int(a.shape[0]),
         "cosine_mean": float(cosine.mean()),
         "cosine_min": float(cosine.min()),
-        "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()) if fp8.shape[-1] > 1 else None,
+        "top1_agreement": _top1_agreement(a, b) if fp8.shape[-1] > 1 else None,
         "relative_error": float((a - b).norm() / b.norm()) if float(b.norm()) > 0 else float((a - b).norm()),
         "finite": bool(torch.isfinite(a).all()),
     }

@@ -19,6 +19,7 @@ from converter.validate import (
     _run_checked,
     compare_embeddings,
     compare_logits,
+    compare_outputs,
     forward_with_hooks,
     model_kind,
     pool,
@@ -277,3 +278,10 @@ def test_a_forward_pass_that_raises_is_a_failed_check():
     assert _run_checked(report, Broken(), [{"input_ids": torch.ones(1, 2)}], _main, "6 sentences") is None
     assert report.checks == [Check("forward", False, "the forward pass failed (6 sentences): IndexError: index out "
                                                      "of range in self")]
+
+
+def test_a_non_finite_row_never_agrees_on_top1():
+    ref = torch.tensor([[0.5, 0.1, 0.0], [0.4, 0.3, 0.0]])
+    fp8 = torch.tensor([[float("nan")] * 3, [0.4, 0.2, 0.1]])
+    assert compare_logits(fp8, ref)["top1_agreement"] == 0.5
+    assert compare_outputs(fp8, ref)["top1_agreement"] == 0.5 and compare_outputs(fp8, ref)["finite"] is False
