@@ -41,7 +41,8 @@ class TransformersFP8Reader:
     def __init__(self, qc: dict, where: str):
         self.where = where
         block = qc.get("weight_block_size")
-        if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        edges = isinstance(block, (list, tuple)) and len(block) == 2
+        if not (edges and all(isinstance(b, int) and b > 0 for b in block)):
             raise SourceError(f"{where}: quantization_config.weight_block_size is {block!r}; only block-wise FP8 "
                               "(two positive block edges, e.g. [128, 128]) can be dequantized")
         self.block = (block[0], block[1])
