@@ -32,7 +32,7 @@ from .finalize import check_written_headers
 from .lanes import Stop, _copy_lane, _failing_to
 from .manifest import Manifest, PartLock, Piece, claim_run, run_identity, source_stamp
 from .plan import COPY, ShardPlan, TensorPlan, _assign_shards
-from .resume import COPY_BUFFER_BYTES, verified_pieces
+from .resume import COPY_BUFFER_BYTES, source_name, verified_pieces
 from .source import SINGLE_FILE_NAME, SourceIndex, TensorReader, source_card
 from .write import OutputDir, ShardWriter, config_json, index_json
 
@@ -42,7 +42,8 @@ _CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 _TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F8_E4M3": "float8_e4m3fn",
                       "F8_E8M0": "float8_e8m0fnu", "U8": "uint8"}
 
-# FP8 bytes dequantized per step: the float32 product is 4x this, the output up to 4x.
+# FP8 bytes dequantized per step; the output is 2x this in BF16 (4x in F32), and the torch formula's float32
+# product another 4x.
 STRIPE_BYTES = 4 * 2**20
 
 Progress = Callable[[int], None]
@@ -237,11 +238,8 @@ def prepare(options: DequantOptions) -> tuple[SourceIndex, DequantPlan]:
 
 
 def _run_record(options: DequantOptions, identity: str, stamp: dict) -> dict:
-    from .hub import looks_like_repo_id
-
-    src = str(options.src) if looks_like_repo_id(options.src) else str(Path(options.src).resolve())
-    return {"identity": identity, "source_stamp": stamp, "parts": 1, "tool": __version__, "command": "dequantize", "src": src,
-            "revision": options.revision,
+    return {"identity": identity, "source_stamp": stamp, "parts": 1, "tool": __version__, "command": "dequantize",
+            "src": source_name(options), "revision": options.revision,
             "options": {"dtype": options.dtype, "max_shard_size": options.max_shard_size,
                         "base_model": options.base_model}}
 

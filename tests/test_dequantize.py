@@ -122,10 +122,12 @@ def test_config_card_and_files(gemma_src, gemma_dst, gemma_bf16):
     card = (gemma_bf16 / "README.md").read_text()
     assert card.startswith("---\ntags:\n- convert-fp8\n- bfloat16\n---\n# fp8, dequantized to bfloat16\n")
     assert "27 FP8 weights dequantized" in card and "transformers fp8, E4M3 weights, 64x64 blocks" in card
-    assert (gemma_bf16 / "1_Pooling" / "config.json").read_bytes() == (gemma_dst / "1_Pooling" / "config.json").read_bytes()
+    pooling = "1_Pooling/config.json"
+    assert (gemma_bf16 / pooling).read_bytes() == (gemma_dst / pooling).read_bytes()
     index = read_json(gemma_bf16 / "model.safetensors.index.json")
     assert not any(n.endswith("_scale_inv") for n in index["weight_map"])
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in load_all(gemma_bf16)[1].values())
+    tensors = load_all(gemma_bf16)[1].values()
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors)
 
 
 def test_card_keeps_the_source_licence_and_names_the_hub_id(gemma_dst, tmp_path):
@@ -138,7 +140,8 @@ def test_card_keeps_the_source_licence_and_names_the_hub_id(gemma_dst, tmp_path)
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(gemma_dst, tmp_path):
-    result = run_cli("dequantize", "--src", gemma_dst, "--dst", tmp_path / "o", "--dry-run", "--max-shard-size", "300KB")
+    result = run_cli("dequantize", "--src", gemma_dst, "--dst", tmp_path / "o", "--dry-run",
+                     "--max-shard-size", "300KB")
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [
         "source: transformers fp8, E4M3 weights, 64x64 blocks, float scales",
@@ -151,7 +154,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(gemma_dst, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("dtype,torch_dtype,name", [("f16", torch.float16, "float16"), ("f32", torch.float32, "float32")])
+@pytest.mark.parametrize("dtype,torch_dtype,name",
+                         [("f16", torch.float16, "float16"), ("f32", torch.float32, "float32")])
 def test_other_dtypes_match_transformers(gemma_dst, tmp_path, dtype, torch_dtype, name):
     out_dir = dequantized(gemma_dst, tmp_path / dtype, "--dtype", dtype)
     _, fp8 = load_all(gemma_dst)
