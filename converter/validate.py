@@ -204,9 +204,9 @@ def _architectures(modeling_auto, task: str) -> set[str]:
 
 
 def _task_words(task: str) -> str:
-    return {"": "base model", "CAUSAL_LM": "causal LM", "MASKED_LM": "masked LM", "MULTIMODAL_LM": "multimodal LM",
-            "SEQ_TO_SEQ_CAUSAL_LM": "seq2seq LM",
-            "TEXT_ENCODING": "text encoder"}.get(task, task.lower().replace("_", " "))
+    words = {"": "base model", "CAUSAL_LM": "causal LM", "MASKED_LM": "masked LM", "MULTIMODAL_LM": "multimodal LM",
+             "SEQ_TO_SEQ_CAUSAL_LM": "seq2seq LM", "TEXT_ENCODING": "text encoder"}
+    return words.get(task, task.lower().replace("_", " "))
 
 
 def sentence_transformers_pooling(folder: Path) -> Pooling | None:
@@ -223,7 +223,7 @@ def sentence_transformers_pooling(folder: Path) -> Pooling | None:
     modules = _read_json(path)
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
         raise SourceError(f"{path}: expected a list of modules")
-    modes, normalize, origin, not_applied = ("mean_tokens",), False, "no Pooling module in modules.json: mean", []
+    modes, normalize, origin, not_applied = ("mean_tokens",), False, "modules.json has no Pooling module", []
     for module in modules:
         kind = str(module.get("type", "")).rpartition(".")[2]
         where = module.get("path", "")
@@ -234,6 +234,8 @@ def sentence_transformers_pooling(folder: Path) -> Pooling | None:
         elif kind == "Pooling":
             pooling_path = Path(folder) / where / CONFIG_NAME
             pooling = _read_json(pooling_path)
+            if not isinstance(pooling, dict):
+                raise SourceError(f"{pooling_path}: expected an object of pooling_mode_* settings")
             modes = tuple(m for m in POOLING_MODES if pooling.get(f"pooling_mode_{m}"))
             if not modes:
                 raise UsageError(f"cannot validate this kind: {pooling_path} enables no pooling mode this knows "
@@ -614,11 +616,19 @@ def validate(dst: Path, src: Path | None = None, device: str = "cpu", kernel: st
     report.add("load", True, f"{type(model).__name__} loaded")
     _check_fp8_modules(report, model, dst, device)
 
+    tok = None
+    try:
+        if kind.kind == GENERATIVE:
+            tok, inputs, how = _inputs(dst, prompt, device)
+        else:
+            inputs, how = _sentence_inputs(dst, model.config, device)
+    except Exception as exc:  # noqa: BLE001 - a tokenizer or chat template that fails is the finding
+        report.add("inputs", False, f"cannot tokenize the inputs with the checkpoint's tokenizer: "
+                                    f"{type(exc).__name__}: {exc}")
+        return report
     if kind.kind == GENERATIVE:
-        tok, inputs, how = _inputs(dst, prompt, device)
         extract = _logits
     else:
-        tok, (inputs, how) = None, _sentence_inputs(dst, model.config, device)
         extract = (lambda out, batch: _embedding(out, batch, kind.pooling)) if kind.kind == ENCODER else _main
     fp8_results = _run_checked(report, model, inputs, extract, how)
     if fp8_results is not None and kind.kind == GENERATIVE:
