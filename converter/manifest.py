@@ -29,9 +29,8 @@ def source_stamp(source) -> dict:
     """What tells one version of the source's weights from another without reading them: the resolved commit of
     a Hub source, or each local shard's size and modification time (a shard rewritten with equal headers and
     other values changes its modification time)."""
-    commit = getattr(source, "commit", None)
     if source.provider is not None:
-        return {"commit": commit}
+        return {"commit": source.commit}
     stamp = {}
     for shard in source.shards:
         st = os.stat(source.root / shard)
