@@ -151,3 +151,17 @@ def test_an_index_naming_a_shard_outside_the_top_level_is_refused(tmp_path):
         got = open_via_hub(hub, tmp_path / "hub")
     assert got == {"error": f"acme/toy: {INDEX_NAME} names shard '../../x.safetensors', which is not a .safetensors "
                             "file at the top of the repository"}
+
+
+def test_the_run_record_holds_the_resolved_commit(repo, tmp_path):
+    """A resume or a later part must read the same commit: run.json records it, and it is part of the identity."""
+    with FakeHub("acme/toy", repo) as hub:
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_DISABLE_XET="1",
+                   CONVERT_FP8_NO_PROGRESS="1")
+        env.pop("HF_HUB_OFFLINE", None)
+        done = subprocess.run([sys.executable, "-m", "converter.cli", "--src", "acme/toy", "--dst",
+                               str(tmp_path / "out"), "--no-arch-check", "-q", "--max-shard-size", "6000",
+                               "--part", "1/2"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / ".convert-fp8.partial" / "run.json").read_text())
+    assert record["source_stamp"] == {"commit": COMMIT} and record["src"] == "acme/toy"
