@@ -30,7 +30,8 @@ def _cache_key(config: dict, patterns: tuple[str, ...]) -> str | None:
         version = importlib.metadata.version("transformers")
     except importlib.metadata.PackageNotFoundError:
         return None
-    blob = json.dumps([version, config, list(patterns)], sort_keys=True).encode()
+    method = (config.get("quantization_config") or {}).get("quant_method", "fp8")
+    blob = json.dumps([version, config, list(patterns), method], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -57,8 +58,9 @@ def cached_fp8_modules(config: dict, patterns: tuple[str, ...]) -> set[str] | No
 
 
 def transformers_fp8_modules(config: dict, patterns: tuple[str, ...]) -> set[str] | None:
-    """Module names transformers converts to FP8 for this config and exclusion list, or None when transformers
-    is not installed or does not know the architecture."""
+    """Module names transformers converts to FP8 for this config and exclusion list (in the matching rule of the
+    config's dialect: `modules_to_not_convert` for fp8, `ignore` for compressed-tensors, which quantizes
+    `nn.Linear` modules only), or None when transformers is not installed or does not know the architecture."""
     try:
         import torch
         import transformers
@@ -76,6 +78,11 @@ def transformers_fp8_modules(config: dict, patterns: tuple[str, ...]) -> set[str
         return None
     with torch.device("meta"):
         model = model_class._from_config(cfg)
+    if (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
+        from .dialects.compressed_tensors import CompressedTensorsWriter
+
+        return {name for name, module in model.named_modules()
+                if isinstance(module, nn.Linear) and CompressedTensorsWriter.converts(name, list(patterns))}
     skip = list(patterns) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
     return {
         name

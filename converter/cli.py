@@ -60,6 +60,14 @@ def _size(ctx, param, value):
               help="numba: the fused CPU kernel; torch: the reference formula. Same bytes either way.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the torch quantizer runs (cuda: on a GPU, same bytes).")
+@click.option("--format", "format", type=click.Choice(["fp8", "compressed-tensors"]), default="fp8", show_default=True,
+              help="Output dialect: fp8 (transformers' FineGrainedFP8Config) or compressed-tensors (llm-compressor's, "
+                   "vLLM's usual FP8 checkpoints).")
+@click.option("--scheme", "quant_scheme", type=click.Choice(["fp8-block", "fp8-dynamic"]), default=None,
+              help="compressed-tensors scheme: fp8-block (FP8_BLOCK, 128x128 unless --block-size) or fp8-dynamic "
+                   "(FP8_DYNAMIC, one scale per output channel) [fp8-block].")
+@click.option("--scale-fmt", type=click.Choice(["float", "ue8m0"]), default="float", show_default=True,
+              help="fp8 format: float32 inverse scales, or ue8m0 (power-of-two scales in one byte, F8_E8M0).")
 @click.option("--part", default=None, metavar="I/N", callback=lambda ctx, param, value: _part(value),
               help="Convert only the I-th of N fixed subsets of the output shards (for N machines or jobs).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only errors and the final line.")
@@ -114,6 +122,7 @@ def _convert(src, dst, preset_name, exclude, no_arch_check, part, dry_run, quiet
     from .plan import describe_plan
     from .presets import load_preset
 
+    _check_dialect(options)
     options = ConvertOptions(
         src=src if looks_like_repo_id(src) else Path(src), dst=dst, preset=load_preset(preset_name),
         extra_excludes=tuple(exclude), arch_check=not no_arch_check, part=part, **options,
@@ -146,6 +155,24 @@ def _convert(src, dst, preset_name, exclude, no_arch_check, part, dry_run, quiet
         click.echo(f"wrote {summary.dst}")
     else:
         click.echo(f"part {part[0]}/{part[1]} of {summary.dst} done; {status}")
+
+
+def _check_dialect(options: dict) -> None:
+    """Options of one dialect given with another are contradictions, not silently ignored."""
+    from .errors import UsageError
+
+    if options["format"] == "compressed-tensors":
+        options["quant_scheme"] = options["quant_scheme"] or "fp8-block"
+        if options["scale_fmt"] != "float":
+            raise UsageError("--scale-fmt ue8m0 is for --format fp8; compressed-tensors stores its scales in "
+                                   "the weight's dtype")
+        if options["quant_scheme"] == "fp8-dynamic" and options["block_size"] is not None:
+            raise UsageError("--block-size does not apply to --scheme fp8-dynamic (one scale per channel)")
+    elif options["quant_scheme"] is not None:
+        raise UsageError(f"--scheme {options['quant_scheme']} is a compressed-tensors scheme: add "
+                               "--format compressed-tensors")
+    else:
+        options["quant_scheme"] = "fp8-block"
 
 
 def _print_summary(summary) -> None:

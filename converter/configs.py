@@ -65,15 +65,37 @@ def tiles_evenly(shape: tuple[int, ...], block_size: int) -> bool:
     return len(shape) >= 2 and shape[-2] % block_size == 0 and shape[-1] % block_size == 0
 
 
+FORMATS = ("fp8", "compressed-tensors")  # output dialects: transformers' quant_method fp8, llm-compressor's
+CT_SCHEMES = ("fp8-block", "fp8-dynamic")  # compressed-tensors: FP8_BLOCK, FP8_DYNAMIC (per output channel)
+SCALE_FORMATS = ("float", "ue8m0")  # transformers fp8: float32 or power-of-two (F8_E8M0) inverse scales
+CT_DEFAULT_BLOCK_SIZE = 128  # llm-compressor's FP8_BLOCK
+
+
 @dataclass(frozen=True)
 class FP8Scheme:
-    """How weights are quantized: square blocks of `block_size`, E4M3 values, float32 inverse scales."""
+    """How weights are quantized and in which dialect: E4M3 values with square blocks of `block_size` (or one
+    scale per output channel, `fp8-dynamic`), in transformers' `fp8` format (float32 or UE8M0 inverse scales)
+    or llm-compressor's `compressed-tensors`. `converter.dialects.writer_for` turns it into the dialect."""
 
     block_size: int = DEFAULT_BLOCK_SIZE
+    format: str = "fp8"
+    scheme: str = "fp8-block"
+    scale_fmt: str = "float"
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size % 16:
             raise ValueError(f"block size must be a positive multiple of 16, got {self.block_size}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.scheme not in CT_SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(CT_SCHEMES)}, got {self.scheme!r}")
+        if self.scale_fmt not in SCALE_FORMATS:
+            raise ValueError(f"scale format must be one of {', '.join(SCALE_FORMATS)}, got {self.scale_fmt!r}")
+        if self.format == "fp8" and self.scheme != "fp8-block":
+            raise ValueError("--scheme fp8-dynamic is a compressed-tensors scheme: add --format compressed-tensors")
+        if self.format == "compressed-tensors" and self.scale_fmt != "float":
+            raise ValueError("--scale-fmt ue8m0 is a transformers fp8 option; compressed-tensors stores scales in "
+                             "the weight's dtype")
 
     def quantization_config(self, modules_to_not_convert: list[str], ignored_layers: list[str]) -> dict:
         """The `quantization_config` entry of the output `config.json` (transformers, vLLM and SGLang read it)."""
@@ -84,7 +106,7 @@ class FP8Scheme:
             "modules_to_not_convert": list(modules_to_not_convert),
             "ignored_layers": list(ignored_layers),
             "dequantize": False,
-            "scale_fmt": "float",
+            "scale_fmt": self.scale_fmt,
         }
 
 
@@ -119,10 +141,16 @@ class ConvertOptions:
     revision: str | None = None  # Hub sources: branch, tag or commit
     low_disk: bool = False  # Hub sources: delete each downloaded shard once its tensors are written
     allow_external_links: bool = False  # copy files of --src that link outside it (refused by default)
+    format: str = "fp8"  # output dialect, see FORMATS
+    quant_scheme: str = "fp8-block"  # compressed-tensors scheme, see CT_SCHEMES
+    scale_fmt: str = "float"  # transformers fp8 scale format, see SCALE_FORMATS
     scheme: FP8Scheme = field(init=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "scheme", FP8Scheme(self.block_size or self.preset.block_size))
+        # compressed-tensors' FP8_BLOCK is 128x128 unless asked otherwise; the preset's 64 is transformers'
+        default_block = CT_DEFAULT_BLOCK_SIZE if self.format == "compressed-tensors" else self.preset.block_size
+        object.__setattr__(self, "scheme", FP8Scheme(self.block_size or default_block, self.format,
+                                                     self.quant_scheme, self.scale_fmt))
         i, n = self.part
         if not 1 <= i <= n:
             raise ValueError(f"part {i}/{n}: expected 1 <= I <= N")

@@ -118,7 +118,7 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     part_source_bytes = sum(source.tensors[t.source].nbytes for s in mine for t in s.tensors if t.action != SCALE)
     if on_start:
         on_start(part_source_bytes)
-    quantizer = Quantizer(plan.scheme.block_size, options.quantizer, options.device)
+    quantizer = Quantizer(plan.dialect, options.quantizer, options.device)
     # The transformers cross-check mostly waits on importing transformers (about 2 s): it runs beside the
     # writing; its failure stops the lanes at once and removes what this run wrote before anything is moved.
     stop = Stop()
@@ -202,6 +202,8 @@ def finalize(dst: Path) -> Summary:
         extra_excludes=tuple(opts["exclude"]), block_size=opts["block_size"],
         max_shard_size=opts["max_shard_size"], arch_check=False, base_model=opts["base_model"],
         allow_external_links=opts.get("allow_external_links", False), overwrite=True, part=(n, n),
+        format=opts.get("format", "fp8"), quant_scheme=opts.get("scheme", "fp8-block"),
+        scale_fmt=opts.get("scale_fmt", "float"),
     )
     source, plan, notes = prepare(options, check_arch_now=False)
     if run_identity(source, plan) != record["identity"]:

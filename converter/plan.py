@@ -13,16 +13,13 @@ from dataclasses import dataclass
 
 from .configs import (
     DTYPE_SIZES,
-    FP8_DTYPE_NAME,
     QUANTIZABLE_DTYPES,
-    SCALE_DTYPE_NAME,
-    SCALE_SUFFIX,
     SHARD_NAME,
     FP8Scheme,
     format_size,
-    scale_shape,
-    tiles_evenly,
 )
+from .dialects import writer_for
+from .dialects.transformers_fp8 import should_convert_module  # noqa: F401 - the fp8 loader's rule, re-exported
 from .errors import PlanError
 from .source import SINGLE_FILE_NAME, SourceIndex, TensorInfo
 
@@ -92,6 +89,11 @@ class Plan:
     def output_nbytes(self) -> int:
         return sum(shard.nbytes for shard in self.shards)
 
+    @property
+    def dialect(self):
+        """The output dialect's writer (`converter.dialects`): names, dtypes, scale math, config."""
+        return writer_for(self.scheme)
+
     def weight_map(self) -> dict[str, str]:
         return {t.name: shard.name for shard in self.shards for t in shard.tensors}
 
@@ -99,15 +101,6 @@ class Plan:
     def index_needed(self) -> bool:
         """Whether the output gets a `model.safetensors.index.json`: not when it is one `model.safetensors`."""
         return [s.name for s in self.shards] != [SINGLE_FILE_NAME]
-
-
-def should_convert_module(full_name: str, patterns: list[str] | tuple[str, ...] | None) -> bool:
-    """transformers' (5.23+) rule: a pattern skips a module when it matches, as a regex, from the start of the
-    name up to a module boundary, or when the name ends with it."""
-    if patterns is None:
-        return True
-    boundary = r"(?:(?<=\.)|(?=\.|$))"
-    return not any(re.match(rf"(?:{key}){boundary}", full_name) or full_name.endswith(key) for key in patterns)
 
 
 def should_convert_module_legacy(full_name: str, patterns) -> bool:
@@ -149,7 +142,8 @@ def make_plan(
     """Decide every tensor's fate, the output shards and the output config.
 
     Raises:
-        PlanError: the source is already quantized, or a pattern is not a valid regular expression.
+        PlanError: the source is already quantized, a pattern is not a valid regular expression, or the dialect
+            cannot write a tensor the plan would quantize (fused experts in compressed-tensors).
     """
     if "quantization_config" in source.config:
         method = source.config["quantization_config"].get("quant_method", "?")
@@ -160,17 +154,19 @@ def make_plan(
         except re.error as exc:
             raise PlanError(f"exclude pattern {pattern!r} is not a valid regular expression: {exc}") from None
 
-    block = scheme.block_size
+    dialect = writer_for(scheme)
     groups: list[list[TensorPlan]] = []
+    others: list[str] = []  # tensors that are not Linear weights (a dialect may have to name their modules)
     fp8_modules: list[str] = []
     kept: dict[str, str] = {}
     linear_like: list[str] = []  # every module transformers might turn into an FP8 module
     # transformers makes every `*.experts` module one FP8Experts: all its expert tensors are FP8, or none
-    experts_why = _experts_fates(source, block)
+    experts_why = _experts_fates(source, dialect)
     for info in source.tensors.values():
         kind, reason = classify(info)
         module = module_of(info.name)
         if kind == "other":
+            others.append(info.name)
             groups.append([_copy(info, reason)])
             continue
         if module not in linear_like:
@@ -180,35 +176,43 @@ def make_plan(
             why = f"excluded by {matched!r}"
         elif kind == "experts":
             why = experts_why[module]
-        elif not tiles_evenly(info.shape, block):
-            why = f"shape {info.shape[0]}x{info.shape[1]} does not tile by {block}"
+        elif dialect.unfit(info.shape):
+            why = dialect.unfit(info.shape)
         elif info.dtype not in QUANTIZABLE_DTYPES:
             why = f"dtype {info.dtype} is not quantized (only {', '.join(QUANTIZABLE_DTYPES)})"
         else:
             why = None
+        if why is None and kind == "experts" and not dialect.experts:
+            raise PlanError(
+                f"{info.name}: fused expert tensors cannot be written as {scheme.format} (llm-compressor splits "
+                "them into per-expert Linears, which transformers does not load back into the fused module); "
+                f"--exclude {module} keeps them in {info.dtype}, or use --format fp8")
         if why is None:
             if module not in fp8_modules:
                 fp8_modules.append(module)
-            # a Linear's scales are `<module>.weight_scale_inv`; an expert tensor's `<tensor>_scale_inv`
-            scale_name = (module + ".weight" if kind == "linear" else info.name) + SCALE_SUFFIX
+            # a Linear's scales are `<module>.weight<suffix>`, an expert tensor's `<tensor><suffix>`
+            scale_name = dialect.scale_name(info.name)
             groups.append(
                 [
-                    TensorPlan(info.name, info.name, QUANTIZE, FP8_DTYPE_NAME, info.shape, "FP8"),
-                    TensorPlan(scale_name, info.name, SCALE, SCALE_DTYPE_NAME, scale_shape(info.shape, block), "scale"),
+                    TensorPlan(info.name, info.name, QUANTIZE, dialect.weight_dtype, info.shape, "FP8"),
+                    TensorPlan(scale_name, info.name, SCALE, dialect.scale_dtype(info.dtype),
+                               dialect.scale_shape(info.shape), "scale"),
                 ]
             )
             continue
         kept.setdefault(module, why)
         groups.append([_copy(info, why)])
 
-    # Linears kept for a reason other than a pattern must be excluded by full name, or transformers builds an
-    # FP8 module for them and raw-casts the unquantized weight into it.
-    by_name = [m for m, why in kept.items() if not why.startswith("excluded by")]
-    modules_to_not_convert = tuple(dict.fromkeys(exclude_patterns + tuple(by_name)))
+    # Every Linear kept unquantized must be excluded in the dialect's own terms, or the loader builds an FP8
+    # module for it and raw-casts the unquantized weight into it.
+    unmatched = _unmatched(exclude_patterns, linear_like, source.config)
+    # an excluded head tied to the embeddings is built by the loader but not stored: name it all the same
+    unstored = [p for p, _ in unmatched if p == "lm_head" and _ties_embeddings(source.config)]
+    modules_to_not_convert = tuple(dialect.exclusion_list(exclude_patterns, kept, unstored, others))
     ignored_layers = tuple(kept)
 
     config = copy.deepcopy(source.config)
-    config["quantization_config"] = scheme.quantization_config(list(modules_to_not_convert), list(ignored_layers))
+    config["quantization_config"] = dialect.quantization_config(list(modules_to_not_convert), list(ignored_layers))
 
     warnings = list(source.warnings)
     warnings += _legacy_matching_warnings(linear_like, modules_to_not_convert)
@@ -220,7 +224,7 @@ def make_plan(
         kept_linears=kept,
         modules_to_not_convert=modules_to_not_convert,
         ignored_layers=ignored_layers,
-        unmatched_patterns=tuple(_unmatched(exclude_patterns, linear_like, source.config)),
+        unmatched_patterns=tuple(unmatched),
         files_to_copy=source.files_to_copy,
         files_skipped=source.files_skipped,
         warnings=tuple(warnings),
@@ -228,7 +232,7 @@ def make_plan(
     )
 
 
-def _experts_fates(source: SourceIndex, block: int) -> dict[str, str | None]:
+def _experts_fates(source: SourceIndex, dialect) -> dict[str, str | None]:
     """Per `*.experts` module: None when every expert tensor of it can be quantized, else why not."""
     fates: dict[str, str | None] = {}
     for info in source.tensors.values():
@@ -236,8 +240,8 @@ def _experts_fates(source: SourceIndex, block: int) -> dict[str, str | None]:
             continue
         module = module_of(info.name)
         why = None
-        if not tiles_evenly(info.shape, block):
-            why = f"expert tensor {info.name.rpartition('.')[2]} {'x'.join(map(str, info.shape[-2:]))} does not tile by {block}"
+        if dialect.unfit(info.shape):
+            why = f"expert tensor {info.name.rpartition('.')[2]} {dialect.unfit(info.shape).removeprefix('shape ')}"
         elif info.dtype not in QUANTIZABLE_DTYPES:
             why = f"dtype {info.dtype} is not quantized (only {', '.join(QUANTIZABLE_DTYPES)})"
         fates[module] = fates.get(module) or why
@@ -328,11 +332,12 @@ def describe_plan(plan: Plan) -> str:
         if t.action == QUANTIZE:
             fates["FP8 weight"] += 1
         elif t.action == SCALE:
-            fates["scale (weight_scale_inv)"] += 1
+            fates[f"scale ({t.name.rpartition('.')[2]}, {t.dtype})"] += 1
         else:
             fates[f"copied, {t.reason}"] += 1
     lines = [
-        f"block size {plan.scheme.block_size}x{plan.scheme.block_size}; "
+        f"dialect: {plan.dialect.label}",
+        f"loaded by: {plan.dialect.servers}",
         f"{len(plan.tensors)} output tensors in {len(plan.shards)} shard(s)",
         f"source tensors {format_size(plan.source_nbytes)} -> output tensors {format_size(plan.output_nbytes)} "
         f"({plan.output_nbytes / max(plan.source_nbytes, 1):.1%})",
@@ -342,7 +347,8 @@ def describe_plan(plan: Plan) -> str:
     lines.append(f"Linear modules kept in the source dtype: {len(plan.kept_linears)}")
     for reason, n in Counter(plan.kept_linears.values()).most_common():
         lines.append(f"  {n:6d}  {reason}")
-    lines.append(f"modules_to_not_convert: {list(plan.modules_to_not_convert)}")
+    key = "ignore" if plan.scheme.format == "compressed-tensors" else "modules_to_not_convert"
+    lines.append(f"{key}: {list(plan.modules_to_not_convert)}")
     for pattern, note in plan.unmatched_patterns:
         lines.append(f"pattern {pattern!r} matches no Linear in the checkpoint: {note}")
     lines.append(f"other files copied: {len(plan.files_to_copy)}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import __version__
 from .checksum import file_crc
-from .configs import ConvertOptions, matrix_shape
+from .configs import DTYPE_SIZES, ConvertOptions, matrix_shape
 from .errors import SourceError
 from .hub import looks_like_repo_id
 from .manifest import Manifest, Piece
@@ -38,6 +38,9 @@ def run_record(options: ConvertOptions, identity: str, stamp: dict) -> dict:
             "arch_check": options.arch_check,
             "base_model": options.base_model,
             "allow_external_links": options.allow_external_links,
+            "format": options.format,
+            "scheme": options.quant_scheme,
+            "scale_fmt": options.scale_fmt,
         },
     }
 
@@ -67,8 +70,10 @@ def verified_pieces(manifest: Manifest, staging: Path) -> dict[tuple[str, str, i
 
 
 def stripe_keys(shard: str, weight, scale, cols: int, block: int, first: int) -> tuple[tuple, tuple]:
-    """Manifest keys of the stripe starting at row `first`: its FP8 bytes and its rows of scales."""
-    return (shard, weight.name, first * cols), (shard, scale.name, first // block * scale.shape[-1] * 4)
+    """Manifest keys of the stripe starting at row `first`: its FP8 bytes and its rows of scales (`block` weight
+    rows per row of scales, of the scale tensor's dtype)."""
+    row_bytes = scale.shape[-1] * DTYPE_SIZES[scale.dtype]
+    return (shard, weight.name, first * cols), (shard, scale.name, first // block * row_bytes)
 
 
 def usable_pieces(done: dict, copies, quantized, source: SourceIndex, quantizer: Quantizer) -> dict:

@@ -1,7 +1,9 @@
 """Reading a weight in stripes of whole tile rows and quantizing them: the quantize stage's driver.
 
 `Quantizer` reads the next stripe in a background thread while the current one is quantized, into buffers kept
-across stripes, and dispatches to the fused numba kernel or the torch formula (same bytes).
+across stripes, and dispatches to the fused numba kernel or to the output dialect's own torch formula
+(`converter.dialects`): the kernel where it gives that dialect's bytes (transformers' float32 scales), the
+formula everywhere else.
 """
 
 from __future__ import annotations
@@ -23,13 +25,18 @@ STRIPE_BYTES = 16 * 2**20
 class Quantizer:
     """Quantizes a 2-D source weight stripe by stripe, reading the next stripe while the current one is quantized.
 
-    `kind` is "numba" (the fused CPU kernel), "torch" (the reference formula, on `device`) or "auto" (numba when
-    installed and the device is the CPU). Every kind writes the same bytes.
+    `dialect` is the output dialect's writer (its `quantize` formula, `rows_per_scale`, `fused_kernel`). `kind`
+    is "numba" (the fused CPU kernel), "torch" (the dialect's formula, on `device`) or "auto" (numba when
+    installed, the device is the CPU and the kernel computes this dialect's bytes). Every kind writes the same
+    bytes.
     """
 
-    def __init__(self, block: int, kind: str = "auto", device: str = "cpu"):
+    def __init__(self, dialect, kind: str = "auto", device: str = "cpu"):
         if kind == "auto":
-            kind = "numba" if device == "cpu" and quantize_fast.available() else "torch"
+            kind = "numba" if device == "cpu" and quantize_fast.available() and dialect.fused_kernel else "torch"
+        if kind == "numba" and not dialect.fused_kernel:
+            raise UsageError(f"--quantizer numba: the fused kernel computes transformers' float32 scales only, not "
+                             f"{dialect.label}; use --quantizer torch (or auto)")
         if kind == "numba" and not quantize_fast.available():
             raise UsageError("--quantizer numba: numba is not installed (pip install numba)")
         if device == "cuda":
@@ -37,7 +44,8 @@ class Quantizer:
 
             if not torch.cuda.is_available():
                 raise UsageError("--device cuda: torch sees no CUDA device")
-        self.block, self.kind, self.device = block, kind, device
+        self.dialect, self.kind, self.device = dialect, kind, device
+        self.block = dialect.rows_per_scale  # weight rows per row of scales; stripes start on multiples of it
         self._buffers: dict[int, np.ndarray] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-fp8-read")
 
@@ -100,14 +108,15 @@ class Quantizer:
             return out, scale_inv
         import torch
 
-        from .quantize import TORCH_DTYPES, NonFiniteError, quantize_blocks
+        from .quantize import TORCH_DTYPES, NonFiniteError
 
         weight = torch.frombuffer(raw, dtype=TORCH_DTYPES[info.dtype]).reshape(rows, cols)
         try:
-            fp8, scale_inv = quantize_blocks(weight.to(self.device), block)
+            fp8, scales = self.dialect.quantize(weight.to(self.device))
         except NonFiniteError as exc:
             raise _non_finite(info, str(exc), first + exc.row) from None
-        return fp8.view(torch.uint8).cpu().numpy(), scale_inv.cpu().numpy()
+        # scales of any dtype (float32, F8_E8M0, BF16) leave as their bytes
+        return fp8.view(torch.uint8).cpu().numpy(), scales.contiguous().view(torch.uint8).cpu().numpy()
 
 
 def _non_finite(info, what: str, row: int) -> QuantizeError:

@@ -18,20 +18,16 @@ from typing import Callable
 import numpy as np
 
 from . import arch
-from .configs import CONFIG_NAME, DTYPE_SIZES, FP8_DTYPE_NAME, INDEX_NAME, SCALE_SUFFIX, matrix_shape, scale_shape
+from .configs import CONFIG_NAME, DTYPE_SIZES, FP8_DTYPE_NAME, INDEX_NAME, matrix_shape
+from .dialects import writer_from_config
 from .errors import ConvertError
-from .plan import classify, module_of, should_convert_module
+from .plan import classify, module_of
 from .source import SINGLE_FILE_NAME, ShardHeader, SourceIndex, TensorInfo, TensorReader, open_source, read_header
 
 REPORT_NAME = "convert-fp8-verify.json"
 CHUNK_BYTES = 16 * 2**20
 FP8_STRIPE_ELEMENTS = 4 * 2**20
-QUANTIZATION_KEYS = {
-    "quant_method": "fp8",
-    "activation_scheme": "dynamic",
-    "dequantize": False,
-    "scale_fmt": "float",
-}
+SCALE_DTYPES_OF = {"fp8": ("F32", "F8_E8M0"), "compressed-tensors": ("BF16", "F16", "F32")}
 
 
 @dataclass(frozen=True)
@@ -152,11 +148,11 @@ def verify(dst: Path, src: Path | None = None, progress: Callable[[int], None] |
         return report
     out = _Output(dst, report)
     progress = progress or (lambda n: None)
-    block = _check_config(out, report)
+    writer = _check_config(out, report)  # the output's dialect, from its quantization_config
     _check_index(out, report)
-    fp8 = _check_pairs(out, report, block)
-    _check_fp8_set(out, report, fp8, arch_check)
-    if block is None:
+    fp8 = _check_pairs(out, report, writer)
+    _check_fp8_set(out, report, fp8, arch_check, writer)
+    if writer is None:
         return report
     source = None
     if src is not None:
@@ -165,23 +161,32 @@ def verify(dst: Path, src: Path | None = None, progress: Callable[[int], None] |
         except ConvertError as exc:
             report.problems.append(Problem(f"source: {exc}"))
         if source is not None:
-            _check_against_source_structure(out, source, report)
-    _check_scales(out, fp8, report)
+            _check_against_source_structure(out, source, report, writer)
+    _check_scales(out, fp8, report, writer)
     if data:
-        _check_data(out, source, fp8, block, report, progress)
+        _check_data(out, source, fp8, writer, report, progress)
     return report
 
 
-def _check_scales(out: _Output, fp8: dict[str, TensorInfo], report: VerifyReport) -> None:
-    """Every inverse scale finite and positive (scales are small: read whole)."""
+def _scales_float32(data: bytes, dtype: str):
+    """Scale bytes of any dialect's dtype (F32, F8_E8M0, BF16, F16) as a float32 torch tensor."""
+    import torch
+
+    torch_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                   "F8_E8M0": torch.float8_e8m0fnu}[dtype]
+    return torch.frombuffer(bytearray(data), dtype=torch_dtype).to(torch.float32)
+
+
+def _check_scales(out: _Output, fp8: dict[str, TensorInfo], report: VerifyReport, writer) -> None:
+    """Every scale finite and positive (scales are small: read whole)."""
     tensors = out.tensors
     with TensorReader(out.as_source()) as reader:
         for name in fp8:
-            info = tensors.get(name + SCALE_SUFFIX)
-            if info is None or info.dtype != "F32":
+            info = tensors.get(writer.scale_name(name))
+            if info is None or info.dtype not in SCALE_DTYPES_OF[writer.quant_method]:
                 continue
             # expert scales are [experts, rows, cols]: look at them as the 2-D grid of tiles they cut
-            scale = np.frombuffer(reader.read(info), dtype=np.float32).reshape(-1, info.shape[-1])
+            scale = _scales_float32(reader.read(info), info.dtype).numpy().reshape(-1, info.shape[-1])
             bad = ~np.isfinite(scale) | (scale <= 0)
             if bad.any():
                 r, c = (int(i) for i in np.argwhere(bad)[0])
@@ -189,26 +194,20 @@ def _check_scales(out: _Output, fp8: dict[str, TensorInfo], report: VerifyReport
                                                f"({r}, {c}): {scale[r, c]}", tensor=info.name, shard=info.shard))
 
 
-def _check_config(out: _Output, report: VerifyReport) -> int | None:
+def _check_config(out: _Output, report: VerifyReport):
+    """The writer of the output's dialect (`converter.dialects`), or None when the config names none."""
     if out.config is None:
         return None
     qc = out.config.get("quantization_config")
     if not isinstance(qc, dict):
         report.problems.append(Problem(f"{CONFIG_NAME} has no quantization_config: loaders would read FP8 bytes as BF16"))
         return None
-    for key, want in QUANTIZATION_KEYS.items():
-        if qc.get(key) != want:
-            report.problems.append(Problem(f"quantization_config.{key} is {qc.get(key)!r}, expected {want!r}"))
-    block = qc.get("weight_block_size")
-    if not (isinstance(block, list) and len(block) == 2 and block[0] == block[1] and isinstance(block[0], int)
-            and block[0] > 0):
-        report.problems.append(Problem(f"quantization_config.weight_block_size is {block!r}, expected [n, n]"))
-        return None
-    for key in ("modules_to_not_convert", "ignored_layers"):
-        if not isinstance(qc.get(key, []), list):
-            report.problems.append(Problem(f"quantization_config.{key} is not a list"))
-    report.block_size = block[0]
-    return block[0]
+    writer, problems = writer_from_config(qc)
+    report.problems += [Problem(p) for p in problems]
+    if writer is not None:
+        report.block_size = writer.block_size if writer.rows_per_scale > 1 else None
+        report.notes.append(f"dialect: {writer.label}")
+    return writer
 
 
 def _check_index(out: _Output, report: VerifyReport) -> None:
@@ -227,55 +226,64 @@ def _check_index(out: _Output, report: VerifyReport) -> None:
         report.problems.append(Problem(f"index total_size is {out.total_size}, the shards hold {total} bytes of tensors"))
 
 
-def _check_pairs(out: _Output, report: VerifyReport, block: int | None) -> dict[str, TensorInfo]:
-    """Every FP8 weight has an F32 scale of the right shape and every scale has its weight; returns the FP8
-    weights by name."""
+def _check_pairs(out: _Output, report: VerifyReport, writer) -> dict[str, TensorInfo]:
+    """Every FP8 weight has a scale of the dialect's dtype and shape and every scale has its weight; returns the
+    FP8 weights by name."""
     tensors = out.tensors
     fp8 = {n: t for n, t in tensors.items() if t.dtype == FP8_DTYPE_NAME}
+    suffix = writer.scale_name("") if writer is not None else "_scale_inv"
     for name, info in fp8.items():
-        scale = tensors.get(name + SCALE_SUFFIX)
+        scale = tensors.get(name + suffix)
         is_linear = name.endswith(".weight") and len(info.shape) == 2
-        is_experts = module_of(name).rpartition(".")[2] == "experts" and len(info.shape) == 3
+        is_experts = (module_of(name).rpartition(".")[2] == "experts" and len(info.shape) == 3
+                      and (writer is None or writer.experts))
         if not (is_linear or is_experts):
             report.problems.append(Problem(f"FP8 tensor of shape {list(info.shape)} is neither a Linear weight "
                                            "nor an expert tensor", tensor=name, shard=info.shard))
         elif scale is None:
-            report.problems.append(Problem("FP8 weight without its weight_scale_inv tensor", tensor=name,
-                                           shard=info.shard))
-        elif block is not None:
-            want = scale_shape(info.shape, block)
-            if scale.dtype != "F32" or scale.shape != want:
-                report.problems.append(Problem(f"scale is {scale.dtype}{list(scale.shape)}, expected F32{list(want)}",
-                                               tensor=scale.name, shard=scale.shard))
-            if info.shape[-2] % block or info.shape[-1] % block:
-                report.problems.append(Problem(f"shape {list(info.shape)} does not tile by {block}",
-                                               tensor=name, shard=info.shard))
+            report.problems.append(Problem(f"FP8 weight without its {name.rpartition('.')[2]}{suffix} tensor",
+                                           tensor=name, shard=info.shard))
+        elif writer is not None:
+            want = writer.scale_shape(info.shape)
+            dtypes = SCALE_DTYPES_OF[writer.quant_method]
+            want_dtype = writer.scale_dtype("BF16") if writer.quant_method == "fp8" else "/".join(dtypes)
+            if scale.dtype != want_dtype and not (writer.quant_method != "fp8" and scale.dtype in dtypes) \
+                    or scale.shape != want:
+                report.problems.append(Problem(f"scale is {scale.dtype}{list(scale.shape)}, expected "
+                                               f"{want_dtype}{list(want)}", tensor=scale.name, shard=scale.shard))
+            if writer.unfit(info.shape):
+                report.problems.append(Problem(f"{writer.unfit(info.shape)}, yet stored as FP8", tensor=name,
+                                               shard=info.shard))
+    # a dialect without expert tensors names only `<module>.weight_scale` (a model's own `std_scale` is no scale)
+    orphan = suffix if writer is None or writer.experts else ".weight" + suffix
     for name, info in tensors.items():
-        if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] not in fp8:
+        if name.endswith(orphan) and name[: -len(suffix)] not in fp8:
             report.problems.append(Problem("scale without an FP8 weight", tensor=name, shard=info.shard))
     return fp8
 
 
-def _check_fp8_set(out: _Output, report: VerifyReport, fp8: dict[str, TensorInfo], arch_check: bool) -> None:
+def _check_fp8_set(out: _Output, report: VerifyReport, fp8: dict[str, TensorInfo], arch_check: bool,
+                   writer) -> None:
     qc = (out.config or {}).get("quantization_config")
-    if not isinstance(qc, dict):
+    if not isinstance(qc, dict) or writer is None:
         return
-    patterns = list(qc.get("modules_to_not_convert") or [])
+    patterns = writer.exclusions(qc)  # modules_to_not_convert (fp8) or ignore (compressed-tensors)
+    key = "ignore" if writer.quant_method == "compressed-tensors" else "modules_to_not_convert"
     ignored = set(qc.get("ignored_layers") or [])
     fp8_modules = {module_of(n) for n in fp8}
     for name in sorted(fp8):
-        if not should_convert_module(module_of(name), patterns):
-            report.problems.append(Problem("stored as FP8 but excluded by modules_to_not_convert", tensor=name,
+        if not writer.converts(module_of(name), patterns):
+            report.problems.append(Problem(f"stored as FP8 but excluded by {key}", tensor=name,
                                            shard=fp8[name].shard))
     for name, info in out.tensors.items():
         kind, _ = classify(info)
         module = module_of(name)
-        if kind == "other" or module in fp8_modules:
+        if kind == "other" or module in fp8_modules or (kind == "experts" and not writer.experts):
             continue
-        if should_convert_module(module, patterns):
-            report.problems.append(Problem(
-                f"{info.dtype} Linear not excluded in the config: transformers would raw-cast it to FP8",
-                tensor=name, shard=info.shard))
+        if writer.converts(module, patterns):
+            what = ("not excluded in the config: transformers would raw-cast it to FP8" if key != "ignore" else
+                    "not in the config's ignore: the loader would read it as FP8 with no weight_scale")
+            report.problems.append(Problem(f"{info.dtype} Linear {what}", tensor=name, shard=info.shard))
         if ignored and module not in ignored:
             report.problems.append(Problem("unquantized Linear missing from ignored_layers (vLLM would quantize it)",
                                            tensor=name, shard=info.shard))
@@ -291,7 +299,7 @@ def _check_fp8_set(out: _Output, report: VerifyReport, fp8: dict[str, TensorInfo
                 report.problems.append(Problem(f"{module} is FP8 here but transformers does not convert it"))
 
 
-def _check_against_source_structure(out: _Output, source: SourceIndex, report: VerifyReport) -> None:
+def _check_against_source_structure(out: _Output, source: SourceIndex, report: VerifyReport, writer) -> None:
     tensors = out.tensors
     expected = set(source.tensors)
     for name in sorted(expected - set(tensors)):
@@ -299,7 +307,7 @@ def _check_against_source_structure(out: _Output, source: SourceIndex, report: V
             continue  # its shard is already reported unreadable
         report.problems.append(Problem("in the source but missing from the output", tensor=name))
     for name in sorted(set(tensors) - expected):
-        if not name.endswith(SCALE_SUFFIX):
+        if not (name.endswith(writer.scale_name("")) and name[: -len(writer.scale_name(""))] in tensors):
             report.problems.append(Problem("in the output but not in the source", tensor=name,
                                            shard=tensors[name].shard))
     if out.config is not None:
@@ -309,20 +317,22 @@ def _check_against_source_structure(out: _Output, source: SourceIndex, report: V
             report.problems.append(Problem(f"config.json differs from the source config in {changed}"))
 
 
-def _check_data(out: _Output, source: SourceIndex | None, fp8: dict[str, TensorInfo], block: int,
+def _check_data(out: _Output, source: SourceIndex | None, fp8: dict[str, TensorInfo], writer,
                 report: VerifyReport, progress) -> None:
     output = out.as_source()
     tensors = output.tensors
+    suffix = writer.scale_name("")
     with TensorReader(output) as reader, (TensorReader(source) if source else _Null()) as src_reader:
         for name, info in tensors.items():
             report.tensors_checked += 1
-            if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in fp8:
+            if name.endswith(suffix) and name[: -len(suffix)] in fp8:
                 pass  # checked with its weight
             elif name in fp8:
-                scale = tensors.get(name + SCALE_SUFFIX)
-                if scale is not None and scale.shape == scale_shape(info.shape, block):
+                scale = tensors.get(name + suffix)
+                if (scale is not None and scale.shape == writer.scale_shape(info.shape)
+                        and scale.dtype in SCALE_DTYPES_OF[writer.quant_method]):
                     report.fp8_tensors += 1
-                    _check_fp8(name, info, scale, reader, source, src_reader, block, report)
+                    _check_fp8(name, info, scale, reader, source, src_reader, writer, report)
             else:
                 _check_copied(info, reader, source, src_reader, report)
             report.bytes_checked += info.nbytes
@@ -337,24 +347,24 @@ class _Null:
         return None
 
 
-def _check_fp8(name, info, scale_info, reader, source, src_reader, block, report) -> None:
+def _check_fp8(name, info, scale_info, reader, source, src_reader, writer, report) -> None:
     import torch
 
-    from .quantize import dequantize_blocks, quantize_blocks
-
     problems = report.problems
-    scale = torch.frombuffer(reader.read(scale_info), dtype=torch.float32).reshape(scale_info.shape)
     src_info = source.tensors.get(name) if source else None
     if src_info is not None and tuple(src_info.shape) != tuple(info.shape):
         problems.append(Problem(f"shape {list(info.shape)} differs from the source's {list(src_info.shape)}",
                                 tensor=name, shard=info.shard))
         src_info = None
     rows, cols = matrix_shape(info.shape)
-    # The re-derivation uses the torch reference formula, independent of the converter's own kernel; its float32
+    unit = writer.rows_per_scale  # weight rows per row of scales
+    group_cols = writer.block_size if unit > 1 else cols  # columns one scale covers
+    scale_row_bytes = scale_info.shape[-1] * DTYPE_SIZES[scale_info.dtype]
+    # The re-derivation uses the dialect's torch formula, independent of the converter's own kernel; its float32
     # temporaries are 4x the FP8 stripe, hence smaller stripes than elsewhere.
-    stripe = max(block, FP8_STRIPE_ELEMENTS // (cols * block) * block)
-    scale = scale.reshape(rows // block, cols // block)
-    zero_tiles = nan_count = 0
+    stripe = max(unit, FP8_STRIPE_ELEMENTS // (cols * unit) * unit)
+    scale_rows_total = scale_info.numel // scale_info.shape[-1]
+    zero_groups = nan_count = 0
     err_sq = ref_sq = 0.0
     max_abs = 0.0
     first_byte_diff = first_scale_diff = None
@@ -362,47 +372,66 @@ def _check_fp8(name, info, scale_info, reader, source, src_reader, block, report
         end = min(rows, first + stripe)
         raw = torch.frombuffer(reader.read(info, first * cols, (end - first) * cols), dtype=torch.uint8)
         raw = raw.reshape(end - first, cols)
+        s_first, s_end = first // unit, min(scale_rows_total, -(-end // unit))
+        s_raw = reader.read(scale_info, s_first * scale_row_bytes, (s_end - s_first) * scale_row_bytes)
         nan_count += int(((raw & 0x7F) == 0x7F).sum())  # E4M3FN has no Inf; S.1111.111 is NaN
-        tiles = raw.reshape((end - first) // block, block, cols // block, block)
-        zero_tiles += int(((tiles & 0x7F) == 0).all(dim=3).all(dim=1).sum())
+        zero_groups += _zero_groups(raw, unit, group_cols)
         if src_info is None:
             continue
-        s_rows = scale[first // block : end // block]
         weight = src_reader.read_rows(src_info, first, end)
         try:
-            want_fp8, want_scale = quantize_blocks(weight, block)
+            want_fp8, want_scale = writer.quantize(weight)
         except ValueError as exc:
             problems.append(Problem(f"source tensor cannot be quantized: {exc}", tensor=name))
             return
         diff = (want_fp8.view(torch.uint8) != raw).nonzero()
         if len(diff) and first_byte_diff is None:
             first_byte_diff = (first + int(diff[0, 0]), int(diff[0, 1]), len(diff))
-        sdiff = (want_scale.view(torch.int32) != s_rows.contiguous().view(torch.int32)).nonzero()
+        want_bytes = want_scale.contiguous().view(torch.uint8).reshape(s_end - s_first, scale_row_bytes)
+        got_bytes = torch.frombuffer(bytearray(s_raw), dtype=torch.uint8).reshape(s_end - s_first, scale_row_bytes)
+        sdiff = (want_bytes != got_bytes).nonzero()
         if len(sdiff) and first_scale_diff is None:
-            first_scale_diff = (first // block + int(sdiff[0, 0]), int(sdiff[0, 1]))
+            itemsize = DTYPE_SIZES[scale_info.dtype]
+            first_scale_diff = (s_first + int(sdiff[0, 0]), int(sdiff[0, 1]) // itemsize)
         reference = weight.to(torch.float32)
-        got = dequantize_blocks(raw.view(torch.float8_e4m3fn), s_rows, block)
+        scales = got_bytes.view(want_scale.dtype).reshape(want_scale.shape)
+        got = writer.dequantize(raw.view(torch.float8_e4m3fn), scales)
         delta = got.sub_(reference).nan_to_num_(nan=math.inf)
         err_sq += float(torch.sum(delta * delta, dtype=torch.float64))
         ref_sq += float(torch.sum(reference * reference, dtype=torch.float64))
         max_abs = max(max_abs, float(delta.abs_().max()))
+    groups = scale_info.numel
     if nan_count:
         problems.append(Problem(f"{nan_count} NaN value(s) in the FP8 weight", tensor=name, shard=info.shard))
-    if zero_tiles == (rows // block) * (cols // block):
+    if zero_groups == groups:
         problems.append(Problem("every tile of the FP8 weight is zero", tensor=name, shard=info.shard))
     if first_byte_diff:
         r, c, n = first_byte_diff
         problems.append(Problem(f"FP8 bytes differ from the re-quantized source: {n}+ byte(s), first at row {r}, "
                                 f"column {c}", tensor=name, shard=info.shard))
     if first_scale_diff:
-        problems.append(Problem("weight_scale_inv differs from the re-quantized source, first at tile "
-                                f"{first_scale_diff}", tensor=scale_info.name, shard=scale_info.shard))
-    stats = TensorStats(tensor=name, shard=info.shard, shape=tuple(info.shape),
-                        tiles=(rows // block) * (cols // block), zero_tiles=zero_tiles)
+        problems.append(Problem(f"{scale_info.name.rpartition('.')[2]} differs from the re-quantized source, first "
+                                f"at tile {first_scale_diff}", tensor=scale_info.name, shard=scale_info.shard))
+    stats = TensorStats(tensor=name, shard=info.shard, shape=tuple(info.shape), tiles=groups, zero_tiles=zero_groups)
     if src_info is not None:
         stats.relative_error = math.sqrt(err_sq / ref_sq) if ref_sq > 0 else (0.0 if err_sq == 0 else math.inf)
         stats.max_abs_error = max_abs
     report.stats.append(stats)
+
+
+def _zero_groups(raw, unit: int, group_cols: int) -> int:
+    """All-zero scale groups (tiles, or rows) of a stripe of E4M3 bytes; a partial last group is padded with
+    zeros, which do not change whether it is all zero."""
+    import torch
+
+    rows, cols = raw.shape
+    pr, pc = -(-rows // unit) * unit, -(-cols // group_cols) * group_cols
+    if (pr, pc) != (rows, cols):
+        padded = torch.zeros((pr, pc), dtype=torch.uint8)
+        padded[:rows, :cols] = raw
+        raw = padded
+    tiles = raw.reshape(pr // unit, unit, pc // group_cols, group_cols)
+    return int(((tiles & 0x7F) == 0).all(dim=3).all(dim=1).sum())
 
 
 def _check_copied(info, reader, source, src_reader, report) -> None:

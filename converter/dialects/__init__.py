@@ -9,11 +9,37 @@ Adding a dialect is adding a module and a row in `READERS`.
 from __future__ import annotations
 
 from ..errors import SourceError
-from .transformers_fp8 import ScaledWeight, TransformersFP8Reader
+from .compressed_tensors import CompressedTensorsWriter
+from .transformers_fp8 import ScaledWeight, TransformersFP8Reader, TransformersFP8Writer
 
 READERS = {"fp8": TransformersFP8Reader}
 
-__all__ = ["READERS", "ScaledWeight", "reader_for"]
+# The writing side: a writer holds one output dialect's tensor names, scale dtypes and shapes, its scale math
+# (`quantize`, pure torch on a stripe of whole scale rows), its `quantization_config` and its loader's matching
+# rule (`exclusions`, `converts`). The plan picks one with `writer_for`; `verify` finds it from the config.
+WRITERS = {"fp8": TransformersFP8Writer, "compressed-tensors": CompressedTensorsWriter}
+
+__all__ = ["READERS", "WRITERS", "ScaledWeight", "reader_for", "writer_for", "writer_from_config"]
+
+
+def writer_for(scheme):
+    """The writer of a `configs.FP8Scheme`."""
+    if scheme.format == "compressed-tensors":
+        return CompressedTensorsWriter(scheme.scheme, scheme.block_size)
+    return TransformersFP8Writer(scheme.block_size, scheme.scale_fmt)
+
+
+def writer_from_config(qc: dict):
+    """The writer whose output carries this `quantization_config`, and the problems found in it.
+
+    Returns:
+        `(writer or None, problems)`: None when the config names no dialect this tool writes.
+    """
+    method = qc.get("quant_method")
+    writer = WRITERS.get(method)
+    if writer is None:
+        return None, [f"quantization_config.quant_method is {method!r}, expected one of {sorted(WRITERS)}"]
+    return writer.from_config(qc)
 
 
 def reader_for(config: dict, where: str):

@@ -118,3 +118,178 @@ def scales_to_float32(scales, dtype: str):
     if dtype == "U8":
         return (scales.to(torch.float32) - 127.0).exp2()
     return scales.to(torch.float32)
+
+
+# ---- Writing: the output side of the same dialect -------------------------------------------------------------
+
+FP8_MAX = 448.0
+
+
+def should_convert_module(full_name: str, patterns: list[str] | tuple[str, ...] | None) -> bool:
+    """transformers' (5.23+) rule: a pattern skips a module when it matches, as a regex, from the start of the
+    name up to a module boundary, or when the name ends with it."""
+    import re
+
+    if patterns is None:
+        return True
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return not any(re.match(rf"(?:{key}){boundary}", full_name) or full_name.endswith(key) for key in patterns)
+
+
+@dataclass(frozen=True)
+class TransformersFP8Writer:
+    """Writes transformers' `quant_method: fp8`: E4M3 weights, one inverse scale per square block, as
+    `FineGrainedFP8Config(weight_block_size=(b, b), scale_fmt=...)` quantizes them (`Fp8Quantize`).
+
+    `scale_fmt` "float" stores float32 inverse scales; "ue8m0" rounds each inverse scale up to a power of two
+    and stores it in one byte (`F8_E8M0`), which DeepGEMM on Blackwell reads without requantizing.
+    """
+
+    block_size: int = 64
+    scale_fmt: str = "float"
+
+    quant_method = "fp8"
+    weight_dtype = WEIGHT_DTYPE
+    experts = True  # fused 3-D `*.experts` tensors are quantized, per expert and block
+
+    def __post_init__(self):
+        if self.scale_fmt not in SCALE_FORMATS:
+            raise ValueError(f"scale format must be one of {', '.join(SCALE_FORMATS)}, got {self.scale_fmt!r}")
+
+    def scale_dtype(self, weight_dtype: str = "BF16") -> str:
+        """The scales' safetensors dtype (the same for every source dtype)."""
+        return "F8_E8M0" if self.scale_fmt == "ue8m0" else "F32"
+
+    @property
+    def rows_per_scale(self) -> int:
+        """Weight rows covered by one row of scales (stripes start on multiples of it)."""
+        return self.block_size
+
+    @property
+    def fused_kernel(self) -> bool:
+        """Whether the numba kernel (float32 scales only) gives this dialect's bytes."""
+        return self.scale_fmt == "float"
+
+    @property
+    def label(self) -> str:
+        b = self.block_size
+        scales = "power-of-two UE8M0 scales (F8_E8M0)" if self.scale_fmt == "ue8m0" else "float32 scales"
+        return f"transformers fp8 (quant_method fp8), {b}x{b} blocks, {scales}"
+
+    @property
+    def servers(self) -> str:
+        if self.scale_fmt == "ue8m0":
+            return ("transformers 5.24+ (FineGrainedFP8Config scale_fmt=ue8m0; DeepGEMM on Blackwell reads the "
+                    "scales as they are)")
+        return "transformers (FineGrainedFP8Config), vLLM, SGLang"
+
+    @staticmethod
+    def scale_name(weight_name: str) -> str:
+        return weight_name + SCALE_SUFFIX
+
+    def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        *lead, rows, cols = shape
+        b = self.block_size
+        return (*lead, -(-rows // b), -(-cols // b))
+
+    def unfit(self, shape: tuple[int, ...]) -> str | None:
+        """Why a weight of this shape stays unquantized (transformers quantizes whole tiles only), or None."""
+        b = self.block_size
+        if shape[-2] % b or shape[-1] % b:
+            return f"shape {'x'.join(map(str, shape[-2:]))} does not tile by {b}"
+        return None
+
+    def quantize(self, weight):
+        """`Fp8Quantize` on a 2-D stripe of whole tile rows: `(float8_e4m3fn, scales)`; see `quantize_tiles`."""
+        return quantize_tiles(weight, self.block_size, self.scale_fmt)
+
+    def dequantize(self, fp8, scales):
+        from ..quantize import dequantize_blocks
+
+        return dequantize_blocks(fp8, scales_to_float32(scales, self.scale_dtype()), self.block_size)
+
+    @staticmethod
+    def exclusion_list(patterns, kept: dict[str, str], unstored, others) -> list[str]:
+        """`modules_to_not_convert`: the patterns, then by full name every module kept for another reason
+        (otherwise transformers builds an FP8 module for it and raw-casts the unquantized weight into it)."""
+        by_name = [m for m, why in kept.items() if not why.startswith("excluded by")]
+        return list(dict.fromkeys(tuple(patterns) + tuple(by_name)))
+
+    def quantization_config(self, modules_to_not_convert: list[str], ignored_layers: list[str]) -> dict:
+        """The `quantization_config` entry of the output `config.json` (transformers, vLLM and SGLang read it)."""
+        return {
+            "quant_method": "fp8",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [self.block_size, self.block_size],
+            "modules_to_not_convert": list(modules_to_not_convert),
+            "ignored_layers": list(ignored_layers),
+            "dequantize": False,
+            "scale_fmt": self.scale_fmt,
+        }
+
+    @staticmethod
+    def exclusions(qc: dict) -> list[str]:
+        return list(qc.get("modules_to_not_convert") or [])
+
+    @staticmethod
+    def converts(module: str, exclusions: list[str]) -> bool:
+        """The loader's rule: whether it builds an FP8 module for `module` under these exclusions."""
+        return should_convert_module(module, exclusions)
+
+    @classmethod
+    def from_config(cls, qc: dict) -> tuple[TransformersFP8Writer | None, list[str]]:
+        """The writer that produced this `quantization_config`, and what is wrong with it (for `verify`)."""
+        problems = []
+        for key, want in (("activation_scheme", "dynamic"), ("dequantize", False)):
+            if qc.get(key) != want:
+                problems.append(f"quantization_config.{key} is {qc.get(key)!r}, expected {want!r}")
+        fmt = qc.get("scale_fmt")
+        if fmt not in SCALE_FORMATS:
+            problems.append(f"quantization_config.scale_fmt is {fmt!r}, expected one of {list(SCALE_FORMATS)}")
+            fmt = "float"
+        block = qc.get("weight_block_size")
+        if not (isinstance(block, list) and len(block) == 2 and block[0] == block[1] and isinstance(block[0], int)
+                and block[0] > 0):
+            problems.append(f"quantization_config.weight_block_size is {block!r}, expected [n, n]")
+            return None, problems
+        for key in ("modules_to_not_convert", "ignored_layers"):
+            if not isinstance(qc.get(key, []), list):
+                problems.append(f"quantization_config.{key} is not a list")
+        return cls(block[0], fmt), problems
+
+
+def quantize_tiles(weight, block: int, scale_fmt: str = "float"):
+    """transformers' `Fp8Quantize` (5.24) on a 2-D weight of whole `block x block` tiles, in float32:
+
+        inv = RN(1 / RN(RN(1 / amax) * 448))              (1.0 for an all-zero tile)
+        ue8m0 only: inv = 2 ** ceil(torch.log2(max(inv, 2**-126))), stored as F8_E8M0; scale = 1 / inv
+        q = e4m3_RNE(clamp(RN(w * scale), -448, 448))
+
+    The power of two comes from torch's own `log2`, whose float32 result rounds to a whole number for values a
+    few ulps above a power of two (so `ceil` keeps that power): an exact exponent computed from the bits would
+    give other bytes. With float scales this is `quantize.quantize_blocks`, which the numba kernel matches.
+
+    Raises:
+        quantize.NonFiniteError: NaN or Inf; with float scales also a float32-subnormal tile (its scale
+            overflows). ue8m0 clamps such a tile's inverse scale to 2**-126 and stays finite, as transformers does.
+    """
+    import torch
+
+    from ..quantize import NonFiniteError, quantize_blocks
+
+    if scale_fmt == "float":
+        return quantize_blocks(weight, block)
+    rows, cols = weight.shape
+    tiles = weight.to(torch.float32).reshape(rows // block, block, cols // block, block)
+    amax = tiles.abs().amax(dim=(1, 3))
+    if not torch.isfinite(amax).all():
+        raise NonFiniteError("holds NaN or Inf", row=int((~torch.isfinite(amax)).any(dim=1).nonzero()[0, 0]) * block)
+    nonzero = amax > 0
+    scale = torch.where(nonzero, torch.reciprocal(torch.where(nonzero, amax, 1.0)) * FP8_MAX, 1.0)
+    inv = torch.reciprocal(scale)
+    inv = torch.pow(2.0, torch.ceil(torch.log2(inv.clamp(min=torch.finfo(torch.float32).tiny))))
+    inv = inv.to(torch.float8_e8m0fnu)
+    scale = torch.reciprocal(inv.to(torch.float32))
+    scaled = tiles * scale[:, None, :, None]
+    fp8 = scaled.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).reshape(rows, cols)
+    return fp8, inv

@@ -1,0 +1,262 @@
+"""compressed-tensors (`quant_method: compressed-tensors`, format `float-quantized`), as llm-compressor's
+`model_free_ptq` writes it (llmcompressor 0.14.0.1, compressed-tensors 0.19): vLLM's usual FP8 checkpoints.
+
+Two schemes, each with static E4M3 weights and activations quantized at run time:
+
+- `fp8-block` (its FP8_BLOCK): one scale per `b x b` block (128 unless `--block-size` says 64), activations per
+  token group. A weight whose rows do not tile gets partial blocks (zero-padded for the scale, as it does); one
+  whose columns do not tile is kept unquantized and ignored by name: llm-compressor 0.14 fails on such a weight.
+- `fp8-dynamic` (its FP8_DYNAMIC): one scale per output channel (row), activations per token.
+
+Each Linear `m` gets `m.weight` (F8_E4M3) and `m.weight_scale`, a *scale* (not an inverse): `w ~ q * scale`,
+stored in the weight's own dtype (BF16 for a BF16 source), `[ceil(rows/b), ceil(cols/b)]` or `[rows, 1]`.
+
+The loader quantizes every `nn.Linear` whose name no `ignore` entry matches; an entry matches a module when it
+equals its full name or, written `re:REGEX`, when REGEX matches from the start of the name (no implicit
+prefixes, unlike transformers' `modules_to_not_convert`). A Linear the loader builds but the checkpoint does not
+store (a tied `lm_head`) must be ignored too, or it loads with its `weight_scale` missing.
+
+Fused 3-D expert tensors are not written in this dialect: llm-compressor splits `experts.gate_up_proj` and
+`experts.down_proj` into per-expert 2-D Linears (`experts.0.gate_proj.weight`, ...), a layout transformers does
+not load back into a fused experts module; the plan refuses them unless they are excluded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+WEIGHT_DTYPE = "F8_E4M3"
+SCALE_SUFFIX = "_scale"
+FP8_MAX = 448.0
+COMPRESSED_TENSORS_VERSION = "0.19.0"  # the version whose bytes and config this writes
+SCHEME_NAMES = {"fp8-block": "FP8_BLOCK", "fp8-dynamic": "FP8_DYNAMIC"}
+REFERENCE_BLOCK = 128  # FP8_BLOCK's own block; another block is a custom scheme, "config_group_0"
+
+
+def match_name(name: str, target: str) -> bool:
+    """compressed-tensors' `match_name`: `re:REGEX` matches from the start of the name, anything else only
+    the whole name."""
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target == name
+
+
+def llm_compressor_targets(tensor_name: str) -> bool:
+    """Whether `model_free_ptq` (targets `Linear`) tries to quantize this tensor: every `*.weight` whose module
+    name does not end in `norm`, whatever it is (it fails on those that are not 2-D). Whatever we leave
+    unquantized of these must be in `ignore`, or it would quantize it."""
+    module, _, param = tensor_name.rpartition(".")
+    return param == "weight" and not module.endswith("norm")
+
+
+def _activation_args(strategy: str, group_size: int | None) -> dict:
+    return {"actorder": None, "block_structure": None, "dynamic": True, "group_size": group_size, "num_bits": 8,
+            "observer": None, "observer_kwargs": {}, "scale_dtype": None, "strategy": strategy,
+            "symmetric": True, "type": "float", "zp_dtype": None}
+
+
+def _weight_args(strategy: str, block: list[int] | None) -> dict:
+    return {"actorder": None, "block_structure": block, "dynamic": False, "group_size": None, "num_bits": 8,
+            "observer": None, "observer_kwargs": {}, "scale_dtype": None, "strategy": strategy,
+            "symmetric": True, "type": "float", "zp_dtype": None}
+
+
+@dataclass(frozen=True)
+class CompressedTensorsWriter:
+    """Writes llm-compressor's FP8_BLOCK (`scheme` "fp8-block") or FP8_DYNAMIC ("fp8-dynamic")."""
+
+    scheme: str = "fp8-block"
+    block_size: int = REFERENCE_BLOCK
+
+    quant_method = "compressed-tensors"
+    weight_dtype = WEIGHT_DTYPE
+    experts = False
+    fused_kernel = False
+    scale_fmt = None
+
+    def __post_init__(self):
+        if self.scheme not in SCHEME_NAMES:
+            raise ValueError(f"compressed-tensors scheme must be one of {', '.join(SCHEME_NAMES)}, got {self.scheme!r}")
+
+    @property
+    def blocked(self) -> bool:
+        return self.scheme == "fp8-block"
+
+    @property
+    def rows_per_scale(self) -> int:
+        return self.block_size if self.blocked else 1
+
+    @property
+    def label(self) -> str:
+        if self.blocked:
+            b = self.block_size
+            return f"compressed-tensors FP8_BLOCK (float-quantized), {b}x{b} blocks, scales in the weight dtype"
+        return "compressed-tensors FP8_DYNAMIC (float-quantized), one scale per output channel, per-token activations"
+
+    @property
+    def servers(self) -> str:
+        return "vLLM (compressed-tensors), transformers with compressed-tensors installed, SGLang"
+
+    @staticmethod
+    def scale_name(weight_name: str) -> str:
+        return weight_name + SCALE_SUFFIX
+
+    @staticmethod
+    def scale_dtype(weight_dtype: str) -> str:
+        return weight_dtype  # calculate_qparams computes in the weight's dtype and keeps it
+
+    def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        rows, cols = shape[-2:]
+        if self.blocked:
+            b = self.block_size
+            return (-(-rows // b), -(-cols // b))
+        return (rows, 1)
+
+    def unfit(self, shape: tuple[int, ...]) -> str | None:
+        if self.blocked and shape[-1] % self.block_size:
+            return (f"shape {'x'.join(map(str, shape[-2:]))}: columns do not tile by {self.block_size} "
+                    "(llm-compressor 0.14 cannot write such a weight)")
+        return None
+
+    def quantize(self, weight):
+        """See `quantize_ct`."""
+        return quantize_ct(weight, self.block_size if self.blocked else None)
+
+    def dequantize(self, fp8, scales):
+        """What the loader computes: `q.to(scale dtype) * scale`, per block or row, in float32 here."""
+        import torch
+
+        rows, cols = fp8.shape
+        q = fp8.to(scales.dtype).to(torch.float32)
+        s = scales.to(torch.float32)
+        if not self.blocked:
+            return q * s
+        b = self.block_size
+        full = s.repeat_interleave(b, 0).repeat_interleave(b, 1)[:rows, :cols]
+        return q * full
+
+    def exclusion_list(self, patterns, kept: dict[str, str], unstored, others) -> list[str]:
+        """`ignore`, by full name: every Linear kept unquantized, the Linears the loader builds that the
+        checkpoint does not store (`unstored`: a tied `lm_head`, which would otherwise load with its
+        `weight_scale` missing), and the module of every other tensor (`others`, by tensor name) that
+        llm-compressor would try to quantize (embeddings, norms not named `*norm`)."""
+        linears = [m for m, why in kept.items() if m.rpartition(".")[2] != "experts"]
+        other = [n.rpartition(".")[0] for n in others if llm_compressor_targets(n)]
+        return list(dict.fromkeys([*linears, *unstored, *other]))
+
+    def quantization_config(self, ignore: list[str], ignored_layers: list[str] | None = None) -> dict:
+        """The `quantization_config` that `model_free_ptq` writes for this scheme and `ignore`."""
+        if self.blocked:
+            b = self.block_size
+            weights = _weight_args("block", [b, b])
+            activations = _activation_args("group", b)
+        else:
+            weights = _weight_args("channel", None)
+            activations = _activation_args("token", None)
+        name = SCHEME_NAMES[self.scheme] if not self.blocked or self.block_size == REFERENCE_BLOCK else "config_group_0"
+        return {
+            "config_groups": {name: {"format": "float-quantized", "input_activations": activations,
+                                     "output_activations": None, "targets": ["Linear"], "weights": weights}},
+            "format": "float-quantized",
+            "global_compression_ratio": None,
+            "ignore": list(ignore),
+            "kv_cache_scheme": None,
+            "quant_method": "compressed-tensors",
+            "quantization_status": "compressed",
+            "transform_config": {},
+            "version": COMPRESSED_TENSORS_VERSION,
+        }
+
+    @staticmethod
+    def exclusions(qc: dict) -> list[str]:
+        return list(qc.get("ignore") or [])
+
+    @staticmethod
+    def converts(module: str, ignore: list[str]) -> bool:
+        """The loader's rule: whether it quantizes the Linear `module` under this `ignore` list."""
+        return not any(match_name(module, entry) for entry in ignore)
+
+    @classmethod
+    def from_config(cls, qc: dict) -> tuple[CompressedTensorsWriter | None, list[str]]:
+        """The writer of this `quantization_config` (one FP8 group of ours), and what is wrong with it."""
+        groups = qc.get("config_groups")
+        if not isinstance(groups, dict) or len(groups) != 1:
+            return None, [f"quantization_config.config_groups is {groups!r}: expected one FP8 group"]
+        group = next(iter(groups.values()))
+        weights = group.get("weights") or {} if isinstance(group, dict) else {}
+        problems = []
+        if qc.get("format") != "float-quantized" or group.get("format") != "float-quantized":
+            problems.append(f"quantization_config.format is {qc.get('format')!r}, expected 'float-quantized'")
+        if (weights.get("num_bits"), weights.get("type"), weights.get("symmetric")) != (8, "float", True):
+            problems.append(f"quantization_config weights are {weights!r}, expected 8-bit symmetric float")
+        if group.get("targets") != ["Linear"]:
+            problems.append(f"quantization_config targets {group.get('targets')!r}, expected ['Linear']")
+        if not isinstance(qc.get("ignore", []), list):
+            problems.append("quantization_config.ignore is not a list")
+        strategy = weights.get("strategy")
+        if strategy == "channel":
+            return cls("fp8-dynamic"), problems
+        block = weights.get("block_structure")
+        if strategy == "block" and isinstance(block, list) and len(block) == 2 and block[0] == block[1] \
+                and isinstance(block[0], int) and block[0] > 0:
+            return cls("fp8-block", block[0]), problems
+        return None, problems + [f"quantization_config weights strategy {strategy!r} with block {block!r}: "
+                                 "expected channel, or block [n, n]"]
+
+
+def quantize_ct(weight, block: int | None):
+    """compressed-tensors' FP8 weight quantization (`calculate_qparams`, then `quantize`), in the weight's dtype:
+
+        scale = amax / 448              (amax per block, zero-padded; or per row), one rounding to the dtype
+        scale = eps(dtype) where it is 0
+        q = e4m3_RNE(clamp(RN_dtype(w / scale), -448, 448))
+
+    A BF16 weight is divided in BF16 (rounded to BF16 before the cast to E4M3), as it does.
+
+    Args:
+        weight (`torch.Tensor`): 2-D, BF16, F16 or F32; with `block`, whole block rows except at the end.
+        block (`int` or `None`): block edge, or None for one scale per row.
+
+    Returns:
+        `(float8_e4m3fn weight, scale)`, the scale in the weight's dtype, `[ceil(r/b), ceil(c/b)]` or `[r, 1]`.
+
+    Raises:
+        quantize.NonFiniteError: the weight holds NaN or Inf (it would write NaN scales).
+    """
+    import torch
+
+    from ..quantize import NonFiniteError
+
+    dtype = weight.dtype
+    rows, cols = weight.shape
+    if block is None:
+        amax = weight.abs().amax(dim=1, keepdim=True)
+        bad = ~torch.isfinite(amax)
+        if bad.any():
+            raise NonFiniteError("holds NaN or Inf", row=int(bad.nonzero()[0, 0]))
+        scale = _scale(amax, dtype)
+        fp8 = (weight / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return fp8, scale
+    pr, pc = -(-rows // block) * block, -(-cols // block) * block
+    padded = weight
+    if (pr, pc) != (rows, cols):
+        padded = torch.zeros((pr, pc), dtype=dtype, device=weight.device)
+        padded[:rows, :cols] = weight
+    tiles = padded.reshape(pr // block, block, pc // block, block)
+    amax = tiles.abs().amax(dim=(1, 3))
+    bad = ~torch.isfinite(amax)
+    if bad.any():
+        raise NonFiniteError("holds NaN or Inf", row=int(bad.any(dim=1).nonzero()[0, 0]) * block)
+    scale = _scale(amax, dtype)
+    fp8 = (tiles / scale[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    fp8 = fp8.reshape(pr, pc)[:rows, :cols]
+    return fp8.contiguous(), scale
+
+
+def _scale(amax, dtype):
+    import torch
+
+    # a 0-d tensor of the dtype, as calculate_qparams divides by `bit_range.to(dtype) / 2`
+    scale = amax / torch.tensor(FP8_MAX, dtype=dtype)
+    return torch.where(scale == 0, torch.tensor(torch.finfo(dtype).eps, dtype=dtype), scale)

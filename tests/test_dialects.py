@@ -1,0 +1,342 @@
+"""Output dialects against their reference implementations, byte for byte: transformers' `Fp8Quantize` with
+UE8M0 scales, compressed-tensors' FP8 block and channel math, and (slow) llm-compressor's `model_free_ptq` run in
+a venv of its own, on Llama, BERT and Gemma 4 checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from converter.demo import build_checkpoint, gemma4_moe_config
+from converter.dialects.compressed_tensors import match_name, quantize_ct
+from converter.dialects.transformers_fp8 import quantize_tiles
+from converter.verify import verify
+from tests.conftest import run_cli, tiny_bert, tiny_llama
+
+REPO = Path(__file__).resolve().parent.parent
+LLMC_VENV = REPO / ".venv-llmc"
+LLMC_PYTHON = LLMC_VENV / "bin" / "python"
+
+
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def header_dtypes(folder: Path) -> dict[str, str]:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        raw = shard.read_bytes()
+        header = json.loads(raw[8: 8 + int.from_bytes(raw[:8], "little")])
+        out.update({k: v["dtype"] for k, v in header.items() if k != "__metadata__"})
+    return out
+
+
+def as_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def convert(src: Path, dst: Path, *args) -> Path:
+    result = run_cli("--src", src, "--dst", dst, "-q", *args)
+    assert result.exit_code == 0, result.output
+    return dst
+
+
+def load_with_info(path: Path):
+    import transformers
+
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+                                                                    output_loading_info=True)
+    return model.eval(), {k: v for k, v in info.items() if v}
+
+
+def tricky_weight(dtype, rows=320, cols=448, seed=1):
+    """Random values with an all-zero tile, an outlier, a float32-subnormal tile and values a few ulps above
+    powers of two (where torch's log2 rounds to a whole number)."""
+    torch.manual_seed(seed)
+    w = torch.randn(rows, cols) * 0.02
+    w[:64, :64] = 0
+    w[70, 300] = 250.0
+    w[64:128, 128:192] = 2.0 ** -10 * (1 + 2.0 ** -22)
+    if dtype == torch.float32:
+        w[128:192, 64:128] = 1e-39
+    return w.to(dtype)
+
+
+# ---- transformers fp8, UE8M0 scales --------------------------------------------------------------------------
+
+def transformers_ue8m0(name: str, weight: torch.Tensor, block: int = 64) -> dict:
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    class Quantizer:
+        quantization_config = FineGrainedFP8Config(weight_block_size=(block, block), scale_fmt="ue8m0")
+
+    return Fp8Quantize(Quantizer()).convert({name: weight})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_ue8m0_formula_bytes_match_transformers(dtype):
+    w = tricky_weight(dtype)
+    fp8, inv = quantize_tiles(w, 64, "ue8m0")
+    ref = transformers_ue8m0("m.weight", w)
+    assert inv.dtype == torch.float8_e8m0fnu and ref["m.weight_scale_inv"].dtype == torch.float8_e8m0fnu
+    assert as_bytes(fp8) == as_bytes(ref["m.weight"])
+    assert as_bytes(inv) == as_bytes(ref["m.weight_scale_inv"])
+    assert inv.view(torch.uint8)[0, 0] == 127  # all-zero tile: inverse scale 1.0 = 2**0
+    # 2**-10 (1 + 2**-22) rounds up in exact arithmetic but torch's float32 log2 gives exactly -10: 2**-10 * 448
+    # is the tile's amax times... here the tile's inverse scale is amax/448 ~ 2**-18.8 -> 2**-18
+    assert inv.view(torch.uint8)[1, 2] == 127 - 18
+
+
+def test_ue8m0_conversion_bytes_config_verify_and_load(tmp_path):
+    src = tiny_llama(tmp_path / "llama", intermediate_size=256)
+    dst = convert(src, tmp_path / "out", "--scale-fmt", "ue8m0")
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert qc["scale_fmt"] == "ue8m0" and qc["weight_block_size"] == [64, 64] and qc["quant_method"] == "fp8"
+    ours, source, dtypes = tensors_of(dst), tensors_of(src), header_dtypes(dst)
+    fp8_names = [n for n, t in ours.items() if t.dtype == torch.float8_e4m3fn]
+    assert len(fp8_names) == 14  # 7 Linears x 2 layers; lm_head excluded by the preset
+    for name in fp8_names:
+        ref = transformers_ue8m0(name, source[name])
+        assert dtypes[name + "_scale_inv"] == "F8_E8M0"
+        assert as_bytes(ours[name]) == as_bytes(ref[name]), name
+        assert as_bytes(ours[name + "_scale_inv"]) == as_bytes(ref[name + "_scale_inv"]), name
+    report = verify(dst, src)
+    assert report.ok, [str(p) for p in report.problems]
+    assert report.fp8_tensors == 14
+    model, info = load_with_info(dst)
+    assert info == {}
+    # on the CPU transformers dequantizes on load: each block times its power of two
+    q, inv = ours["model.layers.0.mlp.up_proj.weight"], ours["model.layers.0.mlp.up_proj.weight_scale_inv"]
+    want = q.float() * inv.float().repeat_interleave(64, 0).repeat_interleave(64, 1)
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, want.to(torch.bfloat16))
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
+
+
+def test_ue8m0_scale_changed_is_found(tmp_path):
+    src = tiny_llama(tmp_path / "llama", intermediate_size=256)
+    dst = convert(src, tmp_path / "out", "--scale-fmt", "ue8m0", "--max-shard-size", "10GB")
+    shard = dst / "model-00001-of-00001.safetensors"
+    raw = bytearray(shard.read_bytes())
+    header = json.loads(raw[8: 8 + int.from_bytes(raw[:8], "little")])
+    name = "model.layers.0.mlp.up_proj.weight_scale_inv"
+    start = 8 + int.from_bytes(raw[:8], "little") + header[name]["data_offsets"][0]
+    raw[start] += 1  # twice the inverse scale
+    shard.write_bytes(bytes(raw))
+    messages = [str(p) for p in verify(dst, src).problems]
+    assert f"tensor {name} in {shard.name}: weight_scale_inv differs from the re-quantized source, first at " \
+           "tile (0, 0)" in messages
+
+
+# ---- compressed-tensors --------------------------------------------------------------------------------------
+
+def compressed_tensors_reference(weight: torch.Tensor, scheme: str, block: int = 128):
+    """compressed-tensors' own observer-free math: min/max -> `calculate_qparams` -> `quantize`, as
+    `model_free_ptq` runs them for a static-weight scheme."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    args = preset_name_to_scheme(scheme, ["Linear"]).weights
+    rows, cols = weight.shape
+    if scheme == "FP8_BLOCK":
+        args.block_structure = [block, block]
+        pr = -(-rows // block) * block
+        padded = torch.zeros(pr, cols, dtype=weight.dtype)
+        padded[:rows] = weight
+        tiles = padded.reshape(pr // block, block, cols // block, block).transpose(1, 2).flatten(-2)
+        lo, hi = tiles.amin(dim=-1), tiles.amax(dim=-1)
+    else:
+        lo, hi = weight.amin(dim=1, keepdim=True), weight.amax(dim=1, keepdim=True)
+    scale, zp = calculate_qparams(lo, hi, args)
+    return quantize(weight, scale, zp, args, dtype=torch.float8_e4m3fn), scale
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("scheme,block", [("FP8_BLOCK", 128), ("FP8_BLOCK", 64), ("FP8_DYNAMIC", None)])
+def test_compressed_tensors_formula_bytes(dtype, scheme, block):
+    w = tricky_weight(dtype, rows=200, cols=384)  # 200 rows: a partial block row at the end
+    fp8, scale = quantize_ct(w, block)
+    ref_fp8, ref_scale = compressed_tensors_reference(w, scheme, block or 128)
+    assert scale.dtype == dtype and ref_scale.dtype == dtype
+    assert scale.shape == ((-(-200 // block), 384 // block) if block else (200, 1))
+    assert as_bytes(fp8) == as_bytes(ref_fp8)
+    assert as_bytes(scale) == as_bytes(ref_scale)
+
+
+def test_match_name_is_exact_or_anchored_regex():
+    assert match_name("lm_head", "lm_head") and not match_name("model.lm_head", "lm_head")
+    assert not match_name("model.layers.1.mlp", "model.layers.1")  # no prefixes, unlike modules_to_not_convert
+    assert match_name("model.layers.1.mlp.up_proj", "re:.*mlp") and not match_name("x.mlp", "re:mlp")
+
+
+def test_compressed_tensors_block_config_load_and_logits(tmp_path):
+    src = tiny_llama(tmp_path / "llama", intermediate_size=200)  # down_proj 128x200: columns do not tile
+    dst = convert(src, tmp_path / "out", "--format", "compressed-tensors")
+    config = json.loads((dst / "config.json").read_text())
+    qc = config["quantization_config"]
+    down = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert qc["ignore"] == [*down, "lm_head", "model.embed_tokens"]
+    group = qc["config_groups"]["FP8_BLOCK"]
+    assert group["weights"]["block_structure"] == [128, 128] and group["input_activations"]["group_size"] == 128
+    assert (qc["quant_method"], qc["format"], qc["quantization_status"]) == ("compressed-tensors", "float-quantized",
+                                                                            "compressed")
+    ours, source = tensors_of(dst), tensors_of(src)
+    assert ours["model.layers.0.mlp.gate_proj.weight_scale"].shape == (2, 1)  # 200 rows: a partial block
+    assert ours["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
+    assert verify(dst, src).ok
+    model, info = load_with_info(dst)
+    assert info == {}
+    # transformers keeps the compressed weights and scales as they are stored (and runs compressed-tensors'
+    # quantize-dequantize, activations included, at run time): they are our bytes
+    up = model.model.layers[1].mlp.up_proj
+    assert as_bytes(up.weight) == as_bytes(ours["model.layers.1.mlp.up_proj.weight"])
+    assert as_bytes(up.weight_scale) == as_bytes(ours["model.layers.1.mlp.up_proj.weight_scale"])
+    import transformers
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        got, want = model(ids).logits.float(), ref(ids).logits.float()
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
+    assert not torch.equal(got, want)
+
+
+def test_compressed_tensors_tied_head_is_ignored_or_refused(tmp_path):
+    src = tiny_llama(tmp_path / "llama", intermediate_size=256, tie=True)
+    dst = convert(src, tmp_path / "out", "--format", "compressed-tensors", "--scheme", "fp8-dynamic")
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert qc["ignore"] == ["lm_head", "model.embed_tokens"]
+    assert qc["config_groups"]["FP8_DYNAMIC"]["weights"]["strategy"] == "channel"
+    model, info = load_with_info(dst)
+    assert info == {}
+    preset = tmp_path / "bare.json"
+    preset.write_text(json.dumps({"description": "no exclusions", "modules_to_not_convert": []}))
+    result = run_cli("--src", src, "--dst", tmp_path / "bad", "--format", "compressed-tensors", "--config", preset)
+    assert result.exit_code == 1
+    assert "transformers would load 1 module(s) as FP8 that stay unquantized here, first 'lm_head'" in result.output
+
+
+def test_compressed_tensors_refuses_fused_experts(tmp_path):
+    src = build_checkpoint(tmp_path / "moe", gemma4_moe_config())
+    result = run_cli("--src", src, "--dst", tmp_path / "out", "--format", "compressed-tensors", "--block-size", "64")
+    assert result.exit_code == 1
+    assert "model.language_model.layers.0.experts.gate_up_proj: fused expert tensors cannot be written as " \
+           "compressed-tensors" in result.output
+    assert "--exclude model.language_model.layers.0.experts" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--scheme", "fp8-dynamic"), "--scheme fp8-dynamic is a compressed-tensors scheme: add --format compressed-tensors"),
+    (("--format", "compressed-tensors", "--scale-fmt", "ue8m0"), "--scale-fmt ue8m0 is for --format fp8"),
+    (("--format", "compressed-tensors", "--scheme", "fp8-dynamic", "--block-size", "64"),
+     "--block-size does not apply to --scheme fp8-dynamic"),
+])
+def test_contradictory_dialect_options(tmp_path, args, message):
+    result = run_cli("--src", tmp_path, "--dst", tmp_path / "out", *args)
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_compressed_tensors_scale_changed_is_found(tmp_path):
+    src = tiny_llama(tmp_path / "llama", intermediate_size=256)
+    dst = convert(src, tmp_path / "out", "--format", "compressed-tensors", "--max-shard-size", "10GB")
+    from safetensors.torch import load_file, save_file
+
+    shard = dst / "model-00001-of-00001.safetensors"
+    tensors = load_file(shard)
+    tensors["model.layers.1.self_attn.o_proj.weight_scale"] *= 2
+    save_file(tensors, shard, metadata={"format": "pt"})
+    messages = [str(p) for p in verify(dst, src).problems]
+    assert any("tensor model.layers.1.self_attn.o_proj.weight_scale" in m and "weight_scale differs from the "
+               "re-quantized source, first at tile (0, 0)" in m for m in messages), messages
+
+
+# ---- llm-compressor's model_free_ptq, in its own venv (slow) ---------------------------------------------------
+
+LLMC_SCRIPT = """
+import json, sys
+from compressed_tensors.quantization import QuantizationScheme, preset_name_to_scheme
+from llmcompressor import model_free_ptq
+src, dst, scheme, block, ignore = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5])
+if block != 128:
+    custom = preset_name_to_scheme(scheme, ["Linear"])
+    custom.weights.block_structure = [block, block]
+    custom.input_activations.group_size = block
+    scheme = custom
+model_free_ptq(src, dst, scheme=scheme, ignore=ignore, device="cpu")
+"""
+
+
+@pytest.fixture(scope="session")
+def llmc_python() -> Path:
+    """llm-compressor 0.14.0.1 (transformers 5.17, compressed-tensors 0.19) in `.venv-llmc`, built when absent:
+    torch 2.13.0 (the local CPU wheel) first, everything else constrained to it."""
+    if not LLMC_PYTHON.exists():
+        constraints = LLMC_VENV.parent / ".venv-llmc-constraints.txt"
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(LLMC_VENV)], check=True, capture_output=True)
+            constraints.write_text("torch==2.13.0\n")
+            pip = [str(LLMC_PYTHON), "-m", "pip", "install", "-q"]
+            subprocess.run([*pip, "torch==2.13.0"], check=True, capture_output=True, timeout=900)
+            subprocess.run([*pip, "-c", str(constraints), "llmcompressor==0.14.0.1"], check=True,
+                           capture_output=True, timeout=900)
+        except (subprocess.SubprocessError, OSError) as exc:
+            pytest.skip(f"llm-compressor's venv could not be built in {LLMC_VENV}: {exc}")
+        finally:
+            constraints.unlink(missing_ok=True)
+    return LLMC_PYTHON
+
+
+def llm_compressor(python: Path, src: Path, dst: Path, scheme: str, block: int, ignore: list[str]) -> Path:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    result = subprocess.run([str(python), "-c", LLMC_SCRIPT, str(src), str(dst), scheme, str(block),
+                             json.dumps(ignore)], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dst
+
+
+def assert_same_as_llm_compressor(python: Path, src: Path, tmp_path: Path, scheme: str, block: int, *args):
+    ours = convert(src, tmp_path / "ours", "--format", "compressed-tensors", *args)
+    qc = json.loads((ours / "config.json").read_text())["quantization_config"]
+    theirs = llm_compressor(python, src, tmp_path / "theirs", scheme, block, qc["ignore"])
+    a, b = tensors_of(ours), tensors_of(theirs)
+    assert sorted(a) == sorted(b)
+    differ = [n for n in a if a[n].dtype != b[n].dtype or a[n].shape != b[n].shape or as_bytes(a[n]) != as_bytes(b[n])]
+    assert differ == []
+    their_qc = json.loads((theirs / "config.json").read_text())["quantization_config"]
+    qc.pop("version"), their_qc.pop("version")
+    assert qc == their_qc
+    return a
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,scheme,block", [((), "FP8_BLOCK", 128), (("--block-size", "64"), "FP8_BLOCK", 64),
+                                               (("--scheme", "fp8-dynamic"), "FP8_DYNAMIC", 128)])
+def test_llama_matches_llm_compressor(llmc_python, tmp_path, args, scheme, block):
+    src = tiny_llama(tmp_path / "llama", intermediate_size=192)  # 64x128 k_proj, 192x128: partial row blocks
+    tensors = assert_same_as_llm_compressor(llmc_python, src, tmp_path, scheme, block, *args)
+    assert sum(t.dtype == torch.float8_e4m3fn for t in tensors.values()) == 14
+
+
+@pytest.mark.slow
+def test_bert_matches_llm_compressor(llmc_python, tmp_path):
+    src = tiny_bert(tmp_path / "bert")
+    tensors = assert_same_as_llm_compressor(llmc_python, src, tmp_path, "FP8_DYNAMIC", 128, "--scheme", "fp8-dynamic")
+    assert sum(t.dtype == torch.float8_e4m3fn for t in tensors.values()) == 13  # 6 per layer and the MLM head
+
+
+@pytest.mark.slow
+def test_gemma4_matches_llm_compressor(llmc_python, gemma_src, tmp_path):
+    tensors = assert_same_as_llm_compressor(llmc_python, gemma_src, tmp_path, "FP8_BLOCK", 64, "--block-size", "64")
+    assert sum(t.dtype == torch.float8_e4m3fn for t in tensors.values()) > 20
