@@ -206,8 +206,9 @@ def make_plan(
     # Every Linear kept unquantized must be excluded in the dialect's own terms, or the loader builds an FP8
     # module for it and raw-casts the unquantized weight into it.
     unmatched = _unmatched(exclude_patterns, linear_like, source.config)
-    # an excluded head tied to the embeddings is built by the loader but not stored: name it all the same
-    unstored = [p for p, _ in unmatched if p == "lm_head" and _ties_embeddings(source.config)]
+    # a module path excluded but not stored (a head tied to the embeddings) may still be built by the loader:
+    # a dialect that names modules exactly names it all the same
+    unstored = [p for p, _ in unmatched if re.fullmatch(r"[A-Za-z_][\w.]*", p)]
     modules_to_not_convert = tuple(dialect.exclusion_list(exclude_patterns, kept, unstored, others))
     ignored_layers = tuple(kept)
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .configs import CONFIG_NAME, FP8_DTYPE_NAME, SCALE_SUFFIX
+from .configs import CONFIG_NAME, FP8_DTYPE_NAME
 from .errors import SourceError, UsageError
 from .kernels.loading import package_version, prepare_kernel
 from .plan import module_of
@@ -485,7 +485,12 @@ def _load(path: Path, device: str, dtype, kind: ModelKind):
     kwargs = {"dtype": dtype}
     if device == "cuda":
         kwargs["device_map"] = "cuda"
-    return _model_class(path, kind).from_pretrained(path, **kwargs).eval()
+    model, info = _model_class(path, kind).from_pretrained(path, output_loading_info=True, **kwargs)
+    # a weight or scale the model expects but the checkpoint lacks loads as garbage (a Linear left out of a
+    # compressed-tensors `ignore` loads with no weight_scale and gives zeros): a finding, not a warning
+    model.loading_problems = {k: sorted(v) for k, v in info.items()
+                              if k in ("missing_keys", "unexpected_keys") and v}
+    return model.eval()
 
 
 def _tokenizer(dst: Path):
@@ -551,7 +556,13 @@ def _check_fp8_modules(report: ValidateReport, model, dst: Path, device: str) ->
 
     from .quantize import dequantize_blocks
 
+    from .dialects import writer_from_config
+
     expected = checkpoint_fp8_tensors(dst)
+    writer, _ = writer_from_config(json.loads((dst / CONFIG_NAME).read_text()).get("quantization_config") or {})
+    if writer is None:
+        report.add("fp8 path", False, "the quantization_config names no dialect this tool writes")
+        return
     modules = dict(model.named_modules())
     prefix = getattr(model, "base_model_prefix", "") + "."
     wrong = []
@@ -569,10 +580,20 @@ def _check_fp8_modules(report: ValidateReport, model, dst: Path, device: str) ->
             continue
         try:
             with safe_open(dst / shard, "pt") as f:
-                q, s = f.get_tensor(name), f.get_tensor(name + SCALE_SUFFIX)
+                q, s = f.get_tensor(name), f.get_tensor(writer.scale_name(name))
+            if weight.dtype == torch.float8_e4m3fn:  # kept compressed (compressed-tensors on the CPU)
+                scale = getattr(module, leaf + writer.scale_name(""), None)
+                if not (torch.equal(weight.detach().cpu().view(torch.uint8), q.view(torch.uint8))
+                        and scale is not None and torch.equal(scale.detach().cpu().float(), s.float())):
+                    wrong.append(f"{name}: loaded FP8 weight or scale differs from the checkpoint's")
+                continue
             cols = q.shape[-1]
-            block = cols // s.shape[-1]  # square blocks (verify checks the scale shapes)
-            want = dequantize_blocks(q.reshape(-1, cols), s.reshape(-1, s.shape[-1]), block).reshape(q.shape)
+            if writer.quant_method == "fp8":
+                block = cols // s.shape[-1]  # square blocks (verify checks the scale shapes)
+                s = s.float()
+                want = dequantize_blocks(q.reshape(-1, cols), s.reshape(-1, s.shape[-1]), block).reshape(q.shape)
+            else:
+                want = writer.dequantize(q, s)
         except Exception as exc:  # noqa: BLE001 - a weight or scale that cannot be read back is the finding
             wrong.append(f"{name}: cannot dequantize it from {shard}: {type(exc).__name__}: {exc}")
             continue
@@ -613,7 +634,9 @@ def validate(dst: Path, src: Path | None = None, device: str = "cpu", kernel: st
     except Exception as exc:  # noqa: BLE001 - a load failure is the finding
         report.add("load", False, f"transformers cannot load {dst}: {type(exc).__name__}: {exc}")
         return report
-    report.add("load", True, f"{type(model).__name__} loaded")
+    problems = getattr(model, "loading_problems", {})
+    report.add("load", not problems, f"{type(model).__name__} loaded" + "".join(
+        f"; {len(v)} {k.replace('_', ' ')}, first {v[0]}" for k, v in problems.items()))
     _check_fp8_modules(report, model, dst, device)
 
     tok = None
