@@ -100,6 +100,7 @@ convert-fp8 {__version__} without loading the model.
 - {len(plan.fp8_modules)} Linear weights stored as FP8 E4M3 with per-{block}x{block}-block float32 scales
   (`weight_scale_inv`), byte-identical to transformers' `FineGrainedFP8Config(weight_block_size=({block}, {block}))`
   quantization; activations are quantized at run time (`activation_scheme: dynamic`).
+- Dialect: {plan.dialect.label}; loaded by {plan.dialect.servers}.
 - Tensor data: {format_size(plan.source_nbytes)} in the source, {format_size(plan.output_nbytes)} here.
 
 ## Why these settings
