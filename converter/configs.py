@@ -97,18 +97,6 @@ class FP8Scheme:
             raise ValueError("--scale-fmt ue8m0 is a transformers fp8 option; compressed-tensors stores scales in "
                              "the weight's dtype")
 
-    def quantization_config(self, modules_to_not_convert: list[str], ignored_layers: list[str]) -> dict:
-        """The `quantization_config` entry of the output `config.json` (transformers, vLLM and SGLang read it)."""
-        return {
-            "quant_method": "fp8",
-            "activation_scheme": "dynamic",
-            "weight_block_size": [self.block_size, self.block_size],
-            "modules_to_not_convert": list(modules_to_not_convert),
-            "ignored_layers": list(ignored_layers),
-            "dequantize": False,
-            "scale_fmt": self.scale_fmt,
-        }
-
 
 @dataclass(frozen=True)
 class Preset:

@@ -183,10 +183,11 @@ def make_plan(
         else:
             why = None
         if why is None and kind == "experts" and not dialect.experts:
+            every = re.sub(r"\.\d+\.", r".\\d+.", module)  # the same module in every layer
             raise PlanError(
                 f"{info.name}: fused expert tensors cannot be written as {scheme.format} (llm-compressor splits "
                 "them into per-expert Linears, which transformers does not load back into the fused module); "
-                f"--exclude {module} keeps them in {info.dtype}, or use --format fp8")
+                f"--exclude '{every}' keeps them in {info.dtype}, or use --format fp8")
         if why is None:
             if module not in fp8_modules:
                 fp8_modules.append(module)

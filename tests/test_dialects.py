@@ -249,7 +249,18 @@ def test_compressed_tensors_refuses_fused_experts(tmp_path):
     assert result.exit_code == 1
     assert "model.language_model.layers.0.experts.gate_up_proj: fused expert tensors cannot be written as " \
            "compressed-tensors" in result.output
-    assert "--exclude model.language_model.layers.0.experts" in result.output
+    assert "--exclude 'model.language_model.layers.\\d+.experts' keeps them in BF16" in result.output
+    # so excluded, the experts stay fused in BF16 and transformers loads every weight (llm-compressor's own
+    # output of this model loads with the experts missing: it splits them into per-expert Linears)
+    dst = convert(src, tmp_path / "ok", "--format", "compressed-tensors", "--block-size", "64", "--exclude",
+                  r"model.language_model.layers.\d+.experts")
+    assert verify(dst, src).ok
+    import transformers
+
+    model, info = transformers.AutoModelForImageTextToText.from_pretrained(dst, dtype=torch.bfloat16,
+                                                                          output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}
+    assert model.model.language_model.layers[0].experts.gate_up_proj.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("args,message", [
@@ -360,3 +371,43 @@ def test_bert_matches_llm_compressor(llmc_python, tmp_path):
 def test_gemma4_matches_llm_compressor(llmc_python, gemma_src, tmp_path):
     tensors = assert_same_as_llm_compressor(llmc_python, gemma_src, tmp_path, "FP8_BLOCK", 64, "--block-size", "64")
     assert sum(t.dtype == torch.float8_e4m3fn for t in tensors.values()) > 20
+
+
+# ---- resume, parts and determinism hold in every dialect -----------------------------------------------------
+
+@pytest.mark.parametrize("dialect", [("--format", "compressed-tensors", "--scheme", "fp8-dynamic"),
+                                     ("--format", "compressed-tensors"), ("--scale-fmt", "ue8m0")])
+def test_resume_and_parts_give_the_bytes_of_one_run(tmp_path, dialect):
+    from tests.conftest import synthetic, tree_digest
+    from tests.test_resume import killed_run
+
+    src = synthetic(tmp_path / "toy")
+    common = ("--max-shard-size", "20MB", "--no-arch-check", *dialect)
+    reference = convert(src, tmp_path / "reference", *common)
+    again = convert(src, tmp_path / "again", *common)
+    assert tree_digest(again) == tree_digest(reference)  # deterministic
+    dst = tmp_path / "resumed"
+    killed_run("--src", src, "--dst", dst, *common, mode=("pieces", "9"))
+    result = run_cli("--src", src, "--dst", dst, *common)
+    assert result.exit_code == 0 and "resumed: kept" in result.output, result.output
+    assert tree_digest(dst) == tree_digest(reference)
+    parts = tmp_path / "parts"
+    assert run_cli("--src", src, "--dst", parts, *common, "--part", "1/2").exit_code == 0
+    killed_run("--src", src, "--dst", parts, *common, "--part", "2/2", mode=("finalize",))
+    result = run_cli("finalize", "--dst", parts)
+    assert result.exit_code == 0, result.output
+    assert tree_digest(parts) == tree_digest(reference)
+
+
+def test_dry_run_names_the_dialect_and_its_servers(tmp_path):
+    src = tiny_llama(tmp_path / "llama", intermediate_size=256)
+    result = run_cli("--src", src, "--dst", tmp_path / "out", "--format", "compressed-tensors", "--dry-run")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "dialect: compressed-tensors FP8_BLOCK (float-quantized), 128x128 blocks, scales in the weight dtype" in lines
+    assert "loaded by: vLLM (compressed-tensors), transformers with compressed-tensors installed, SGLang" in lines
+    assert "ignore: ['lm_head', 'model.vision_tower', 'model.embed_tokens']" in lines
+    assert "      14  scale (weight_scale, BF16)" in lines
+    result = run_cli("--src", src, "--dst", tmp_path / "out", "--scale-fmt", "ue8m0", "--dry-run")
+    assert "dialect: transformers fp8 (quant_method fp8), 64x64 blocks, power-of-two UE8M0 scales (F8_E8M0)" \
+        in result.output.splitlines()
