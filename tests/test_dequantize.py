@@ -205,6 +205,11 @@ def test_round_trip_dense_128(gemma_src, tmp_path):
     assert sum(t.dtype == torch.float8_e4m3fn for t in fp8.values()) == 22
 
 
+def test_round_trip_ue8m0_scales(gemma_src, tmp_path):
+    fp8 = assert_round_trip(gemma_src, tmp_path, "--scale-fmt", "ue8m0")
+    assert fp8["model.language_model.layers.0.mlp.up_proj.weight_scale_inv"].dtype == torch.float8_e8m0fnu
+
+
 def test_round_trip_moe_64(tmp_path):
     src = build_checkpoint(tmp_path / "gemma-4-moe", gemma4_moe_config())
     fp8 = assert_round_trip(src, tmp_path, "--config", "gemma-4-26b-a4b-it")
@@ -324,6 +329,12 @@ def test_refuses_a_bf16_checkpoint(gemma_src, tmp_path):
 
 def test_refuses_compressed_tensors_by_name(tmp_path):
     src = fp8_checkpoint(tmp_path / "ct", tiny(), {"quant_method": "compressed-tensors", "format": "float-quantized"})
+    assert refused(src, tmp_path) == (f"convert-fp8: error: {src}/config.json: quant_method 'compressed-tensors' "
+                                      "cannot be dequantized by this tool (it reads fp8)")
+
+
+def test_refuses_our_own_compressed_tensors_output_by_name(gemma_src, tmp_path):
+    src = converted(gemma_src, tmp_path / "ct", "--format", "compressed-tensors", "--scheme", "fp8-block")
     assert refused(src, tmp_path) == (f"convert-fp8: error: {src}/config.json: quant_method 'compressed-tensors' "
                                       "cannot be dequantized by this tool (it reads fp8)")
 
