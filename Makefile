@@ -51,6 +51,7 @@ wheel-smoke:
 BENCH_DIR ?= /tmp/convert-fp8-bench
 bench: install
 	$(BIN)/python bench/bench.py --dir $(BENCH_DIR) $(ARGS)
+	$(BIN)/python bench/dialects.py --dir $(BENCH_DIR)
 
 # On a GPU machine: the builtin kernel on real shapes and tiny + real-shape Gemma-4 conversions validated on the
 # GPU (uses the machine's own python, torch and transformers).
