@@ -68,8 +68,10 @@ def tricky_weight(dtype, rows=320, cols=448, seed=1):
     w[:64, :64] = 0
     w[70, 300] = 250.0
     w[64:128, 128:192] = 2.0 ** -10 * (1 + 2.0 ** -22)
-    if dtype == torch.float32:
-        w[128:192, 64:128] = 1e-39
+    if dtype != torch.float16:
+        w[128:192, 64:128] = 1e-39  # float32-subnormal (BF16 has the same range)
+        w[128, 64] = -3e-39
+        w[192:256, :64] *= 2.0 ** 100  # products far above E4M3's range: clamped
     return w.to(dtype)
 
 
@@ -142,8 +144,8 @@ def test_ue8m0_scale_changed_is_found(tmp_path):
 # ---- compressed-tensors --------------------------------------------------------------------------------------
 
 def compressed_tensors_reference(weight: torch.Tensor, scheme: str, block: int = 128):
-    """compressed-tensors' own observer-free math: min/max -> `calculate_qparams` -> `quantize`, as
-    `model_free_ptq` runs them for a static-weight scheme."""
+    """compressed-tensors' own math: min/max -> `calculate_qparams` -> `quantize`, as `model_free_ptq` runs them
+    for a static-weight scheme."""
     from compressed_tensors.quantization import preset_name_to_scheme
     from compressed_tensors.quantization.lifecycle.forward import quantize
     from compressed_tensors.quantization.utils.helpers import calculate_qparams
@@ -159,8 +161,10 @@ def compressed_tensors_reference(weight: torch.Tensor, scheme: str, block: int =
         lo, hi = tiles.amin(dim=-1), tiles.amax(dim=-1)
     else:
         lo, hi = weight.amin(dim=1, keepdim=True), weight.amax(dim=1, keepdim=True)
-    scale, zp = calculate_qparams(lo, hi, args)
-    return quantize(weight, scale, zp, args, dtype=torch.float8_e4m3fn), scale
+    scale, _ = calculate_qparams(lo, hi, args)
+    # a symmetric scheme's module has no weight_zero_point, so the compressor quantizes without one (adding its
+    # zeros would turn -0.0 into +0.0)
+    return quantize(weight, scale, None, args, dtype=torch.float8_e4m3fn), scale
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -411,3 +415,26 @@ def test_dry_run_names_the_dialect_and_its_servers(tmp_path):
     result = run_cli("--src", src, "--dst", tmp_path / "out", "--scale-fmt", "ue8m0", "--dry-run")
     assert "dialect: transformers fp8 (quant_method fp8), 64x64 blocks, power-of-two UE8M0 scales (F8_E8M0)" \
         in result.output.splitlines()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,scheme", [((), "FP8_BLOCK"), (("--scheme", "fp8-dynamic"), "FP8_DYNAMIC")])
+def test_edge_values_match_llm_compressor(llmc_python, tmp_path, args, scheme):
+    """Signed zeros, BF16-subnormal and huge values, all-zero blocks and rows, written into a real checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_llama(tmp_path / "llama", intermediate_size=256)
+    name = "model.layers.0.mlp.up_proj.weight"  # 256x128
+    shard = src / json.loads((src / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(shard)
+    torch.manual_seed(3)
+    w = torch.randn(256, 128) * 0.02
+    w[0, 0] = 2.0 ** 100  # huge: everything else in its block and row becomes a signed zero
+    w[1, :] = -3e-39  # BF16-subnormal
+    w[2, 5] = 250.0
+    w[200:, :] = 0  # all-zero rows (channel scale eps) and a zero half-block
+    w = w.to(torch.bfloat16)
+    tensors[name] = w
+    save_file(tensors, shard, metadata={"format": "pt"})
+    ours = assert_same_as_llm_compressor(llmc_python, src, tmp_path, scheme, 128, *args)
+    assert (ours[name].view(torch.uint8) == 0x80).any()  # -0.0 kept, as llm-compressor keeps it

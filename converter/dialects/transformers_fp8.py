@@ -280,8 +280,12 @@ def quantize_tiles(weight, block: int, scale_fmt: str = "float"):
     if scale_fmt == "float":
         return quantize_blocks(weight, block)
     rows, cols = weight.shape
-    tiles = weight.to(torch.float32).reshape(rows // block, block, cols // block, block)
-    amax = tiles.abs().amax(dim=(1, 3))
+    # A BF16 weight times a power of two is exact in BF16 (float32's exponent range; results too small for BF16
+    # are far below E4M3's smallest value and become the same signed zero), so the product, the clamp and the
+    # cast give float32's bytes without the float32 copy. F16's range is too narrow for that.
+    work = weight if weight.dtype == torch.bfloat16 else weight.to(torch.float32)
+    tiles = work.reshape(rows // block, block, cols // block, block)
+    amax = tiles.abs().amax(dim=(1, 3)).to(torch.float32)
     if not torch.isfinite(amax).all():
         raise NonFiniteError("holds NaN or Inf", row=int((~torch.isfinite(amax)).any(dim=1).nonzero()[0, 0]) * block)
     nonzero = amax > 0
@@ -289,7 +293,7 @@ def quantize_tiles(weight, block: int, scale_fmt: str = "float"):
     inv = torch.reciprocal(scale)
     inv = torch.pow(2.0, torch.ceil(torch.log2(inv.clamp(min=torch.finfo(torch.float32).tiny))))
     inv = inv.to(torch.float8_e8m0fnu)
-    scale = torch.reciprocal(inv.to(torch.float32))
+    scale = torch.reciprocal(inv.to(torch.float32)).to(work.dtype)
     scaled = tiles * scale[:, None, :, None]
     fp8 = scaled.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).reshape(rows, cols)
     return fp8, inv
