@@ -287,7 +287,11 @@ def preflight(report: ValidateReport, dst: Path, device: str, kernel: str) -> Mo
     report.kind = asdict(kind)
     report.add("kind", True, kind.describe())
     if device == "cpu":
-        report.add("device", True, "cpu: transformers dequantizes FP8 weights to BF16 on load; no FP8 kernel runs")
+        if (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
+            report.add("device", True, "cpu: weights stay FP8 and compressed-tensors dequantizes them at run time; "
+                                       "no FP8 kernel runs")
+        else:
+            report.add("device", True, "cpu: transformers dequantizes FP8 weights to BF16 on load; no FP8 kernel runs")
         return kind
     if not torch.cuda.is_available():
         return _failed(report, "device", "--device cuda but torch sees no CUDA device; use --device cpu")
@@ -566,6 +570,7 @@ def _check_fp8_modules(report: ValidateReport, model, dst: Path, device: str) ->
     modules = dict(model.named_modules())
     prefix = getattr(model, "base_model_prefix", "") + "."
     wrong = []
+    kept_compressed = 0
     for name, shard in expected.items():
         # a checkpoint saved with its head, loaded as the base model (sentence-transformers), drops the prefix
         module = modules.get(module_of(name)) or modules.get(module_of(name).removeprefix(prefix))
@@ -586,6 +591,7 @@ def _check_fp8_modules(report: ValidateReport, model, dst: Path, device: str) ->
                 if not (torch.equal(weight.detach().cpu().view(torch.uint8), q.view(torch.uint8))
                         and scale is not None and torch.equal(scale.detach().cpu().float(), s.float())):
                     wrong.append(f"{name}: loaded FP8 weight or scale differs from the checkpoint's")
+                kept_compressed += 1
                 continue
             cols = q.shape[-1]
             if writer.quant_method == "fp8":
@@ -606,6 +612,7 @@ def _check_fp8_modules(report: ValidateReport, model, dst: Path, device: str) ->
     path = "fp8-kernel" if device == "cuda" else "dequantized"
     report.fp8_path = path
     detail = (f"{len(expected)} FP8 modules: " + ("all FP8Linear with float8 weights" if device == "cuda"
+              else "all kept as the checkpoint's FP8 weights and scales" if kept_compressed == len(expected)
               else "all dequantized from their FP8 blocks and scales")) if not wrong else (
         f"{len(wrong)} of {len(expected)} FP8 modules wrong, first {wrong[0]}")
     report.add("fp8 path", not wrong, detail)

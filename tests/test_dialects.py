@@ -438,3 +438,20 @@ def test_edge_values_match_llm_compressor(llmc_python, tmp_path, args, scheme):
     save_file(tensors, shard, metadata={"format": "pt"})
     ours = assert_same_as_llm_compressor(llmc_python, src, tmp_path, scheme, 128, *args)
     assert (ours[name].view(torch.uint8) == 0x80).any()  # -0.0 kept, as llm-compressor keeps it
+
+
+@pytest.mark.parametrize("args,path", [
+    (("--format", "compressed-tensors", "--scheme", "fp8-dynamic"),
+     "14 FP8 modules: all kept as the checkpoint's FP8 weights and scales"),
+    (("--scale-fmt", "ue8m0"), "14 FP8 modules: all dequantized from their FP8 blocks and scales"),
+])
+def test_validate_passes_in_every_dialect(tmp_path, args, path):
+    from converter.validate import validate
+
+    src = tiny_llama(tmp_path / "llama", intermediate_size=256)
+    dst = convert(src, tmp_path / "out", *args)
+    report = validate(dst, src, device="cpu")
+    checks = {c.name: c for c in report.checks}
+    assert report.ok, [(c.name, c.detail) for c in report.checks if not c.ok]
+    assert checks["fp8 path"].detail == path
+    assert checks["load"].detail == "LlamaForCausalLM loaded"
