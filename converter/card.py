@@ -83,7 +83,7 @@ def model_card(plan: Plan, base_model: str, repo_name: str, source_card: str | N
         source_meta, unreadable = {}, str(exc)
     front = yaml.safe_dump(card_front_matter(source_meta, base_model_id), sort_keys=False, allow_unicode=True,
                            default_flow_style=False, width=1000)
-    block = plan.scheme.block_size
+    dialect = plan.dialect
     archs = plan.config.get("architectures") or ["(unknown architecture)"]
     excluded = _items(f"`{m}`" for m in plan.modules_to_not_convert)
     kept = _items(sorted(set(plan.kept_linears.values())))
@@ -94,24 +94,20 @@ def model_card(plan: Plan, base_model: str, repo_name: str, source_card: str | N
 {front}---
 # {repo_name}
 
-Fine-grained FP8 (block-quantized) version of {origin} ({archs[0]}), converted offline by
+{"Fine-grained FP8 (block-quantized)" if dialect.rows_per_scale > 1 else "FP8 (per-channel)"} version of {origin} ({archs[0]}), converted offline by
 convert-fp8 {__version__} without loading the model.
 {warning}
-- {len(plan.fp8_modules)} Linear weights stored as FP8 E4M3 with per-{block}x{block}-block float32 scales
-  (`weight_scale_inv`), byte-identical to transformers' `FineGrainedFP8Config(weight_block_size=({block}, {block}))`
-  quantization; activations are quantized at run time (`activation_scheme: dynamic`).
-- Dialect: {plan.dialect.label}; loaded by {plan.dialect.servers}.
+- {dialect.card_weights(len(plan.fp8_modules))}
+- Dialect: {dialect.label}; loaded by {dialect.servers}.
 - Tensor data: {format_size(plan.source_nbytes)} in the source, {format_size(plan.output_nbytes)} here.
 
 ## Why these settings
-- `weight_block_size=({block}, {block})`: finer blocks keep outliers from flattening a whole tile. A block size
-  that divides every shape is not proof that it is numerically safe: check output values, not only that the
-  model loads.
-- Kept in the source dtype, by module path (`modules_to_not_convert`):
+- {dialect.card_why()}
+- Kept in the source dtype, by module path (`{dialect.exclusion_key}`):
 {excluded}
 - Why Linears were kept:
 {kept}
-- `ignored_layers` lists every Linear kept unquantized by its full name, for vLLM and SGLang.
+- {dialect.card_ignored}
 
 ## Usage
 ```python
@@ -121,8 +117,7 @@ model = AutoModelForCausalLM.from_pretrained("{repo_name}", dtype="auto", device
 tok = AutoTokenizer.from_pretrained("{repo_name}")
 ```
 (Use the auto class that matches `{archs[0]}`, e.g. `AutoModelForImageTextToText` for vision-language models.)
-On a GPU of compute capability 8.9 or newer transformers runs the FP8 kernel (`kernels` package, version matching
-your transformers); on a CPU it dequantizes to BF16 on load.
+{dialect.card_loading}
 """
 
 

@@ -455,3 +455,17 @@ def test_validate_passes_in_every_dialect(tmp_path, args, path):
     assert report.ok, [(c.name, c.detail) for c in report.checks if not c.ok]
     assert checks["fp8 path"].detail == path
     assert checks["load"].detail == "LlamaForCausalLM loaded"
+
+
+def test_model_card_names_the_dialect(tmp_path):
+    src = tiny_llama(tmp_path / "llama", intermediate_size=256)
+    card = (convert(src, tmp_path / "out", "--format", "compressed-tensors", "--scheme", "fp8-dynamic")
+            / "README.md").read_text()
+    assert "FP8 (per-channel) version of" in card
+    assert ("- 14 Linear weights stored as FP8 E4M3 with one scale per output channel (`weight_scale`, in the "
+            "weight's dtype),\n  byte-identical to llm-compressor's `model_free_ptq` (llmcompressor 0.14.0.1, scheme "
+            "FP8_DYNAMIC)") in card
+    assert "- Kept in the source dtype, by module path (`ignore`):\n  - `lm_head`\n  - `model.vision_tower`\n" \
+           "  - `model.embed_tokens`\n" in card
+    card = (convert(src, tmp_path / "ue8m0", "--scale-fmt", "ue8m0") / "README.md").read_text()
+    assert '`FineGrainedFP8Config(weight_block_size=(64, 64), scale_fmt="ue8m0")` quantization' in card

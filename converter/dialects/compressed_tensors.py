@@ -98,6 +98,34 @@ class CompressedTensorsWriter:
     def servers(self) -> str:
         return "vLLM (compressed-tensors), transformers with compressed-tensors installed, SGLang"
 
+    exclusion_key = "ignore"
+
+    def card_weights(self, n: int) -> str:
+        """The model card's line on what the weights are and whose bytes they equal."""
+        if self.blocked:
+            b = self.block_size
+            what, acts = f"per-{b}x{b}-block scales", "per token group"
+        else:
+            what, acts = "one scale per output channel", "per token"
+        return (f"{n} Linear weights stored as FP8 E4M3 with {what} (`weight_scale`, in the weight's dtype),\n  "
+                f"byte-identical to llm-compressor's `model_free_ptq` (llmcompressor 0.14.0.1, scheme "
+                f"{SCHEME_NAMES[self.scheme]}); activations are\n  quantized at run time, {acts} "
+                "(compressed-tensors, `float-quantized`).")
+
+    def card_why(self) -> str:
+        if not self.blocked:
+            return ("One scale per output channel (FP8_DYNAMIC): the widest support in vLLM, and no shape "
+                    "constraint.\n  Check output values, not only that the model loads.")
+        b = self.block_size
+        return (f"{b}x{b} blocks (FP8_BLOCK): outliers flatten only their own block. A block size that divides "
+                "every\n  shape is not proof that it is numerically safe: check output values, not only that the "
+                "model loads.")
+
+    card_ignored = ("`ignore` names by full path every Linear kept unquantized (compressed-tensors matches names "
+                    "exactly,\n  or `re:` patterns from the start), the embeddings, and a head tied to them.")
+    card_loading = ("vLLM loads it as it is (`vllm serve`); transformers needs `pip install compressed-tensors` and "
+                    "keeps the\nweights in FP8, dequantizing them at run time on a CPU.")
+
     @staticmethod
     def scale_name(weight_name: str) -> str:
         return weight_name + SCALE_SUFFIX

@@ -183,6 +183,30 @@ class TransformersFP8Writer:
                     "scales as they are)")
         return "transformers (FineGrainedFP8Config), vLLM, SGLang"
 
+    exclusion_key = "modules_to_not_convert"
+
+    def card_weights(self, n: int) -> str:
+        """The model card's line on what the weights are and whose bytes they equal."""
+        b = self.block_size
+        if self.scale_fmt == "ue8m0":
+            return (f"{n} Linear weights stored as FP8 E4M3 with per-{b}x{b}-block power-of-two scales\n  (UE8M0, "
+                    f"one byte each: `weight_scale_inv` as F8_E8M0), byte-identical to transformers'\n  "
+                    f"`FineGrainedFP8Config(weight_block_size=({b}, {b}), scale_fmt=\"ue8m0\")` quantization; "
+                    "activations are\n  quantized at run time (`activation_scheme: dynamic`).")
+        return (f"{n} Linear weights stored as FP8 E4M3 with per-{b}x{b}-block float32 scales\n  "
+                f"(`weight_scale_inv`), byte-identical to transformers' `FineGrainedFP8Config(weight_block_size=({b}, "
+                f"{b}))`\n  quantization; activations are quantized at run time (`activation_scheme: dynamic`).")
+
+    def card_why(self) -> str:
+        b = self.block_size
+        return (f"`weight_block_size=({b}, {b})`: finer blocks keep outliers from flattening a whole tile. A block "
+                "size\n  that divides every shape is not proof that it is numerically safe: check output values, not "
+                "only that the\n  model loads.")
+
+    card_ignored = "`ignored_layers` lists every Linear kept unquantized by its full name, for vLLM and SGLang."
+    card_loading = ("On a GPU of compute capability 8.9 or newer transformers runs the FP8 kernel (`kernels` package, "
+                    "version matching\nyour transformers); on a CPU it dequantizes to BF16 on load.")
+
     @staticmethod
     def scale_name(weight_name: str) -> str:
         return weight_name + SCALE_SUFFIX
