@@ -217,7 +217,8 @@ def make_plan(
     config["quantization_config"] = dialect.quantization_config(list(modules_to_not_convert), list(ignored_layers))
 
     warnings = list(source.warnings)
-    warnings += _legacy_matching_warnings(linear_like, modules_to_not_convert)
+    if dialect.legacy_matching:
+        warnings += _legacy_matching_warnings(linear_like, modules_to_not_convert)
     return Plan(
         scheme=scheme,
         shards=_assign_shards(groups, max_shard_size, single_file=source.shards == (SINGLE_FILE_NAME,)),
@@ -349,8 +350,7 @@ def describe_plan(plan: Plan) -> str:
     lines.append(f"Linear modules kept in the source dtype: {len(plan.kept_linears)}")
     for reason, n in Counter(plan.kept_linears.values()).most_common():
         lines.append(f"  {n:6d}  {reason}")
-    key = "ignore" if plan.scheme.format == "compressed-tensors" else "modules_to_not_convert"
-    lines.append(f"{key}: {list(plan.modules_to_not_convert)}")
+    lines.append(f"{plan.dialect.exclusion_key}: {list(plan.modules_to_not_convert)}")
     for pattern, note in plan.unmatched_patterns:
         lines.append(f"pattern {pattern!r} matches no Linear in the checkpoint: {note}")
     lines.append(f"other files copied: {len(plan.files_to_copy)}")

@@ -287,11 +287,11 @@ def preflight(report: ValidateReport, dst: Path, device: str, kernel: str) -> Mo
     report.kind = asdict(kind)
     report.add("kind", True, kind.describe())
     if device == "cpu":
-        if (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
-            report.add("device", True, "cpu: weights stay FP8 and compressed-tensors dequantizes them at run time; "
-                                       "no FP8 kernel runs")
-        else:
-            report.add("device", True, "cpu: transformers dequantizes FP8 weights to BF16 on load; no FP8 kernel runs")
+        from .dialects import writer_from_config
+
+        writer, _ = writer_from_config(config.get("quantization_config") or {})
+        how = writer.cpu_load if writer is not None else "transformers dequantizes FP8 weights to BF16 on load"
+        report.add("device", True, f"cpu: {how}; no FP8 kernel runs")
         return kind
     if not torch.cuda.is_available():
         return _failed(report, "device", "--device cuda but torch sees no CUDA device; use --device cpu")
@@ -558,8 +558,6 @@ def _check_fp8_modules(report: ValidateReport, model, dst: Path, device: str) ->
     import torch
     from safetensors import safe_open
 
-    from .quantize import dequantize_blocks
-
     from .dialects import writer_from_config
 
     expected = checkpoint_fp8_tensors(dst)
@@ -593,13 +591,9 @@ def _check_fp8_modules(report: ValidateReport, model, dst: Path, device: str) ->
                     wrong.append(f"{name}: loaded FP8 weight or scale differs from the checkpoint's")
                 kept_compressed += 1
                 continue
+            # expert tensors as the 2-D stack of their experts' rows (verify checks the scale shapes)
             cols = q.shape[-1]
-            if writer.quant_method == "fp8":
-                block = cols // s.shape[-1]  # square blocks (verify checks the scale shapes)
-                s = s.float()
-                want = dequantize_blocks(q.reshape(-1, cols), s.reshape(-1, s.shape[-1]), block).reshape(q.shape)
-            else:
-                want = writer.dequantize(q, s)
+            want = writer.dequantize(q.reshape(-1, cols), s.reshape(-1, s.shape[-1])).reshape(q.shape)
         except Exception as exc:  # noqa: BLE001 - a weight or scale that cannot be read back is the finding
             wrong.append(f"{name}: cannot dequantize it from {shard}: {type(exc).__name__}: {exc}")
             continue

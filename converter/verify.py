@@ -27,7 +27,6 @@ from .source import SINGLE_FILE_NAME, ShardHeader, SourceIndex, TensorInfo, Tens
 REPORT_NAME = "convert-fp8-verify.json"
 CHUNK_BYTES = 16 * 2**20
 FP8_STRIPE_ELEMENTS = 4 * 2**20
-SCALE_DTYPES_OF = {"fp8": ("F32", "F8_E8M0"), "compressed-tensors": ("BF16", "F16", "F32")}
 
 
 @dataclass(frozen=True)
@@ -183,7 +182,7 @@ def _check_scales(out: _Output, fp8: dict[str, TensorInfo], report: VerifyReport
     with TensorReader(out.as_source()) as reader:
         for name in fp8:
             info = tensors.get(writer.scale_name(name))
-            if info is None or info.dtype not in SCALE_DTYPES_OF[writer.quant_method]:
+            if info is None or not writer.accepts_scale_dtype(info.dtype):
                 continue
             # expert scales are [experts, rows, cols]: look at them as the 2-D grid of tiles they cut
             scale = _scales_float32(reader.read(info), info.dtype).numpy().reshape(-1, info.shape[-1])
@@ -245,12 +244,10 @@ def _check_pairs(out: _Output, report: VerifyReport, writer) -> dict[str, Tensor
                                            tensor=name, shard=info.shard))
         elif writer is not None:
             want = writer.scale_shape(info.shape)
-            dtypes = SCALE_DTYPES_OF[writer.quant_method]
-            want_dtype = writer.scale_dtype("BF16") if writer.quant_method == "fp8" else "/".join(dtypes)
-            if scale.dtype != want_dtype and not (writer.quant_method != "fp8" and scale.dtype in dtypes) \
-                    or scale.shape != want:
+            if not writer.accepts_scale_dtype(scale.dtype) or scale.shape != want:
                 report.problems.append(Problem(f"scale is {scale.dtype}{list(scale.shape)}, expected "
-                                               f"{want_dtype}{list(want)}", tensor=scale.name, shard=scale.shard))
+                                               f"{writer.scale_dtype_text}{list(want)}", tensor=scale.name,
+                                               shard=scale.shard))
             if writer.unfit(info.shape):
                 report.problems.append(Problem(f"{writer.unfit(info.shape)}, yet stored as FP8", tensor=name,
                                                shard=info.shard))
@@ -268,7 +265,7 @@ def _check_fp8_set(out: _Output, report: VerifyReport, fp8: dict[str, TensorInfo
     if not isinstance(qc, dict) or writer is None:
         return
     patterns = writer.exclusions(qc)  # modules_to_not_convert (fp8) or ignore (compressed-tensors)
-    key = "ignore" if writer.quant_method == "compressed-tensors" else "modules_to_not_convert"
+    key = writer.exclusion_key
     ignored = set(qc.get("ignored_layers") or [])
     fp8_modules = {module_of(n) for n in fp8}
     for name in sorted(fp8):
@@ -330,7 +327,7 @@ def _check_data(out: _Output, source: SourceIndex | None, fp8: dict[str, TensorI
             elif name in fp8:
                 scale = tensors.get(name + suffix)
                 if (scale is not None and scale.shape == writer.scale_shape(info.shape)
-                        and scale.dtype in SCALE_DTYPES_OF[writer.quant_method]):
+                        and writer.accepts_scale_dtype(scale.dtype)):
                     report.fp8_tensors += 1
                     _check_fp8(name, info, scale, reader, source, src_reader, writer, report)
             else:

@@ -99,6 +99,12 @@ class CompressedTensorsWriter:
         return "vLLM (compressed-tensors), transformers with compressed-tensors installed, SGLang"
 
     exclusion_key = "ignore"
+    legacy_matching = False
+    scale_dtype_text = "BF16/F16/F32 (the source weight's)"
+
+    @staticmethod
+    def accepts_scale_dtype(dtype: str) -> bool:
+        return dtype in ("BF16", "F16", "F32")
 
     def card_weights(self, n: int) -> str:
         """The model card's line on what the weights are and whose bytes they equal."""
@@ -121,6 +127,7 @@ class CompressedTensorsWriter:
                 "every\n  shape is not proof that it is numerically safe: check output values, not only that the "
                 "model loads.")
 
+    cpu_load = "weights stay FP8 and compressed-tensors dequantizes them at run time"
     card_ignored = ("`ignore` names by full path every Linear kept unquantized (compressed-tensors matches names "
                     "exactly,\n  or `re:` patterns from the start), the embeddings, and a head tied to them.")
     card_loading = ("vLLM loads it as it is (`vllm serve`); transformers needs `pip install compressed-tensors` and "

@@ -184,6 +184,14 @@ class TransformersFP8Writer:
         return "transformers (FineGrainedFP8Config), vLLM, SGLang"
 
     exclusion_key = "modules_to_not_convert"
+    legacy_matching = True  # transformers 5.5-5.22 matched these patterns without a module boundary
+
+    def accepts_scale_dtype(self, dtype: str) -> bool:
+        return dtype == self.scale_dtype()
+
+    @property
+    def scale_dtype_text(self) -> str:
+        return self.scale_dtype()
 
     def card_weights(self, n: int) -> str:
         """The model card's line on what the weights are and whose bytes they equal."""
@@ -203,6 +211,7 @@ class TransformersFP8Writer:
                 "size\n  that divides every shape is not proof that it is numerically safe: check output values, not "
                 "only that the\n  model loads.")
 
+    cpu_load = "transformers dequantizes FP8 weights to BF16 on load"
     card_ignored = "`ignored_layers` lists every Linear kept unquantized by its full name, for vLLM and SGLang."
     card_loading = ("On a GPU of compute capability 8.9 or newer transformers runs the FP8 kernel (`kernels` package, "
                     "version matching\nyour transformers); on a CPU it dequantizes to BF16 on load.")
