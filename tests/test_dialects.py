@@ -469,3 +469,37 @@ def test_model_card_names_the_dialect(tmp_path):
            "  - `model.embed_tokens`\n" in card
     card = (convert(src, tmp_path / "ue8m0", "--scale-fmt", "ue8m0") / "README.md").read_text()
     assert '`FineGrainedFP8Config(weight_block_size=(64, 64), scale_fmt="ue8m0")` quantization' in card
+
+
+@pytest.mark.parametrize("args,row", [(("--format", "compressed-tensors"), 128),
+                                      (("--format", "compressed-tensors", "--scheme", "fp8-dynamic"), 130),
+                                      (("--scale-fmt", "ue8m0"), 128)])
+def test_non_finite_source_is_refused_in_every_dialect(tmp_path, args, row):
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_llama(tmp_path / "llama", intermediate_size=256)
+    name = "model.layers.1.mlp.gate_proj.weight"  # 256x128
+    shard = src / json.loads((src / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name][130, 7] = float("inf")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    result = run_cli("--src", src, "--dst", tmp_path / "out", *args)
+    assert result.exit_code == 1
+    assert f"tensor {name} in shard {shard.name} holds NaN or Inf (near row {row})" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_fused_kernel_is_refused_where_it_does_not_give_the_dialect_s_bytes(tmp_path):
+    src = tiny_llama(tmp_path / "llama", intermediate_size=256)
+    result = run_cli("--src", src, "--dst", tmp_path / "out", "--scale-fmt", "ue8m0", "--quantizer", "numba")
+    assert result.exit_code == 2
+    assert "--quantizer numba: the fused kernel computes transformers' float32 scales only" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("args,scheme", [((), "FP8_BLOCK"), (("--scheme", "fp8-dynamic"), "FP8_DYNAMIC")])
+def test_f16_and_f32_sources_match_llm_compressor(llmc_python, tmp_path, dtype, args, scheme):
+    src = tiny_llama(tmp_path / "llama", dtype=dtype, intermediate_size=256)
+    tensors = assert_same_as_llm_compressor(llmc_python, src, tmp_path, scheme, 128, *args)
+    assert tensors["model.layers.0.mlp.up_proj.weight_scale"].dtype == dtype  # the weight's own dtype
