@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from converter.demo import build_checkpoint, gemma4_moe_config
-from converter.dialects.compressed_tensors import match_name, quantize_ct
+from converter.dialects.compressed_tensors import match_name, quantize_ct, unstored_entry
 from converter.dialects.transformers_fp8 import quantize_tiles
 from converter.verify import verify
 from tests.conftest import run_cli, tiny_bert, tiny_llama
@@ -183,6 +183,10 @@ def test_match_name_is_exact_or_anchored_regex():
     assert match_name("lm_head", "lm_head") and not match_name("model.lm_head", "lm_head")
     assert not match_name("model.layers.1.mlp", "model.layers.1")  # no prefixes, unlike modules_to_not_convert
     assert match_name("model.layers.1.mlp.up_proj", "re:.*mlp") and not match_name("x.mlp", "re:mlp")
+    tower = unstored_entry("model.vision_tower")  # an excluded path the checkpoint does not store
+    assert match_name("model.vision_tower.encoder.layers.0.mlp.up_proj", tower)
+    assert not match_name("model.vision_tower_2.proj", tower)
+    assert unstored_entry("lm_head") == "lm_head"
 
 
 def test_compressed_tensors_block_config_load_and_logits(tmp_path):
@@ -191,8 +195,8 @@ def test_compressed_tensors_block_config_load_and_logits(tmp_path):
     config = json.loads((dst / "config.json").read_text())
     qc = config["quantization_config"]
     down = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
-    # the preset's model.vision_tower matches nothing here: named as it is, it changes no match
-    assert qc["ignore"] == [*down, "lm_head", "model.vision_tower", "model.embed_tokens"]
+    # the preset's model.vision_tower is not stored here: ignored with all it holds, in case the loader builds it
+    assert qc["ignore"] == [*down, "lm_head", r"re:model\.vision_tower($|\.)", "model.embed_tokens"]
     group = qc["config_groups"]["FP8_BLOCK"]
     assert group["weights"]["block_structure"] == [128, 128] and group["input_activations"]["group_size"] == 128
     assert (qc["quant_method"], qc["format"], qc["quantization_status"]) == ("compressed-tensors", "float-quantized",
@@ -222,7 +226,7 @@ def test_compressed_tensors_tied_head_is_ignored_or_refused(tmp_path):
     src = tiny_llama(tmp_path / "llama", intermediate_size=256, tie=True)
     dst = convert(src, tmp_path / "out", "--format", "compressed-tensors", "--scheme", "fp8-dynamic")
     qc = json.loads((dst / "config.json").read_text())["quantization_config"]
-    assert qc["ignore"] == ["model.vision_tower", "lm_head", "model.embed_tokens"]
+    assert qc["ignore"] == [r"re:model\.vision_tower($|\.)", "lm_head", "model.embed_tokens"]
     assert qc["config_groups"]["FP8_DYNAMIC"]["weights"]["strategy"] == "channel"
     model, info = load_with_info(dst)
     assert info == {}
@@ -410,7 +414,7 @@ def test_dry_run_names_the_dialect_and_its_servers(tmp_path):
     lines = result.output.splitlines()
     assert "dialect: compressed-tensors FP8_BLOCK (float-quantized), 128x128 blocks, scales in the weight dtype" in lines
     assert "loaded by: vLLM (compressed-tensors), transformers with compressed-tensors installed, SGLang" in lines
-    assert "ignore: ['lm_head', 'model.vision_tower', 'model.embed_tokens']" in lines
+    assert r"ignore: ['lm_head', 're:model\\.vision_tower($|\\.)', 'model.embed_tokens']" in lines
     assert "      14  scale (weight_scale, BF16)" in lines
     result = run_cli("--src", src, "--dst", tmp_path / "out", "--scale-fmt", "ue8m0", "--dry-run")
     assert "dialect: transformers fp8 (quant_method fp8), 64x64 blocks, power-of-two UE8M0 scales (F8_E8M0)" \
@@ -465,7 +469,7 @@ def test_model_card_names_the_dialect(tmp_path):
     assert ("- 14 Linear weights stored as FP8 E4M3 with one scale per output channel (`weight_scale`, in the "
             "weight's dtype),\n  byte-identical to llm-compressor's `model_free_ptq` (llmcompressor 0.14.0.1, scheme "
             "FP8_DYNAMIC)") in card
-    assert "- Kept in the source dtype, by module path (`ignore`):\n  - `lm_head`\n  - `model.vision_tower`\n" \
+    assert "- Kept in the source dtype, by module path (`ignore`):\n  - `lm_head`\n  - `re:model\\.vision_tower($|\\.)`\n" \
            "  - `model.embed_tokens`\n" in card
     card = (convert(src, tmp_path / "ue8m0", "--scale-fmt", "ue8m0") / "README.md").read_text()
     assert '`FineGrainedFP8Config(weight_block_size=(64, 64), scale_fmt="ue8m0")` quantization' in card

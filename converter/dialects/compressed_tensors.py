@@ -50,6 +50,13 @@ def llm_compressor_targets(tensor_name: str) -> bool:
     return param == "weight" and not module.endswith("norm")
 
 
+def unstored_entry(path: str) -> str:
+    """The `ignore` entry for an excluded module path that the checkpoint does not store: `lm_head` (a leaf
+    Linear, tied to the embeddings) by name; any other path (a vision tower left out of the checkpoint) as a
+    `re:` pattern covering the module and everything under it, as the exclusion meant."""
+    return path if path == "lm_head" else f"re:{re.escape(path)}($|\\.)"
+
+
 def _activation_args(strategy: str, group_size: int | None) -> dict:
     return {"actorder": None, "block_structure": None, "dynamic": True, "group_size": group_size, "num_bits": 8,
             "observer": None, "observer_kwargs": {}, "scale_dtype": None, "strategy": strategy,
@@ -172,13 +179,13 @@ class CompressedTensorsWriter:
         return q * full
 
     def exclusion_list(self, patterns, kept: dict[str, str], unstored, others) -> list[str]:
-        """`ignore`, by full name: every Linear kept unquantized, the Linears the loader builds that the
-        checkpoint does not store (`unstored`: a tied `lm_head`, which would otherwise load with its
-        `weight_scale` missing), and the module of every other tensor (`others`, by tensor name) that
+        """`ignore`, by full name: every Linear kept unquantized, the excluded module paths the checkpoint does
+        not store (`unstored`: a tied `lm_head`, which would otherwise load with its `weight_scale` missing, or a
+        whole tower, see `unstored_entry`), and the module of every other tensor (`others`, by tensor name) that
         llm-compressor would try to quantize (embeddings, norms not named `*norm`)."""
         linears = [m for m, why in kept.items() if m.rpartition(".")[2] != "experts"]
         other = [n.rpartition(".")[0] for n in others if llm_compressor_targets(n)]
-        return list(dict.fromkeys([*linears, *unstored, *other]))
+        return list(dict.fromkeys([*linears, *map(unstored_entry, unstored), *other]))
 
     def quantization_config(self, ignore: list[str], ignored_layers: list[str] | None = None) -> dict:
         """The `quantization_config` that `model_free_ptq` writes for this scheme and `ignore`."""
