@@ -24,6 +24,8 @@ Examples:
   convert-fp8 --src model --dst model-FP8 --config gemma-4-31b-it --dry-run
 
   convert-fp8 --src model --dst model-FP8 --exclude model.multi_modal_projector --max-shard-size 2GB
+
+  convert-fp8 --src model --dst model-FP8-dynamic --format compressed-tensors --scheme fp8-dynamic
 """
 
 
