@@ -32,6 +32,8 @@ class Quantizer:
     """
 
     def __init__(self, dialect, kind: str = "auto", device: str = "cpu"):
+        if dialect.unavailable():
+            raise UsageError(dialect.unavailable())
         if kind == "auto":
             kind = "numba" if device == "cpu" and quantize_fast.available() and dialect.fused_kernel else "torch"
         if kind == "numba" and not dialect.fused_kernel:

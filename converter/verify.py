@@ -171,8 +171,10 @@ def _scales_float32(data: bytes, dtype: str):
     """Scale bytes of any dialect's dtype (F32, F8_E8M0, BF16, F16) as a float32 torch tensor."""
     import torch
 
-    torch_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                   "F8_E8M0": torch.float8_e8m0fnu}[dtype]
+    if dtype == "F8_E8M0":  # 2 ** (byte - 127), 0xFF NaN; read as bytes, so torch before 2.7 (no e8m0) reads it
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.float32)
+        return torch.where(raw == 255, torch.nan, (raw - 127.0).exp2())
+    torch_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
     return torch.frombuffer(bytearray(data), dtype=torch_dtype).to(torch.float32)
 
 

@@ -507,3 +507,12 @@ def test_f16_and_f32_sources_match_llm_compressor(llmc_python, tmp_path, dtype, 
     src = tiny_llama(tmp_path / "llama", dtype=dtype, intermediate_size=256)
     tensors = assert_same_as_llm_compressor(llmc_python, src, tmp_path, scheme, 128, *args)
     assert tensors["model.layers.0.mlp.up_proj.weight_scale"].dtype == dtype  # the weight's own dtype
+
+
+def test_ue8m0_on_a_torch_without_e8m0_is_one_line(tmp_path, monkeypatch):
+    src = tiny_llama(tmp_path / "llama", intermediate_size=256)
+    monkeypatch.delattr(torch, "float8_e8m0fnu")
+    result = run_cli("--src", src, "--dst", tmp_path / "out", "--scale-fmt", "ue8m0")
+    assert result.exit_code == 2
+    assert "--scale-fmt ue8m0 needs torch 2.7 or newer (torch.float8_e8m0fnu); this is torch" in result.output
+    assert not (tmp_path / "out").exists()

@@ -113,6 +113,10 @@ class CompressedTensorsWriter:
     def accepts_scale_dtype(dtype: str) -> bool:
         return dtype in ("BF16", "F16", "F32")
 
+    @staticmethod
+    def unavailable() -> str | None:
+        return None
+
     def card_weights(self, n: int) -> str:
         """The model card's line on what the weights are and whose bytes they equal."""
         if self.blocked:

@@ -189,6 +189,14 @@ class TransformersFP8Writer:
     def accepts_scale_dtype(self, dtype: str) -> bool:
         return dtype == self.scale_dtype()
 
+    def unavailable(self) -> str | None:
+        """Why this torch cannot compute the dialect, or None."""
+        import torch
+
+        if self.scale_fmt == "ue8m0" and not hasattr(torch, "float8_e8m0fnu"):
+            return f"--scale-fmt ue8m0 needs torch 2.7 or newer (torch.float8_e8m0fnu); this is torch {torch.__version__}"
+        return None
+
     @property
     def scale_dtype_text(self) -> str:
         return self.scale_dtype()
