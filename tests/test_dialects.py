@@ -376,8 +376,10 @@ def test_bert_matches_llm_compressor(llmc_python, tmp_path):
 
 
 @pytest.mark.slow
-def test_gemma4_matches_llm_compressor(llmc_python, gemma_src, tmp_path):
-    tensors = assert_same_as_llm_compressor(llmc_python, gemma_src, tmp_path, "FP8_BLOCK", 64, "--block-size", "64")
+@pytest.mark.parametrize("args,scheme,block", [(("--block-size", "64"), "FP8_BLOCK", 64), ((), "FP8_BLOCK", 128),
+                                               (("--scheme", "fp8-dynamic"), "FP8_DYNAMIC", 128)])
+def test_gemma4_matches_llm_compressor(llmc_python, gemma_src, tmp_path, args, scheme, block):
+    tensors = assert_same_as_llm_compressor(llmc_python, gemma_src, tmp_path, scheme, block, *args)
     assert sum(t.dtype == torch.float8_e4m3fn for t in tensors.values()) > 20
 
 
@@ -516,3 +518,25 @@ def test_ue8m0_on_a_torch_without_e8m0_is_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "--scale-fmt ue8m0 needs torch 2.7 or newer (torch.float8_e8m0fnu); this is torch" in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model", ["gemma4", "gemma4-moe", "bert"])
+def test_ue8m0_bytes_match_transformers_on_gemma4_moe_and_bert(tmp_path, gemma_src, model):
+    """Every FP8 tensor and scale, fused 3-D experts included, against transformers' own `Fp8Quantize`."""
+    if model == "gemma4":
+        src = gemma_src
+    elif model == "gemma4-moe":
+        src = build_checkpoint(tmp_path / "moe", gemma4_moe_config())
+    else:
+        src = tiny_bert(tmp_path / "bert")
+    extra = ("--exclude", "cls.predictions.decoder") if model == "bert" else ()
+    dst = convert(src, tmp_path / "out", "--scale-fmt", "ue8m0", *extra)
+    ours, source = tensors_of(dst), tensors_of(src)
+    fp8 = [n for n, t in ours.items() if t.dtype == torch.float8_e4m3fn]
+    assert fp8 and (model != "gemma4-moe" or any(n.endswith("experts.gate_up_proj") for n in fp8))
+    for name in fp8:
+        ref = transformers_ue8m0(name, source[name])
+        scale = name.rsplit(".", 1)[0] + ".weight_scale_inv" if name.endswith(".weight") else name + "_scale_inv"
+        assert as_bytes(ours[name]) == as_bytes(ref[name]), name
+        assert as_bytes(ours[scale]) == as_bytes(ref[scale]), scale
+    assert verify(dst, src).ok
