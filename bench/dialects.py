@@ -74,6 +74,43 @@ def same_tensors(ours: Path, theirs: Path) -> str:
     return f"all {len(a)} tensors identical" if not differ else f"{len(differ)} of {len(a)} differ, first {differ[0]}"
 
 
+def formula_rates() -> dict[str, float]:
+    """GB/s of BF16 through each dialect's torch formula alone, on one 16 MiB stripe of a 5376-wide weight
+    (what the quantizer hands it), best of 5; the fused numba kernel where the dialect uses it."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from converter import quantize_fast
+    from converter.configs import FP8Scheme
+    from converter.dialects import writer_for
+
+    torch.manual_seed(0)
+    weight = (torch.randn(1536, 5376) * 0.02).to(torch.bfloat16)
+    schemes = {"fp8, float32 scales (64x64)": FP8Scheme(64),
+               "fp8 --scale-fmt ue8m0 (64x64)": FP8Scheme(64, scale_fmt="ue8m0"),
+               "compressed-tensors fp8-block (128x128)": FP8Scheme(128, "compressed-tensors"),
+               "compressed-tensors fp8-dynamic": FP8Scheme(128, "compressed-tensors", "fp8-dynamic")}
+    rates = {}
+    for label, scheme in schemes.items():
+        writer = writer_for(scheme)
+        if writer.fused_kernel and quantize_fast.available():
+            raw = weight.view(torch.uint8).numpy().reshape(-1)
+            out = np.empty((1536, 5376), np.uint8)
+            scales = np.empty((1536 // 64, 5376 // 64), np.float32)
+            run_once = lambda: quantize_fast.quantize_into(raw, "BF16", out, scales, 64)  # noqa: E731
+        else:
+            run_once = lambda: writer.quantize(weight)  # noqa: E731
+        run_once()
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            run_once()
+            best = min(best, time.perf_counter() - start)
+        rates[label] = weight.numel() * 2 / best / 1e9
+    return rates
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/convert-fp8-bench"))
@@ -112,6 +149,7 @@ def main() -> int:
         rows.append((f"llm-compressor model_free_ptq {llmc_scheme}", seconds, peak, same_tensors(dst, theirs)))
         shutil.rmtree(theirs, ignore_errors=True)
     shutil.rmtree(args.dir / "dialect-out", ignore_errors=True)
+    rates = formula_rates()
     print(f"slice: {src} ({src_bytes / 2**30:.2f} GiB); machine: {os.cpu_count()} cores; warm page cache, "
           "output on disk, synced")
     print("| what | time | source rate | peak resident memory | bytes |\n| --- | --- | --- | --- | --- |")
@@ -121,6 +159,9 @@ def main() -> int:
         else:
             print(f"| {label} | {seconds:.1f} s | {src_bytes / seconds / 1e9:.2f} GB/s | {peak / 2**20:.0f} MiB | "
                   f"{note} |")
+    print("\n| quantization alone, one 1536x5376 BF16 stripe, best of 5 | GB/s |\n| --- | --- |")
+    for label, rate in rates.items():
+        print(f"| {label} | {rate:.2f} |")
     return 0
 
 
