@@ -39,8 +39,7 @@ from .write import OutputDir, ShardWriter, config_json, index_json
 DEQUANTIZE = "dequantize"
 OUTPUT_DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
 _CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-_TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F8_E4M3": "float8_e4m3fn",
-                      "F8_E8M0": "float8_e8m0fnu", "U8": "uint8"}
+_TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 # FP8 bytes dequantized per step; the output is 2x this in BF16 (4x in F32), and the torch formula's float32
 # product another 4x.
@@ -484,9 +483,7 @@ def _read_scales(reader: TensorReader, pair: ScaledWeight, plan: DequantPlan, so
     import torch
 
     info = pair.scale
-    raw = reader.read(info)
-    scales = torch.frombuffer(raw, dtype=getattr(torch, _TORCH_DTYPE_NAMES[info.dtype])) if raw else torch.empty(0)
-    scales = plan.reader.scales_to_float32(scales, info.dtype).view(-1, info.shape[-1])
+    scales = plan.reader.scales_from_bytes(reader.read(info), info.dtype).view(-1, info.shape[-1])
     bad = ~torch.isfinite(scales)
     if bad.any():
         row, col = (int(i) for i in bad.nonzero()[0])

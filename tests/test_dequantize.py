@@ -465,3 +465,16 @@ def test_ue8m0_exponent_bytes(tmp_path):
     out = tensors_of(dequantized(src, tmp_path / "o"))
     assert raw(out["m.weight"]) == raw(transformers_dequantize(w, s))
     assert out["m.weight"][0, 0].item() == pytest.approx(w[0, 0].float().item() * 2.0 ** (s[0, 0].item() - 127))
+
+
+def test_e8m0_scales_read_from_their_bytes_as_torch_casts_them(tmp_path):
+    from converter.dialects.transformers_fp8 import scale_bytes_to_float32
+
+    codes = torch.arange(256, dtype=torch.uint8)
+    ours = scale_bytes_to_float32(bytearray(codes.numpy().tobytes()), "F8_E8M0")
+    assert torch.equal(ours[:255], codes[:255].view(torch.float8_e8m0fnu).to(torch.float32)) and ours[255].isnan()
+    scales = torch.ones(2, 2).to(torch.float8_e8m0fnu)
+    scales.view(torch.uint8)[0, 1] = 255  # E8M0's NaN
+    src = fp8_checkpoint(tmp_path / "nan", tiny(**{"m.weight_scale_inv": scales}), {**QC, "scale_fmt": "ue8m0"})
+    assert refused(src, tmp_path) == (f"convert-fp8: error: {src}/model.safetensors: scale m.weight_scale_inv is "
+                                      "nan at block (0, 1); the checkpoint is damaged")

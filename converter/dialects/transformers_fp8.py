@@ -61,8 +61,8 @@ class TransformersFP8Reader:
         return f"transformers fp8, E4M3 weights, {bm}x{bn} blocks, {self.scale_fmt} scales"
 
     @staticmethod
-    def scales_to_float32(scales, dtype: str):
-        return scales_to_float32(scales, dtype)
+    def scales_from_bytes(data, dtype: str):
+        return scale_bytes_to_float32(data, dtype)
 
     @staticmethod
     def scale_name(weight: TensorInfo) -> str:
@@ -118,6 +118,21 @@ def scales_to_float32(scales, dtype: str):
     if dtype == "U8":
         return (scales.to(torch.float32) - 127.0).exp2()
     return scales.to(torch.float32)
+
+
+def scale_bytes_to_float32(data, dtype: str):
+    """A scale tensor's bytes as float32 values (flat), as transformers' `Fp8Dequantize` reads the tensor: float
+    dtypes widened; `F8_E8M0` and `U8` exponent bytes as `2 ** (byte - 127)`, an `F8_E8M0` 0xFF as NaN. Decoded
+    from the bytes, so a torch without `float8_e8m0fnu` (before 2.7) reads them too; the values equal torch's own
+    cast of every byte but 0xFF, whose NaN has other bits."""
+    import torch
+
+    if dtype in ("F8_E8M0", "U8"):
+        exponents = torch.frombuffer(data, dtype=torch.uint8).to(torch.float32) if len(data) else torch.empty(0)
+        values = (exponents - 127.0).exp2()
+        return torch.where(exponents == 255, torch.nan, values) if dtype == "F8_E8M0" else values
+    torch_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
+    return torch.frombuffer(data, dtype=torch_dtype).to(torch.float32) if len(data) else torch.empty(0)
 
 
 # ---- Writing: the output side of the same dialect -------------------------------------------------------------
