@@ -15,11 +15,11 @@ import numpy as np
 from . import quantize_fast
 from .configs import DTYPE_SIZES, matrix_shape
 from .errors import QuantizeError, UsageError
-from .source import TensorReader
+from .source import DIRECT_ALIGN, TensorReader, aligned_buffer
 
 # Source bytes quantized per step. With the numba kernel the working set is this, the next stripe being read and
 # half of it in FP8; the torch formula needs about 6x (float32 copies).
-STRIPE_BYTES = 16 * 2**20
+STRIPE_BYTES = 32 * 2**20
 
 
 class Quantizer:
@@ -72,14 +72,13 @@ class Quantizer:
         if not starts:
             return
         reader.fd_for(info)  # open the shard here, not in the reading thread
-        buffers = [self._buffer(i, step * row_bytes) for i in (0, 1)]
+        buffers = [self._buffer(i, step * row_bytes + 2 * DIRECT_ALIGN) for i in (0, 1)]
         outs = [self._buffer(i, step * cols) for i in (2, 3)]  # one being written while the other is filled
 
         def read(i):
             first = starts[i]
-            view = memoryview(buffers[i % 2])[: (min(rows, first + step) - first) * row_bytes]
-            reader.read_into(info, first * row_bytes, view)
-            return view
+            return reader.read_stripe(info, first * row_bytes, (min(rows, first + step) - first) * row_bytes,
+                                      buffers[i % 2])
 
         pending = self._pool.submit(read, 0)
         for i, first in enumerate(starts):
@@ -92,10 +91,10 @@ class Quantizer:
             yield first, fp8, scale_inv, n * row_bytes
 
     def _buffer(self, slot: int, nbytes: int) -> np.ndarray:
-        """A byte buffer kept across stripes and tensors, grown when needed."""
+        """A byte buffer kept across stripes and tensors, grown when needed; page-aligned for direct reads."""
         buf = self._buffers.get(slot)
         if buf is None or len(buf) < nbytes:
-            buf = self._buffers[slot] = np.empty(max(nbytes, STRIPE_BYTES), np.uint8)
+            buf = self._buffers[slot] = aligned_buffer(max(nbytes, STRIPE_BYTES))
         return buf[:nbytes]
 
     def _quantize(self, raw: memoryview, info, rows: int, cols: int, first: int, out: np.ndarray):

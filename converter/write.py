@@ -10,6 +10,7 @@ import os
 import shutil
 import struct
 import threading
+from collections import deque
 from pathlib import Path
 
 from .checksum import file_crc
@@ -58,6 +59,61 @@ def os_error(exc: OSError, path: Path | str, doing: str) -> WriteError:
     return WriteError(f"{path}: {exc.strerror or exc} while {doing}")
 
 
+WRITE_BEHIND_BYTES = 256 * 2**20  # written bytes of a shard left to the page cache before the oldest must be on disk
+_WRITE_BEHIND_MIN = 2**20  # smaller writes (scales, norms) are left to the kernel
+
+
+def _libc_sync_file_range():
+    try:
+        import ctypes
+
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return func
+
+
+_sync_file_range = _libc_sync_file_range()
+_SYNC_WRITE, _SYNC_WAIT = 2, 1 | 2 | 4  # SYNC_FILE_RANGE_WRITE; WAIT_BEFORE | WRITE | WAIT_AFTER
+
+
+class _WriteBehind:
+    """Streams a shard's large writes to the disk as they come and drops them from the page cache once there.
+
+    Left to itself the kernel keeps every written page cached until memory runs out; on a conversion that writes
+    tens of GB, each write then lands in a page the machine has not touched for long, and filling such pages
+    (on virtual machines above all) cost more CPU than the quantization. Here writeback of each range starts at
+    once, and once more than WRITE_BEHIND_BYTES are in flight the oldest range is waited for and dropped, so a
+    small set of pages is reused. The data path is unchanged: the page cache only ever holds what is on disk.
+    """
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._ranges: deque[tuple[int, int]] = deque()
+        self._in_flight = 0
+        self._lock = threading.Lock()
+
+    def written(self, offset: int, length: int) -> None:
+        if _sync_file_range is None or length < _WRITE_BEHIND_MIN:
+            return
+        _sync_file_range(self._fd, offset, length, _SYNC_WRITE)
+        oldest = []
+        with self._lock:
+            self._ranges.append((offset, length))
+            self._in_flight += length
+            while self._in_flight > WRITE_BEHIND_BYTES:
+                done = self._ranges.popleft()
+                self._in_flight -= done[1]
+                oldest.append(done)
+        for start, n in oldest:  # outside the lock: the other lane keeps writing meanwhile
+            _sync_file_range(self._fd, start, n, _SYNC_WAIT)
+            try:
+                os.posix_fadvise(self._fd, start, n, os.POSIX_FADV_DONTNEED)
+            except OSError:  # advice only: a file system that does not take it changes nothing written
+                pass
+
+
 class ShardWriter:
     """Writes one shard: the header from the plan first, then tensor data at the offsets the header declares.
 
@@ -82,6 +138,7 @@ class ShardWriter:
         self.file_size = position
         self._written = dict.fromkeys(self._offsets, 0)
         self._lock = threading.Lock()
+        self._behind: _WriteBehind | None = None
 
     def _expect(self, state: str) -> None:
         if self.state != state:
@@ -103,6 +160,7 @@ class ShardWriter:
                 os.ftruncate(self._fd, self.file_size)
         except OSError as exc:
             raise os_error(exc, self.path, "writing the header") from None
+        self._behind = _WriteBehind(self._fd)
         self.state = "open"
 
     def credit(self, name: str, nbytes: int) -> None:
@@ -133,6 +191,7 @@ class ShardWriter:
         offset = self._claim(name, start, len(view))
         try:
             _pwrite_all(self._fd, view, offset)
+            self._behind.written(offset, len(view))
         except OSError as exc:
             raise os_error(exc, self.path, f"writing {name}") from None
 
@@ -153,6 +212,7 @@ class ShardWriter:
                 if n == 0:
                     raise WriteError(f"{self.path}: source ended while copying {name}")
                 done += n
+            self._behind.written(offset, nbytes)
         except OSError as exc:
             raise os_error(exc, self.path, f"copying {name}") from None
 

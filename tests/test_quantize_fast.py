@@ -132,3 +132,17 @@ def test_a_cache_file_that_cannot_be_written_compiles_for_the_run(fresh_kernels,
     assert np.array_equal(out, quantize_blocks(w, 64)[0].view(torch.uint8).numpy())
     notes = cache_notes(caplog)
     assert len(notes) == 1 and "quantize_tiles_shift16_block64" in notes[0] and "Permission denied" in notes[0]
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_between_kernel_calls_unless_told_otherwise(given, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    done = subprocess.run([sys.executable, "-c", "import os, converter.quantize_fast; "
+                           "print(os.environ['OMP_WAIT_POLICY'])"], capture_output=True, text=True, env=env)
+    assert done.stdout.strip() == expected, done.stderr

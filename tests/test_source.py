@@ -1,5 +1,6 @@
 """Reading a source from its headers: order, offsets, and each kind of malformed input."""
 
+import errno
 import json
 import os
 import struct
@@ -9,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from converter.errors import SourceError
-from converter.source import TensorReader, open_source, read_header
+from converter.source import DIRECT_ALIGN, TensorReader, aligned_buffer, open_source, read_header
 
 
 def test_headers_give_offsets_that_read_the_right_bytes(gemma_src):
@@ -201,3 +202,72 @@ def test_verify_reads_a_source_with_an_allowed_link(linked_src, tmp_path):
     result = run_cli("verify", "--src", linked_src, "--dst", tmp_path / "out", "--no-arch-check", "-q")
     assert result.exit_code == 0, result.output
     assert "problem:" not in result.output
+
+
+@pytest.fixture
+def stripe_source(tmp_path):
+    """One shard whose tensor starts at an odd, unaligned offset, with bytes that tell every position apart."""
+    data = (torch.arange(3 * 4096 * 7, dtype=torch.int64) * 2654435761 % 65521).to(torch.int16)
+    path = tmp_path / "src"
+    path.mkdir()
+    save_file({"w.weight": data.view(torch.bfloat16).reshape(21, 4096)}, path / "model.safetensors",
+              metadata={"pad": "x" * 13})
+    (path / "config.json").write_text("{}")
+    source = open_source(path)
+    info = source.tensors["w.weight"]
+    assert info.offset % 4096 != 0
+    return source, info, (path / "model.safetensors").read_bytes()[info.offset:info.offset + info.nbytes]
+
+
+def _drop_from_cache(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("cached", ["none", "all", "head"])
+def test_read_stripe_gives_the_bytes_whether_cached_or_not(stripe_source, cached):
+    source, info, expected = stripe_source
+    path = source.root / info.shard
+    _drop_from_cache(path)
+    if cached == "all":
+        path.read_bytes()
+    elif cached == "head":  # the page cache holds the start of the range, O_DIRECT reads the rest
+        with open(path, "rb") as f:
+            f.seek(info.offset)
+            f.read(20000)
+    buffer = aligned_buffer(len(expected) + 2 * DIRECT_ALIGN)
+    with TensorReader(source) as reader:
+        for start, length in [(0, len(expected)), (5 * 8192 + 2, 3 * 8192 + 6), (len(expected) - 10, 10)]:
+            view = reader.read_stripe(info, start, length, buffer)
+            assert bytes(view) == expected[start:start + length]
+
+
+def test_read_stripe_without_o_direct_reads_through_the_page_cache(stripe_source, monkeypatch):
+    source, info, expected = stripe_source
+    _drop_from_cache(source.root / info.shard)
+    real_open = os.open
+
+    def refusing_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing_direct)
+    buffer = aligned_buffer(len(expected) + 2 * DIRECT_ALIGN)
+    with TensorReader(source) as reader:
+        assert bytes(reader.read_stripe(info, 100, 40000, buffer)) == expected[100:40100]
+
+
+def test_read_stripe_of_a_shard_cut_short_names_it(stripe_source):
+    source, info, expected = stripe_source
+    path = source.root / info.shard
+    with open(path, "r+b") as f:
+        f.truncate(info.offset + 50000)
+    _drop_from_cache(path)
+    buffer = aligned_buffer(len(expected) + 2 * DIRECT_ALIGN)
+    with TensorReader(source) as reader, pytest.raises(SourceError, match=r"model.safetensors: truncated while "
+                                                                          r"reading w.weight$"):
+        reader.read_stripe(info, 40000, 30000, buffer)

@@ -1,5 +1,7 @@
 """The shard writer: header from the plan, then data strictly in plan order, nbytes checked."""
 
+import os
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -71,3 +73,32 @@ def test_tensors_in_any_order_land_at_their_offsets(tmp_path):
     writer.close()
     with safe_open(path, "pt") as f:
         assert torch.equal(f.get_tensor("a"), a) and torch.equal(f.get_tensor("b"), b)
+
+
+def test_large_writes_go_to_disk_behind_the_writer_and_leave_the_page_cache(tmp_path, monkeypatch):
+    import converter.write as write
+
+    calls, advice = [], []
+    real_sync, real_advise = write._sync_file_range, os.posix_fadvise
+    assert real_sync is not None  # Linux
+    monkeypatch.setattr(write, "_sync_file_range", lambda fd, off, n, flags: calls.append((off, n, flags)) or
+                        real_sync(fd, off, n, flags))
+    monkeypatch.setattr(write.os, "posix_fadvise", lambda fd, off, n, how: advice.append((off, n, how)) or
+                        real_advise(fd, off, n, how))
+    monkeypatch.setattr(write, "WRITE_BEHIND_BYTES", 3 * 2**20)
+    mib = 2**20
+    plan = ShardPlan("s.safetensors", (TensorPlan("w", "w", COPY, "U8", (8 * mib,), "r"),
+                                       TensorPlan("small", "small", COPY, "U8", (100,), "r")))
+    writer = ShardWriter(tmp_path / "s.safetensors", plan)
+    writer.open()
+    pieces = [bytes([k]) * mib for k in range(8)]
+    for k, piece in enumerate(pieces):
+        writer.write_at("w", k * mib, piece)
+    writer.write_at("small", 0, b"\1" * 100)  # too small to be worth a system call
+    writer.close()
+    base = len(shard_header(plan))
+    assert [c for c in calls if c[2] == 2] == [(base + k * mib, mib, 2) for k in range(8)]  # writeback started
+    assert [c for c in calls if c[2] == 7] == [(base + k * mib, mib, 7) for k in range(5)]  # waited, oldest first
+    assert advice == [(base + k * mib, mib, os.POSIX_FADV_DONTNEED) for k in range(5)]
+    data = (tmp_path / "s.safetensors").read_bytes()
+    assert data[base:base + 8 * mib] == b"".join(pieces) and data[-100:] == b"\1" * 100
