@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .checksum import buffer_crc
+from .checksum import buffer_crcs
 from .configs import CARD_NAME, CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, DTYPE_SIZES, INDEX_NAME, format_size
 from .convert import load_source
 from .dialects import ScaledWeight, reader_for
@@ -471,7 +471,7 @@ class _Dequantizer:
 
 def _write_stripe(writer: ShardWriter, manifest: Manifest, name: str, start: int, data) -> None:
     writer.write_at(name, start, data)
-    manifest.record(Piece(writer.shard.name, name, start, data.nbytes, buffer_crc(data)))
+    manifest.record(Piece(writer.shard.name, name, start, data.nbytes, *buffer_crcs(data)))
 
 
 def _read_scales(reader: TensorReader, pair: ScaledWeight, plan: DequantPlan, source: SourceIndex):

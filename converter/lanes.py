@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from .checksum import buffer_crc
+from .checksum import buffer_crcs
 from .configs import DTYPE_SIZES, matrix_shape
 from .manifest import Manifest, Piece
 from .plan import COPY, QUANTIZE, ShardPlan
@@ -138,7 +138,7 @@ def _copy_lane(copies, source: SourceIndex, stop: Stop, advance: Progress, manif
                     advance(n)
                     continue
                 writer.copy_at(t.name, start, reader.fd_for(info), info.offset + start, n, buffer)
-                manifest.record(Piece(shard, t.name, start, n, writer.crc_at(t.name, start, n)))
+                manifest.record(Piece(shard, t.name, start, n, *writer.crcs_at(t.name, start, n)))
                 advance(n)
             finished(t)
     return kept
@@ -184,7 +184,7 @@ def _write_stripe(writer: ShardWriter, manifest: Manifest, weight: str, scale: s
     writer.write_at(weight, start, fp8)
     writer.write_at(scale, scale_start, scale_inv)
     shard = writer.shard.name
-    manifest.record(Piece(shard, weight, start, fp8.nbytes, buffer_crc(fp8)))
-    manifest.record(Piece(shard, scale, scale_start, scale_inv.nbytes, buffer_crc(scale_inv)))
+    manifest.record(Piece(shard, weight, start, fp8.nbytes, *buffer_crcs(fp8)))
+    manifest.record(Piece(shard, scale, scale_start, scale_inv.nbytes, *buffer_crcs(scale_inv)))
 
 

@@ -15,10 +15,11 @@ import os
 import shutil
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import __version__
+from .checksum import BOOT_ID
 from .errors import UsageError
 from .write import STAGING_NAME
 
@@ -55,11 +56,16 @@ def run_identity(source, plan, stamp: dict | None = None) -> str:
 
 @dataclass(frozen=True)
 class Piece:
+    """A written range of one tensor, with the CRCs of `checksum.buffer_crcs` and the boot it was written in
+    (filled in when recorded): pieces of an earlier boot are checked byte for byte."""
+
     shard: str
     tensor: str
     start: int
     length: int
     crc: int
+    sample: int | None = None
+    boot: str | None = None
 
 
 class Manifest:
@@ -86,6 +92,8 @@ class Manifest:
         return pieces
 
     def record(self, piece: Piece) -> None:
+        if piece.boot is None:
+            piece = replace(piece, boot=BOOT_ID)
         line = (json.dumps(piece.__dict__, separators=(",", ":")) + "\n").encode()
         with self._lock:
             if self._fd is None:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from . import __version__
-from .checksum import file_crc
+from .checksum import BOOT_ID, file_crc, file_sampled_crc
 from .configs import DTYPE_SIZES, ConvertOptions, matrix_shape
 from .errors import SourceError
 from .hub import looks_like_repo_id
@@ -46,7 +46,8 @@ def run_record(options: ConvertOptions, identity: str, stamp: dict) -> dict:
 
 
 def verified_pieces(manifest: Manifest, staging: Path) -> dict[tuple[str, str, int], Piece]:
-    """The recorded pieces whose bytes in the staged shards still match their CRC."""
+    """The recorded pieces whose bytes in the staged shards still match their CRC: the sampled one for pieces
+    written since the machine last started, every byte for older ones (see `checksum`)."""
     good, shards = {}, {}
     try:
         for key, piece in manifest.load().items():
@@ -60,7 +61,12 @@ def verified_pieces(manifest: Manifest, staging: Path) -> dict[tuple[str, str, i
             info = tensors.get(piece.tensor)
             if fd is None or info is None or piece.start + piece.length > info.nbytes:
                 continue
-            if file_crc(fd, info.offset + piece.start, piece.length) == piece.crc:
+            offset = info.offset + piece.start
+            if piece.boot is not None and piece.boot == BOOT_ID and piece.sample is not None:
+                intact = file_sampled_crc(fd, offset, piece.length) == piece.sample
+            else:
+                intact = file_crc(fd, offset, piece.length) == piece.crc
+            if intact:
                 good[key] = piece
     finally:
         for fd, _ in shards.values():

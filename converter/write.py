@@ -13,7 +13,7 @@ import threading
 from collections import deque
 from pathlib import Path
 
-from .checksum import file_crc
+from .checksum import file_crcs
 from .configs import CONFIG_NAME, INDEX_NAME
 from .errors import UsageError, WriteError
 from .plan import Plan, ShardPlan
@@ -167,9 +167,9 @@ class ShardWriter:
         """Count bytes of `name` that an earlier run wrote and that were checked, as written."""
         self._claim(name, 0, nbytes)
 
-    def crc_at(self, name: str, start: int, nbytes: int) -> int:
-        """The CRC32 of bytes of `name` as they are in the file."""
-        return file_crc(self._fd, self._offsets[name][0] + start, nbytes)
+    def crcs_at(self, name: str, start: int, nbytes: int) -> tuple[int, int]:
+        """The CRCs (`checksum.file_crcs`) of bytes of `name` as they are in the file."""
+        return file_crcs(self._fd, self._offsets[name][0] + start, nbytes)
 
     def _claim(self, name: str, start: int, nbytes: int) -> int:
         """Check a write of `nbytes` at `start` inside tensor `name`; returns its absolute file offset."""
