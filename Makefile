@@ -46,8 +46,9 @@ SMOKE_DIR ?= /tmp/convert-fp8-wheel-smoke
 wheel-smoke:
 	PYTHON=$(PYTHON) bash .ci/wheel_smoke.sh $(SMOKE_DIR) $(TORCH_VERSION)
 
-# Conversion speed and memory on a 6.3 GiB real-shape slice of gemma-4-31B, beside `cp -r` (needs ~20 GB of disk
-# under BENCH_DIR; run as root for cold-cache figures and the memory cgroup).
+# Conversion speed and memory on two real-shape slices of gemma-4-31B (6.3 GiB, and 26 GB with the real mix of
+# bytes), beside `cp -r` (needs ~60 GB of disk under BENCH_DIR, ARGS="--mix-layers 0" skips the large slice; run as
+# root for cold-cache figures and the memory cgroup).
 BENCH_DIR ?= /tmp/convert-fp8-bench
 bench: install
 	$(BIN)/python bench/bench.py --dir $(BENCH_DIR) $(ARGS)
