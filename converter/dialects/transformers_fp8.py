@@ -206,9 +206,11 @@ class TransformersFP8Writer:
 
     def unavailable(self) -> str | None:
         """Why this torch cannot compute the dialect, or None."""
-        import torch
+        if self.scale_fmt != "ue8m0":
+            return None
+        import torch  # only here: importing it costs every conversion about a second
 
-        if self.scale_fmt == "ue8m0" and not hasattr(torch, "float8_e8m0fnu"):
+        if not hasattr(torch, "float8_e8m0fnu"):
             return f"--scale-fmt ue8m0 needs torch 2.7 or newer (torch.float8_e8m0fnu); this is torch {torch.__version__}"
         return None
 
