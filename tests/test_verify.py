@@ -122,3 +122,20 @@ def test_bf16_linear_not_excluded_in_config_is_named(dst):
 def test_missing_output_folder(tmp_path):
     result = run_cli("verify", "--dst", tmp_path / "none")
     assert result.exit_code == 1 and "output folder not found" in result.output
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16", "F16", "F8_E8M0"])
+def test_scales_of_every_dtype_read_as_torch_casts_them(dtype):
+    import numpy as np
+
+    from converter.verify import _scales_float32
+
+    if dtype == "F8_E8M0":
+        raw = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+        want = raw.view(torch.float8_e8m0fnu).to(torch.float32)
+    else:
+        values = torch.tensor([1.5, -2.0, 3e-38, 448.0, 65504.0, float("inf"), float("nan"), 1e-7, 0.0])
+        raw = values.to({"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype])
+        want = raw.to(torch.float32)
+    got = _scales_float32(raw.view(torch.uint8).numpy().tobytes(), dtype)
+    assert got.dtype == np.float32 and np.array_equal(got, want.numpy(), equal_nan=True)
