@@ -15,7 +15,7 @@ from . import arch
 from .configs import ConvertOptions
 from .errors import UsageError
 from .finalize import finalize_if_complete
-from .lanes import Stop, write_shards
+from .lanes import QuantizeLane, Stop, write_shards
 from .manifest import Manifest, PartLock, claim_run, read_run, run_identity, source_stamp
 from .plan import QUANTIZE, SCALE, Plan, ShardPlan, make_plan
 from .resume import run_record, verified_pieces
@@ -51,7 +51,7 @@ def prepare(options: ConvertOptions, check_arch_now: bool = True) -> tuple[Sourc
     Returns:
         `(source, plan, notes)`; notes say what could not be checked.
     """
-    source = load_source(options)
+    source = load_source(options.src, options.dst, options.revision, options.low_disk, options.allow_external_links)
     plan = make_plan(source, options.scheme, options.exclude_patterns, options.max_shard_size)
     notes = []
     preset_archs = options.preset.architectures
@@ -65,16 +65,22 @@ def prepare(options: ConvertOptions, check_arch_now: bool = True) -> tuple[Sourc
     return source, plan, notes
 
 
-def load_source(options: ConvertOptions) -> SourceIndex:
-    """The source of `options`: a local folder, or a Hub repository id (`org/name`)."""
+def load_source(src: Path | str, dst: Path, revision: str | None = None, low_disk: bool = False,
+                allow_external_links: bool = False) -> SourceIndex:
+    """The source `src`: a local folder, or a Hub repository id (`org/name`) at `revision`; `dst` is where the
+    output goes (a local source must not hold it, nor sit inside it).
+
+    Raises:
+        UsageError: `revision` or `low_disk` for a local folder, `dst` inside `src` or `src` inside `dst`.
+    """
     from .hub import HubRepo, looks_like_repo_id
 
-    if looks_like_repo_id(options.src):
-        return open_hub_source(HubRepo(str(options.src), options.revision, options.low_disk))
-    if options.revision or options.low_disk:
+    if looks_like_repo_id(src):
+        return open_hub_source(HubRepo(str(src), revision, low_disk))
+    if revision or low_disk:
         raise UsageError("--revision and --low-disk apply to Hub sources (--src org/name), not to a local folder")
-    _check_paths(options.src, options.dst)
-    return open_source(options.src, allow_external_links=options.allow_external_links)
+    _check_paths(src, dst)
+    return open_source(src, allow_external_links=allow_external_links)
 
 
 def _check_paths(src: Path, dst: Path) -> None:
@@ -136,7 +142,8 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     finalized = False
     try:
         done = verified_pieces(manifest, out.staging) if resumed else {}
-        resumed_bytes = write_shards(out, mine, source, quantizer, progress, manifest, done, resumed, stop)
+        resumed_bytes = write_shards(out, mine, source, QuantizeLane(source, quantizer), progress, manifest, done,
+                                     resumed, stop)
         manifest.close()
         if arch_check is not None:
             skipped = arch_check.result()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import resource
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,17 +23,17 @@ from typing import Callable
 
 from . import __version__
 from .checksum import buffer_crcs
-from .configs import CARD_NAME, CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, DTYPE_SIZES, INDEX_NAME, format_size
+from .configs import CARD_NAME, CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, DTYPE_SIZES, format_size
 from .convert import load_source
 from .dialects import ScaledWeight, reader_for
 from .errors import SourceError
-from .finalize import check_written_headers
-from .lanes import Stop, _copy_lane, _failing_to
+from .finalize import check_written_headers, write_last_files
+from .lanes import MainLane, Stop, write_shards
 from .manifest import Manifest, PartLock, Piece, claim_run, run_identity, source_stamp
-from .plan import COPY, ShardPlan, TensorPlan, _assign_shards
-from .resume import COPY_BUFFER_BYTES, source_name, verified_pieces
+from .plan import COPY, ShardPlan, TensorPlan, assign_shards
+from .resume import source_name, verified_pieces
 from .source import SINGLE_FILE_NAME, SourceIndex, TensorReader, source_card
-from .write import OutputDir, ShardWriter, config_json, index_json
+from .write import OutputDir, ShardWriter
 
 DEQUANTIZE = "dequantize"
 OUTPUT_DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
@@ -148,7 +147,7 @@ def make_dequant_plan(source: SourceIndex, dtype: str, max_shard_size: int) -> D
         dialect=reader.describe(),
         reader=reader,
         dtype=dtype,
-        shards=_assign_shards(groups, max_shard_size, single_file=source.shards == (SINGLE_FILE_NAME,)),
+        shards=assign_shards(groups, max_shard_size, single_file=source.shards == (SINGLE_FILE_NAME,)),
         config=output_config(source.config, dtype),
         pairs=pairs,
         files_to_copy=source.files_to_copy,
@@ -232,13 +231,13 @@ def stripe_rows(info) -> int:
 
 def prepare(options: DequantOptions) -> tuple[SourceIndex, DequantPlan]:
     """Read headers and make the plan; nothing is written."""
-    source = load_source(options)  # reads only the source and path fields, which DequantOptions shares
+    source = load_source(options.src, options.dst, options.revision, options.low_disk, options.allow_external_links)
     return source, make_dequant_plan(source, OUTPUT_DTYPES[options.dtype], options.max_shard_size)
 
 
 def _run_record(options: DequantOptions, identity: str, stamp: dict) -> dict:
     return {"identity": identity, "source_stamp": stamp, "parts": 1, "tool": __version__, "command": "dequantize",
-            "src": source_name(options), "revision": options.revision,
+            "src": source_name(options.src), "revision": options.revision,
             "options": {"dtype": options.dtype, "max_shard_size": options.max_shard_size,
                         "base_model": options.base_model}}
 
@@ -281,7 +280,8 @@ def dequantize(options: DequantOptions, progress: Progress | None = None,
     manifest = Manifest(out.staging / "manifest-part-1-of-1.jsonl")
     try:
         done = verified_pieces(manifest, out.staging) if resumed else {}
-        resumed_bytes = _write_shards(out, plan, source, progress, manifest, done, resumed)
+        resumed_bytes = write_shards(out, list(plan.shards), source, DequantizeLane(plan, source), progress,
+                                     manifest, done, resumed)
         manifest.close()
         lock.release()
         _finalize(out, plan, source, options)
@@ -304,126 +304,79 @@ def dequantize(options: DequantOptions, progress: Progress | None = None,
     )
 
 
-def _write_shards(out: OutputDir, plan: DequantPlan, source: SourceIndex, progress: Progress, manifest: Manifest,
-                  done: dict, resume: bool) -> int:
-    """All shard headers first, then two lanes at the offsets they fix: the conversion's copy lane in a thread,
-    the dequantization in this one. Returns the source bytes kept from an earlier run."""
-    writers = {shard.name: ShardWriter(out.path(shard.name), shard) for shard in plan.shards}
-    copies = [(writers[s.name], t) for s in plan.shards for t in s.tensors if t.action == COPY]
-    weights = [(writers[s.name], t) for s in plan.shards for t in s.tensors if t.action == DEQUANTIZE]
-    stop = Stop()
-    lock = threading.Lock()
-    pending: dict[str, int] = {}  # source shard -> tensors of it still to read (to release Hub downloads)
-    for _, t in copies + weights:
-        for info in _sources(plan, source, t):
-            pending[info.shard] = pending.get(info.shard, 0) + 1
+class DequantizeLane(MainLane):
+    """Dequantize's main lane: every FP8 weight read, dequantized and written stripe by stripe; its scales are
+    read whole and dropped."""
 
-    def advance(nbytes: int) -> None:
-        with lock:
-            progress(nbytes)
+    def __init__(self, plan: DequantPlan, source: SourceIndex):
+        self.plan, self.source = plan, source
 
-    def finished(tensor: TensorPlan) -> None:
-        for info in _sources(plan, source, tensor):
-            with lock:
-                pending[info.shard] -= 1
-                last = pending[info.shard] == 0
-            if last and source.provider is not None:
-                source.provider.release(info.shard)
+    def items(self, writer: ShardWriter, tensors: list[TensorPlan]) -> list[tuple]:
+        return [(writer, t) for t in tensors if t.action == DEQUANTIZE]
 
-    kept = 0
-    try:
-        for writer in writers.values():
-            writer.open(resume=resume)
-        fresh = {w.shard.name for w in writers.values() if not w.resumed}  # a shard begun anew keeps nothing
-        done = _usable_pieces({k: p for k, p in done.items() if p.shard not in fresh}, copies, weights, plan)
-        for piece in done.values():
-            writers[piece.shard].credit(piece.tensor, piece.length)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-fp8-copy") as lane:
-            copying = lane.submit(_failing_to, stop, _copy_lane, copies, source, stop, advance, manifest, done,
-                                  finished)
-            try:
-                kept += _dequantize_lane(weights, plan, source, stop, advance, manifest, done, finished)
-            except BaseException as exc:
-                stop.fail(exc)
-                raise
-            kept += copying.result()
-        stop.raise_if_failed()  # a lane that saw the signal returned early: its shards are incomplete
-        for writer in writers.values():
-            writer.close()
-    finally:
-        for writer in writers.values():
-            writer.abort()
-    return kept
+    def reads(self, tensor: TensorPlan) -> tuple[str, ...]:
+        pair = self.plan.pairs[tensor.name]
+        return pair.weight.shard, pair.scale.shard
 
+    def keep(self, done: dict, items: list[tuple]) -> dict:
+        """Whole stripes."""
+        usable = {}
+        for writer, t in items:
+            pair = self.plan.pairs[t.name]
+            for first, _, _ in stripes(pair.weight.shape, pair.block, stripe_rows(pair.weight)):
+                key = (writer.shard.name, t.name, _stripe_start(t, first))
+                if key in done:
+                    usable[key] = done[key]
+        return usable
 
-def _sources(plan: DequantPlan, source: SourceIndex, tensor: TensorPlan):
-    pair = plan.pairs.get(tensor.name)
-    return (pair.weight, pair.scale) if pair is not None else (source.tensors[tensor.source],)
+    def run(self, items: list[tuple], stop: Stop, advance: Progress, manifest: Manifest, done: dict,
+            finished: Callable) -> int:
+        """Read, dequantize and write every FP8 weight stripe by stripe: the next stripe is read and the previous
+        one written while this one is dequantized (one read and one write in flight, each buffer used in turn, so
+        none is overwritten early)."""
+        plan, source = self.plan, self.source
+        kept = 0
+        engine = _Dequantizer(plan.dtype)
+        with TensorReader(source) as reader, ThreadPoolExecutor(1, thread_name_prefix="convert-fp8-write") as io, \
+                ThreadPoolExecutor(1, thread_name_prefix="convert-fp8-read") as ahead:
+            for writer, t in items:
+                pair = plan.pairs[t.name]
+                info, cols = pair.weight, pair.weight.shape[-1]
+                shard = writer.shard.name
+                todo = []
+                for first, rows, scale_first in stripes(info.shape, pair.block, stripe_rows(info)):
+                    if (shard, t.name, _stripe_start(t, first)) in done:
+                        kept += rows * cols
+                        advance(rows * cols)
+                    else:
+                        todo.append((first, rows, scale_first))
+                if todo:
+                    scale_inv = _read_scales(reader, pair, plan, source)
+                    reader.fd_for(info)  # open the weight's shard here, not in the reading thread
+                    reading = ahead.submit(engine.read, reader, info, todo[0][0], todo[0][1], 0)
+                writing = None
+                for k, (first, rows, scale_first) in enumerate(todo):
+                    codes = reading.result()
+                    if stop.is_set():
+                        return kept
+                    if k + 1 < len(todo):
+                        reading = ahead.submit(engine.read, reader, info, todo[k + 1][0], todo[k + 1][1],
+                                               (k + 1) % 2)
+                    scale_rows = scale_inv[scale_first: scale_first + -(-rows // pair.block[0])]
+                    out = engine.dequantize(codes, scale_rows, pair.block, slot=k % 2)
+                    if writing is not None:
+                        writing.result()
+                    writing = io.submit(_write_stripe, writer, manifest, t.name, _stripe_start(t, first), out)
+                    advance(rows * cols)
+                if writing is not None:
+                    writing.result()
+                advance(pair.scale.nbytes)
+                finished(t)
+        return kept
 
 
 def _stripe_start(tensor: TensorPlan, first_row: int) -> int:
     return first_row * tensor.shape[-1] * DTYPE_SIZES[tensor.dtype]
-
-
-def _usable_pieces(done: dict, copies, weights, plan: DequantPlan) -> dict:
-    """The recorded pieces the lanes will skip: copy chunks on the chunk grid and whole stripes."""
-    usable = {}
-    for writer, t in copies:
-        for start in range(0, t.nbytes, COPY_BUFFER_BYTES):
-            key = (writer.shard.name, t.name, start)
-            if key in done:
-                usable[key] = done[key]
-    for writer, t in weights:
-        pair = plan.pairs[t.name]
-        for first, _, _ in stripes(pair.weight.shape, pair.block, stripe_rows(pair.weight)):
-            key = (writer.shard.name, t.name, _stripe_start(t, first))
-            if key in done:
-                usable[key] = done[key]
-    return usable
-
-
-def _dequantize_lane(weights, plan: DequantPlan, source: SourceIndex, stop: Stop, advance: Progress,
-                     manifest: Manifest, done: dict, finished: Callable) -> int:
-    """Read, dequantize and write every FP8 weight stripe by stripe: the next stripe is read and the previous one
-    written while this one is dequantized (one read and one write in flight, each buffer used in turn, so none is
-    overwritten early)."""
-    kept = 0
-    engine = _Dequantizer(plan.dtype)
-    with TensorReader(source) as reader, ThreadPoolExecutor(1, thread_name_prefix="convert-fp8-write") as io, \
-            ThreadPoolExecutor(1, thread_name_prefix="convert-fp8-read") as ahead:
-        for writer, t in weights:
-            pair = plan.pairs[t.name]
-            info, cols = pair.weight, pair.weight.shape[-1]
-            shard = writer.shard.name
-            todo = []
-            for first, rows, scale_first in stripes(info.shape, pair.block, stripe_rows(info)):
-                if (shard, t.name, _stripe_start(t, first)) in done:
-                    kept += rows * cols
-                    advance(rows * cols)
-                else:
-                    todo.append((first, rows, scale_first))
-            if todo:
-                scale_inv = _read_scales(reader, pair, plan, source)
-                reader.fd_for(info)  # open the weight's shard here, not in the reading thread
-                reading = ahead.submit(engine.read, reader, info, todo[0][0], todo[0][1], 0)
-            writing = None
-            for k, (first, rows, scale_first) in enumerate(todo):
-                codes = reading.result()
-                if stop.is_set():
-                    return kept
-                if k + 1 < len(todo):
-                    reading = ahead.submit(engine.read, reader, info, todo[k + 1][0], todo[k + 1][1], (k + 1) % 2)
-                scale_rows = scale_inv[scale_first: scale_first + -(-rows // pair.block[0])]
-                out = engine.dequantize(codes, scale_rows, pair.block, slot=k % 2)
-                if writing is not None:
-                    writing.result()
-                writing = io.submit(_write_stripe, writer, manifest, t.name, _stripe_start(t, first), out)
-                advance(rows * cols)
-            if writing is not None:
-                writing.result()
-            advance(pair.scale.nbytes)
-            finished(t)
-    return kept
 
 
 class _Dequantizer:
@@ -495,19 +448,14 @@ def _read_scales(reader: TensorReader, pair: ScaledWeight, plan: DequantPlan, so
 
 
 def _finalize(out: OutputDir, plan: DequantPlan, source: SourceIndex, options: DequantOptions) -> None:
-    """Index, other files, model card and config (last); check the headers; move everything into place."""
-    if plan.index_needed:
-        out.write_text(INDEX_NAME, index_json(plan))
-    for relative in plan.files_to_copy:
-        origin = source.provider.fetch(relative) if source.provider is not None else source.root / relative
-        out.copy_file(origin, relative)
+    """Index, other files, model card and config (last); check the headers; move everything into place. The
+    conversion's self-check (`verify`) is not run: it checks FP8 weights and their scales, which this output has
+    none of."""
     base = options.base_model or source.name or source.root.resolve().name
-    out.write_text(CARD_NAME, model_card(plan, base_model=base, source_card=source_card(source),
-                                         base_model_id=options.base_model or source.name, commit=source.commit))
-    out.write_text(CONFIG_NAME, config_json(plan))
+    names = write_last_files(out, plan, source, lambda: model_card(
+        plan, base_model=base, source_card=source_card(source), base_model_id=options.base_model or source.name,
+        commit=source.commit))
     check_written_headers(out.staging, plan)
-    names = [s.name for s in plan.shards] + ([INDEX_NAME] if plan.index_needed else []) + [CARD_NAME, CONFIG_NAME]
-    names += sorted({Path(f).parts[0] for f in plan.files_to_copy})
     out.commit(names)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from .card import model_card
 from .configs import CARD_NAME, CONFIG_NAME, INDEX_NAME, ConvertOptions
@@ -34,25 +35,35 @@ def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, option
         return False
     os.close(lock)
     try:
-        if plan.index_needed:
-            out.write_text(INDEX_NAME, index_json(plan))
-        for relative in plan.files_to_copy:
-            origin = source.provider.fetch(relative) if source.provider is not None else source.root / relative
-            out.copy_file(origin, relative)
         base = options.base_model or source.name or source.root.resolve().name
-        out.write_text(CARD_NAME, model_card(plan, base_model=base, repo_name=f"{Path(base).name}-FP8",
-                                             source_card=source_card(source),
-                                             base_model_id=options.base_model or source.name, commit=source.commit))
-        out.write_text(CONFIG_NAME, config_json(plan))
+        names = write_last_files(out, plan, source, lambda: model_card(
+            plan, base_model=base, repo_name=f"{Path(base).name}-FP8", source_card=source_card(source),
+            base_model_id=options.base_model or source.name, commit=source.commit))
         check_written_headers(out.staging, plan)
         self_check(out.staging)
-        names = [s.name for s in plan.shards] + ([INDEX_NAME] if plan.index_needed else []) + [CARD_NAME, CONFIG_NAME]
-        names += sorted({Path(f).parts[0] for f in plan.files_to_copy})
         out.commit(names)
     except BaseException:
         (out.staging / "finalize.lock").unlink(missing_ok=True)
         raise
     return True
+
+
+def write_last_files(out: OutputDir, plan, source: SourceIndex, card: Callable[[], str]) -> list[str]:
+    """Once the shards are written: the index, the source's other files, the model card `card()` gives and the
+    config, last (a folder with a config looks complete). `plan` is a conversion's or dequantize's plan.
+
+    Returns:
+        The staged names to move into place.
+    """
+    if plan.index_needed:
+        out.write_text(INDEX_NAME, index_json(plan))
+    for relative in plan.files_to_copy:
+        origin = source.provider.fetch(relative) if source.provider is not None else source.root / relative
+        out.copy_file(origin, relative)
+    out.write_text(CARD_NAME, card())
+    out.write_text(CONFIG_NAME, config_json(plan))
+    names = [s.name for s in plan.shards] + ([INDEX_NAME] if plan.index_needed else []) + [CARD_NAME, CONFIG_NAME]
+    return names + sorted({Path(f).parts[0] for f in plan.files_to_copy})
 
 
 def self_check(folder: Path) -> None:

@@ -1,5 +1,5 @@
 """The two writing lanes: a thread copies the tensors that stay as they are while the main thread reads,
-quantizes and writes the others, each at the offsets the shard headers fix."""
+quantizes (or, for `dequantize`, dequantizes) and writes the others, each at the offsets the shard headers fix."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 from .checksum import buffer_crcs
 from .configs import DTYPE_SIZES, matrix_shape
 from .manifest import Manifest, Piece
-from .plan import COPY, QUANTIZE, ShardPlan
-from .resume import COPY_BUFFER_BYTES, stripe_keys, usable_pieces
+from .plan import COPY, QUANTIZE, ShardPlan, TensorPlan
+from .resume import COPY_BUFFER_BYTES, stripe_keys, usable_copy_pieces, usable_stripe_pieces
 from .source import SourceIndex, TensorReader
 from .stripes import Quantizer
 from .write import OutputDir, ShardWriter
@@ -47,58 +47,80 @@ class Stop:
             raise self.error
 
 
-def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, quantizer: Quantizer,
+class MainLane:
+    """What the main thread writes beside the copy lane: the conversion's `QuantizeLane`, dequantize's
+    `DequantizeLane`. Its work items are tuples whose first two entries are the shard's writer and the planned
+    tensor written; `run` calls `finished` with that tensor once it is written."""
+
+    def items(self, writer: ShardWriter, tensors: list[TensorPlan]) -> list[tuple]:
+        """The work items of one shard's planned tensors (in order) that this lane writes."""
+        raise NotImplementedError
+
+    def reads(self, tensor: TensorPlan) -> tuple[str, ...]:
+        """The source shards a written tensor reads: the last of its tensors read releases a Hub download."""
+        raise NotImplementedError
+
+    def keep(self, done: dict, items: list[tuple]) -> dict:
+        """The recorded pieces of `items` this lane skips."""
+        raise NotImplementedError
+
+    def run(self, items: list[tuple], stop: Stop, advance: Progress, manifest: Manifest, done: dict,
+            finished: Callable) -> int:
+        """Write `items`, skipping the pieces in `done`; returns the source bytes kept."""
+        raise NotImplementedError
+
+
+def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, main_lane: MainLane,
                  progress: Progress, manifest: Manifest, done: dict, resume: bool, stop: Stop | None = None) -> int:
     """Write the given shards: all headers first, then two lanes at once, each writing at the offsets the headers
     fix. A thread copies the tensors that stay as they are (in the kernel where it can), while the main thread
-    reads, quantizes and writes the others. Pieces in `done` are kept. The first error anywhere, or Ctrl-C, or
-    a failure handed to `stop` from outside, stops both lanes and is raised.
+    runs `main_lane` on the others. Pieces in `done` are kept. The first error anywhere, or Ctrl-C, or a failure
+    handed to `stop` from outside, stops both lanes and is raised.
 
     Returns:
         Source bytes whose output was kept from an earlier run.
     """
     writers = {shard.name: ShardWriter(out.path(shard.name), shard) for shard in shards}
-    copies, quantized = [], []
+    copies, others = [], []
     for shard in shards:
         tensors = list(shard.tensors)
-        for k, t in enumerate(tensors):
-            if t.action == COPY:
-                copies.append((writers[shard.name], t))
-            elif t.action == QUANTIZE:
-                quantized.append((writers[shard.name], t, tensors[k + 1]))
+        copies += [(writers[shard.name], t) for t in tensors if t.action == COPY]
+        others += main_lane.items(writers[shard.name], tensors)
     stop = stop or Stop()
     lock = threading.Lock()
-    pending: dict[str, int] = {}  # source shard -> tensors of it still to write (to release Hub downloads)
-    for _, t, *_scale in copies + quantized:
-        shard = source.tensors[t.source].shard
-        pending[shard] = pending.get(shard, 0) + 1
+    reads = {t.name: (source.tensors[t.source].shard,) for _, t in copies}
+    reads.update({t.name: main_lane.reads(t) for _, t, *_rest in others})
+    pending: dict[str, int] = {}  # source shard -> tensors read from it still to write (to release Hub downloads)
+    for shards_read in reads.values():
+        for shard in shards_read:
+            pending[shard] = pending.get(shard, 0) + 1
 
     def advance(nbytes: int) -> None:
         with lock:
             progress(nbytes)
 
-    def finished(tensor) -> None:
-        shard = source.tensors[tensor.source].shard
-        with lock:
-            pending[shard] -= 1
-            last = pending[shard] == 0
-        if last and source.provider is not None:
-            source.provider.release(shard)
+    def finished(tensor: TensorPlan) -> None:
+        for shard in reads[tensor.name]:
+            with lock:
+                pending[shard] -= 1
+                last = pending[shard] == 0
+            if last and source.provider is not None:
+                source.provider.release(shard)
 
     kept = 0
     try:
         for writer in writers.values():
             writer.open(resume=resume)
         fresh = {w.shard.name for w in writers.values() if not w.resumed}  # a shard begun anew keeps nothing
-        done = usable_pieces({k: p for k, p in done.items() if p.shard not in fresh}, copies, quantized, source,
-                              quantizer)
+        done = {k: p for k, p in done.items() if p.shard not in fresh}
+        done = {**usable_copy_pieces(done, copies), **main_lane.keep(done, others)}
         for piece in done.values():
             writers[piece.shard].credit(piece.tensor, piece.length)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-fp8-copy") as lane:
             copying = lane.submit(_failing_to, stop, _copy_lane, copies, source, stop, advance, manifest, done,
                                   finished)
             try:
-                kept += _quantize_lane(quantized, source, quantizer, stop, advance, manifest, done, finished)
+                kept += main_lane.run(others, stop, advance, manifest, done, finished)
             except BaseException as exc:
                 stop.fail(exc)
                 raise
@@ -144,38 +166,56 @@ def _copy_lane(copies, source: SourceIndex, stop: Stop, advance: Progress, manif
     return kept
 
 
-def _quantize_lane(quantized, source: SourceIndex, quantizer: Quantizer, stop: Stop,
-                   advance: Progress, manifest: Manifest, done: dict, finished: Callable) -> int:
-    """Read, quantize and write the FP8 weights, each stripe with its scale rows; each stripe's write overlaps
-    the next stripe's quantization (at most one write in flight, so the quantizer's two output buffers are
-    never overwritten early)."""
-    kept = 0
-    with TensorReader(source) as reader, ThreadPoolExecutor(1, thread_name_prefix="convert-fp8-write") as io:
-        for writer, weight, scale in quantized:
-            info = source.tensors[weight.source]
-            rows, cols = matrix_shape(info.shape)
-            row_bytes, step = cols * DTYPE_SIZES[info.dtype], quantizer.stripe_rows(info)
-            keys = {first: stripe_keys(writer.shard.name, weight, scale, cols, quantizer.block, first)
-                    for first in range(0, rows, step)}
-            kept_rows = [first for first, (fp8_key, scale_key) in keys.items() if fp8_key in done]
-            for first in kept_rows:  # `done` holds only whole stripes (see _usable_pieces)
-                n = (min(rows, first + step) - first) * row_bytes
-                kept += n
-                advance(n)
-            writing = None
-            for first, fp8, scale_inv, nbytes in quantizer.stripes(info, reader, skip=set(kept_rows).__contains__):
-                if stop.is_set():
-                    return kept
+class QuantizeLane(MainLane):
+    """The conversion's main lane: each FP8 weight is read, quantized and written with its scales, which the plan
+    puts right after it."""
+
+    def __init__(self, source: SourceIndex, quantizer: Quantizer):
+        self.source, self.quantizer = source, quantizer
+
+    def items(self, writer: ShardWriter, tensors: list[TensorPlan]) -> list[tuple]:
+        return [(writer, t, tensors[k + 1]) for k, t in enumerate(tensors) if t.action == QUANTIZE]
+
+    def reads(self, tensor: TensorPlan) -> tuple[str, ...]:
+        return (self.source.tensors[tensor.source].shard,)
+
+    def keep(self, done: dict, items: list[tuple]) -> dict:
+        return usable_stripe_pieces(done, items, self.source, self.quantizer)
+
+    def run(self, items: list[tuple], stop: Stop, advance: Progress, manifest: Manifest, done: dict,
+            finished: Callable) -> int:
+        """Read, quantize and write the FP8 weights, each stripe with its scale rows; each stripe's write overlaps
+        the next stripe's quantization (at most one write in flight, so the quantizer's two output buffers are
+        never overwritten early)."""
+        source, quantizer = self.source, self.quantizer
+        kept = 0
+        with TensorReader(source) as reader, ThreadPoolExecutor(1, thread_name_prefix="convert-fp8-write") as io:
+            for writer, weight, scale in items:
+                info = source.tensors[weight.source]
+                rows, cols = matrix_shape(info.shape)
+                row_bytes, step = cols * DTYPE_SIZES[info.dtype], quantizer.stripe_rows(info)
+                keys = {first: stripe_keys(writer.shard.name, weight, scale, cols, quantizer.block, first)
+                        for first in range(0, rows, step)}
+                kept_rows = [first for first, (fp8_key, scale_key) in keys.items() if fp8_key in done]
+                for first in kept_rows:  # `done` holds only whole stripes (see usable_stripe_pieces)
+                    n = (min(rows, first + step) - first) * row_bytes
+                    kept += n
+                    advance(n)
+                writing = None
+                for first, fp8, scale_inv, nbytes in quantizer.stripes(info, reader,
+                                                                       skip=set(kept_rows).__contains__):
+                    if stop.is_set():
+                        return kept
+                    if writing is not None:
+                        writing.result()
+                    (_, _, start), (_, _, scale_start) = keys[first]
+                    writing = io.submit(_write_stripe, writer, manifest, weight.name, scale.name, start, fp8,
+                                        scale_start, scale_inv)
+                    advance(nbytes)
                 if writing is not None:
                     writing.result()
-                (_, _, start), (_, _, scale_start) = keys[first]
-                writing = io.submit(_write_stripe, writer, manifest, weight.name, scale.name, start, fp8,
-                                    scale_start, scale_inv)
-                advance(nbytes)
-            if writing is not None:
-                writing.result()
-            finished(weight)
-    return kept
+                finished(weight)
+        return kept
 
 
 def _write_stripe(writer: ShardWriter, manifest: Manifest, weight: str, scale: str, start: int, fp8: np.ndarray,

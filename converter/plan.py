@@ -221,7 +221,7 @@ def make_plan(
         warnings += _legacy_matching_warnings(linear_like, modules_to_not_convert)
     return Plan(
         scheme=scheme,
-        shards=_assign_shards(groups, max_shard_size, single_file=source.shards == (SINGLE_FILE_NAME,)),
+        shards=assign_shards(groups, max_shard_size, single_file=source.shards == (SINGLE_FILE_NAME,)),
         config=config,
         fp8_modules=tuple(fp8_modules),
         kept_linears=kept,
@@ -262,7 +262,7 @@ def _first_match(module: str, patterns: tuple[str, ...]) -> str | None:
     return None
 
 
-def _assign_shards(groups: list[list[TensorPlan]], max_shard_size: int,
+def assign_shards(groups: list[list[TensorPlan]], max_shard_size: int,
                    single_file: bool = False) -> tuple[ShardPlan, ...]:
     """Fill shards in order up to `max_shard_size`; an FP8 weight and its scale always share a shard, and a
     group larger than the cap gets a shard of its own (as transformers does). A `single_file` source whose

@@ -18,8 +18,9 @@ from .stripes import Quantizer
 COPY_BUFFER_BYTES = 16 * 2**20  # copied tensors move in pieces of this: the unit of progress, stops and resume
 
 
-def source_name(options: ConvertOptions) -> str:
-    return str(options.src) if looks_like_repo_id(options.src) else str(Path(options.src).resolve())
+def source_name(src: Path | str) -> str:
+    """`--src` as recorded: a Hub repo id as given, a folder as its absolute path."""
+    return str(src) if looks_like_repo_id(src) else str(Path(src).resolve())
 
 
 def run_record(options: ConvertOptions, identity: str, stamp: dict) -> dict:
@@ -28,7 +29,7 @@ def run_record(options: ConvertOptions, identity: str, stamp: dict) -> dict:
         "source_stamp": stamp,
         "parts": options.part[1],
         "tool": __version__,
-        "src": source_name(options),
+        "src": source_name(options.src),
         "revision": options.revision,
         "options": {
             "preset": options.preset.origin or options.preset.name,
@@ -82,15 +83,21 @@ def stripe_keys(shard: str, weight, scale, cols: int, block: int, first: int) ->
     return (shard, weight.name, first * cols), (shard, scale.name, first // block * row_bytes)
 
 
-def usable_pieces(done: dict, copies, quantized, source: SourceIndex, quantizer: Quantizer) -> dict:
-    """The recorded pieces the lanes will skip: copy chunks on the chunk grid, and stripes whose FP8 bytes and
-    scale rows were both recorded (a run killed between the two redoes the stripe)."""
+def usable_copy_pieces(done: dict, copies) -> dict:
+    """The recorded pieces the copy lane will skip: chunks on the chunk grid."""
     usable = {}
     for writer, t in copies:
-        for start in range(0, source.tensors[t.source].nbytes, COPY_BUFFER_BYTES):
+        for start in range(0, t.nbytes, COPY_BUFFER_BYTES):
             key = (writer.shard.name, t.name, start)
             if key in done:
                 usable[key] = done[key]
+    return usable
+
+
+def usable_stripe_pieces(done: dict, quantized, source: SourceIndex, quantizer: Quantizer) -> dict:
+    """The recorded pieces the quantize lane will skip: stripes whose FP8 bytes and scale rows were both recorded
+    (a run killed between the two redoes the stripe)."""
+    usable = {}
     for writer, weight, scale in quantized:
         info = source.tensors[weight.source]
         rows, cols = matrix_shape(info.shape)
@@ -99,5 +106,3 @@ def usable_pieces(done: dict, copies, quantized, source: SourceIndex, quantizer:
             if fp8_key in done and scale_key in done:
                 usable[fp8_key], usable[scale_key] = done[fp8_key], done[scale_key]
     return usable
-
-
