@@ -16,12 +16,12 @@ from .configs import ConvertOptions
 from .errors import UsageError
 from .finalize import finalize_if_complete
 from .lanes import QuantizeLane, Stop, write_shards
-from .manifest import Manifest, PartLock, claim_run, read_run, run_identity, source_stamp
+from .manifest import RUN_FILE, Manifest, PartLock, claim_run, read_run, run_identity, source_stamp
 from .plan import QUANTIZE, SCALE, Plan, ShardPlan, make_plan
 from .resume import run_record, verified_pieces
 from .source import SourceIndex, open_hub_source, open_source
 from .stripes import Quantizer
-from .write import OutputDir
+from .write import STAGING_NAME, OutputDir
 
 Progress = Callable[[int], None]
 
@@ -195,6 +195,11 @@ def _remove_part(out: OutputDir, mine: list[ShardPlan], manifest: Manifest, i: i
             pass
 
 
+# What `finalize` reads of a conversion's run record and of its options (older records lack the other options).
+_RUN_KEYS = {"src", "parts", "identity"}
+_OPTION_KEYS = {"preset", "exclude", "block_size", "max_shard_size", "base_model"}
+
+
 def finalize(dst: Path) -> Summary:
     """`convert-fp8 finalize`: complete a partitioned conversion whose parts have all finished."""
     from .presets import load_preset
@@ -202,7 +207,13 @@ def finalize(dst: Path) -> Summary:
     started = time.monotonic()
     staging = OutputDir(dst, overwrite=False).staging
     record = read_run(staging)
-    opts = record["options"]
+    if record.get("command") == "dequantize":
+        raise UsageError(f"{dst}: holds an unfinished `convert-fp8 dequantize` run, not a conversion; rerun the "
+                         "same `convert-fp8 dequantize` command to resume it")
+    opts = record.get("options")
+    if not isinstance(opts, dict) or _RUN_KEYS - set(record) or _OPTION_KEYS - set(opts):
+        raise UsageError(f"{dst}: {STAGING_NAME}/{RUN_FILE} does not record a conversion's options, so finalize "
+                         "cannot complete it; rerun the command that began it to resume it")
     n = record["parts"]
     options = ConvertOptions(
         src=record["src"], dst=Path(dst), preset=load_preset(opts["preset"]), revision=record.get("revision"),

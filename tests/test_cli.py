@@ -2,6 +2,7 @@
 finished-looking left in --dst."""
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -34,6 +35,18 @@ def convert_refused(src, dst, message, *extra):
     result = run_cli("--src", src, "--dst", dst, *extra)
     assert_refused(result, message, src, before, dst)
     return result
+
+
+def test_finalize_refuses_a_run_record_without_a_conversions_options(tmp_path):
+    dst = tmp_path / "out"
+    (dst / ".convert-fp8.partial").mkdir(parents=True)
+    (dst / ".convert-fp8.partial" / "run.json").write_text(
+        json.dumps({"identity": "0" * 16, "parts": 1, "src": str(tmp_path / "src"), "options": {"dtype": "bf16"}}))
+    result = run_cli("finalize", "--dst", dst)
+    assert result.exit_code == 2
+    assert result.stderr == (f"convert-fp8: error: {dst}: .convert-fp8.partial/run.json does not record a "
+                             "conversion's options, so finalize cannot complete it; rerun the command that began it "
+                             "to resume it\n")
 
 
 def test_missing_source(tmp_path):

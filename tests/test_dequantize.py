@@ -385,6 +385,21 @@ def test_sigkill_then_same_command_gives_the_same_bytes(gemma_dst, gemma_bf16, t
     assert tree_digest(dst) == tree_digest(gemma_bf16) and not staging.exists()
 
 
+def test_finalize_refuses_a_dequantize_run_and_leaves_it_to_resume(gemma_dst, tmp_path):
+    dst = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(HERE / "kill_after.py"), "pieces", "5", "dequantize", "--src",
+                           str(gemma_dst), "--dst", str(dst), "--max-shard-size", "300KB"],
+                          capture_output=True, text=True, env={**os.environ, "CONVERT_FP8_NO_PROGRESS": "1"})
+    assert done.returncode == -9, done.stderr[-2000:]
+    staging = dst / ".convert-fp8.partial"
+    before = tree_digest(staging)
+    result = run_cli("finalize", "--dst", dst)
+    assert result.exit_code == 2
+    assert result.stderr == (f"convert-fp8: error: {dst}: holds an unfinished `convert-fp8 dequantize` run, not a "
+                             "conversion; rerun the same `convert-fp8 dequantize` command to resume it\n")
+    assert tree_digest(staging) == before
+
+
 def test_a_conversion_left_in_dst_is_refused(gemma_src, gemma_dst, tmp_path):
     dst = tmp_path / "out"
     done = subprocess.run([sys.executable, str(HERE / "kill_after.py"), "pieces", "5", "--src", str(gemma_src),
