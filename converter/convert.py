@@ -16,9 +16,9 @@ from .configs import ConvertOptions
 from .errors import UsageError
 from .finalize import finalize_if_complete
 from .lanes import QuantizeLane, Stop, write_shards
-from .manifest import RUN_FILE, Manifest, PartLock, claim_run, read_run, run_identity, source_stamp
+from .manifest import RUN_FILE, Manifest, read_run, run_identity, source_stamp
 from .plan import QUANTIZE, SCALE, Plan, ShardPlan, make_plan
-from .resume import run_record, verified_pieces
+from .resume import claim_part, run_record, verified_pieces
 from .source import SourceIndex, open_hub_source, open_source
 from .stripes import Quantizer
 from .write import STAGING_NAME, OutputDir
@@ -132,33 +132,28 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     stamp = source_stamp(source)
     identity = run_identity(source, plan, stamp)
     i, n = options.part
-    out.open()
-    resumed = claim_run(out.staging, run_record(options, identity, stamp), options.overwrite)
-    lock = PartLock(out.staging, options.part)
-    taken_over = lock.acquire()
-    if taken_over:
-        notes.append(taken_over)
-    manifest = Manifest(out.staging / f"manifest-part-{i}-of-{n}.jsonl")
+    claimed = claim_part(out, run_record(options, identity, stamp), options.overwrite, options.part)
+    if claimed.taken_over:
+        notes.append(claimed.taken_over)
+    manifest = claimed.manifest
     finalized = False
     try:
-        done = verified_pieces(manifest, out.staging) if resumed else {}
+        done = verified_pieces(manifest, out.staging) if claimed.resumed else {}
         resumed_bytes = write_shards(out, mine, source, QuantizeLane(source, quantizer), progress, manifest, done,
-                                     resumed, stop)
+                                     claimed.resumed, stop)
         manifest.close()
         if arch_check is not None:
             skipped = arch_check.result()
             if skipped:
                 notes.append(skipped)
         (out.staging / f"part-{i}-of-{n}.done").write_text(identity + "\n")
-        lock.release()
+        claimed.lock.release()
         finalized = finalize_if_complete(out, plan, source, options, notes)
     except KeyboardInterrupt:
-        manifest.close()
-        lock.release()
+        claimed.release()
         raise
     except BaseException:
-        manifest.close()
-        lock.release()
+        claimed.release()
         if n == 1:
             out.abort()
         else:

@@ -29,9 +29,9 @@ from .dialects import ScaledWeight, reader_for
 from .errors import SourceError
 from .finalize import check_written_headers, write_last_files
 from .lanes import MainLane, Stop, write_shards
-from .manifest import Manifest, PartLock, Piece, claim_run, run_identity, source_stamp
+from .manifest import Manifest, Piece, run_identity, source_stamp
 from .plan import COPY, ShardPlan, TensorPlan, assign_shards
-from .resume import source_name, verified_pieces
+from .resume import claim_part, source_name, verified_pieces
 from .source import SINGLE_FILE_NAME, SourceIndex, TensorReader, source_card
 from .write import OutputDir, ShardWriter
 
@@ -270,28 +270,19 @@ def dequantize(options: DequantOptions, progress: Progress | None = None,
         on_start(source.nbytes)
     stamp = source_stamp(source)
     identity = run_identity(source, plan, stamp)
-    out.open()
-    notes = []
-    resumed = claim_run(out.staging, _run_record(options, identity, stamp), options.overwrite)
-    lock = PartLock(out.staging, (1, 1))
-    taken_over = lock.acquire()
-    if taken_over:
-        notes.append(taken_over)
-    manifest = Manifest(out.staging / "manifest-part-1-of-1.jsonl")
+    claimed = claim_part(out, _run_record(options, identity, stamp), options.overwrite, (1, 1))
+    notes = [claimed.taken_over] if claimed.taken_over else []
     try:
-        done = verified_pieces(manifest, out.staging) if resumed else {}
+        done = verified_pieces(claimed.manifest, out.staging) if claimed.resumed else {}
         resumed_bytes = write_shards(out, list(plan.shards), source, DequantizeLane(plan, source), progress,
-                                     manifest, done, resumed)
-        manifest.close()
-        lock.release()
+                                     claimed.manifest, done, claimed.resumed)
+        claimed.release()
         _finalize(out, plan, source, options)
     except KeyboardInterrupt:
-        manifest.close()
-        lock.release()
+        claimed.release()
         raise
     except BaseException:
-        manifest.close()
-        lock.release()
+        claimed.release()
         out.abort()
         raise
     n_deq = len(plan.pairs)

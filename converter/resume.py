@@ -4,6 +4,7 @@ keys under which the lanes record them."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
@@ -11,9 +12,10 @@ from .checksum import BOOT_ID, file_crc, file_sampled_crc
 from .configs import DTYPE_SIZES, ConvertOptions, matrix_shape
 from .errors import SourceError
 from .hub import looks_like_repo_id
-from .manifest import Manifest, Piece
+from .manifest import Manifest, PartLock, Piece, claim_run
 from .source import SourceIndex, read_header
 from .stripes import Quantizer
+from .write import OutputDir
 
 COPY_BUFFER_BYTES = 16 * 2**20  # copied tensors move in pieces of this: the unit of progress, stops and resume
 
@@ -44,6 +46,37 @@ def run_record(options: ConvertOptions, identity: str, stamp: dict) -> dict:
             "scale_fmt": options.scale_fmt,
         },
     }
+
+
+@dataclass
+class ClaimedPart:
+    """This process's hold on its part of a run in the staging folder: the part's lock and manifest, and whether
+    an earlier run left work to keep."""
+
+    resumed: bool
+    lock: PartLock
+    manifest: Manifest
+    taken_over: str | None  # a note when another host's lock on the part was taken over
+
+    def release(self) -> None:
+        """Close the manifest and give up the lock (either may be done already)."""
+        self.manifest.close()
+        self.lock.release()
+
+
+def claim_part(out: OutputDir, record: dict, overwrite: bool, part: tuple[int, int]) -> ClaimedPart:
+    """Open the staging folder, claim it for the run `record` describes (`claim_run`), lock `part` and open its
+    manifest.
+
+    Raises:
+        UsageError: the folder holds a different run, or another process on this host holds the part.
+    """
+    out.open()
+    resumed = claim_run(out.staging, record, overwrite)
+    lock = PartLock(out.staging, part)
+    taken_over = lock.acquire()
+    i, n = part
+    return ClaimedPart(resumed, lock, Manifest(out.staging / f"manifest-part-{i}-of-{n}.jsonl"), taken_over)
 
 
 def verified_pieces(manifest: Manifest, staging: Path) -> dict[tuple[str, str, int], Piece]:
