@@ -38,6 +38,7 @@ if mode == "arch":
             raise
     arch.cross_check = timed
 else:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell may start us with SIGINT ignored
     def later():
         time.sleep(delay)
         marks["event"] = time.monotonic()

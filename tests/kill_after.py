@@ -57,6 +57,9 @@ elif mode == "interrupt":
             os.kill(os.getpid(), signal.SIGINT)
 
     manifest.Manifest.record = record_slowly_then_interrupt
+    # as in a terminal: a shell without job control starts background commands with SIGINT ignored, which Python
+    # then leaves ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 else:
     raise SystemExit(f"unknown mode {mode}")
 
