@@ -116,7 +116,11 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/convert-fp8-bench"))
     parser.add_argument("--llmc-python", type=Path, default=ROOT / ".venv-llmc" / "bin" / "python")
     parser.add_argument("--src", type=Path, default=None, help="another source instead of the slice")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("OURS", "THEIRS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.compare:
+        print(same_tensors(*args.compare))
+        return 0
     os.chdir(ROOT)
     src = args.src or args.dir / "slice"
     if not (src / "config.json").exists():
@@ -146,10 +150,14 @@ def main() -> int:
         llmc_env = {k: v for k, v in env.items() if not k.startswith("PYTHON")}
         seconds, peak = run([str(args.llmc_python), "-c", LLMC_SCRIPT, str(src), str(theirs), llmc_scheme,
                              json.dumps(ignore)], llmc_env)
-        rows.append((f"llm-compressor model_free_ptq {llmc_scheme}", seconds, peak, same_tensors(dst, theirs)))
+        # compared in a child: a forked process inherits its parent's peak RSS, so the runs after a comparison
+        # made here would report the comparison's memory as their own
+        compared = subprocess.run([sys.executable, __file__, "--compare", str(dst), str(theirs)], check=True,
+                                  capture_output=True, text=True).stdout.strip()
+        rows.append((f"llm-compressor model_free_ptq {llmc_scheme}", seconds, peak, compared))
         shutil.rmtree(theirs, ignore_errors=True)
     shutil.rmtree(args.dir / "dialect-out", ignore_errors=True)
-    rates = formula_rates()
+    rates = formula_rates()  # last: it loads torch into this process
     print(f"slice: {src} ({src_bytes / 2**30:.2f} GiB); machine: {os.cpu_count()} cores; warm page cache, "
           "output on disk, synced")
     print("| what | time | source rate | peak resident memory | bytes |\n| --- | --- | --- | --- | --- |")
