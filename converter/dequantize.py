@@ -30,7 +30,7 @@ from .errors import SourceError
 from .finalize import check_written_headers, write_last_files
 from .lanes import MainLane, Stop, write_shards
 from .manifest import Manifest, Piece, run_identity, source_stamp
-from .plan import COPY, ShardPlan, TensorPlan, assign_shards
+from .plan import COPY, ShardedOutput, ShardPlan, TensorPlan, assign_shards
 from .resume import claim_part, source_name, verified_pieces
 from .source import SINGLE_FILE_NAME, SourceIndex, TensorReader, source_card
 from .write import OutputDir, ShardWriter
@@ -67,9 +67,8 @@ class DequantOptions:
 
 
 @dataclass(frozen=True)
-class DequantPlan:
-    """A complete dequantization, decided from headers before anything is written. It offers what the writer
-    reads of a conversion `Plan` (`shards`, `config`, `output_nbytes`, `weight_map`, `index_needed`)."""
+class DequantPlan(ShardedOutput):
+    """A complete dequantization, decided from headers before anything is written."""
 
     dialect: str
     reader: object  # the source dialect's reader (converter/dialects), which decodes its scales
@@ -81,21 +80,6 @@ class DequantPlan:
     files_skipped: tuple[tuple[str, str], ...]
     warnings: tuple[str, ...]
     source_nbytes: int
-
-    @property
-    def tensors(self) -> list[TensorPlan]:
-        return [t for shard in self.shards for t in shard.tensors]
-
-    @property
-    def output_nbytes(self) -> int:
-        return sum(shard.nbytes for shard in self.shards)
-
-    def weight_map(self) -> dict[str, str]:
-        return {t.name: shard.name for shard in self.shards for t in shard.tensors}
-
-    @property
-    def index_needed(self) -> bool:
-        return [s.name for s in self.shards] != [SINGLE_FILE_NAME]
 
 
 @dataclass

@@ -64,8 +64,31 @@ class ShardPlan:
         return sum(t.nbytes for t in self.tensors)
 
 
+class ShardedOutput:
+    """What the writer, index and finalize read of any planned output: its shards (a conversion's `Plan`, a
+    dequantization's plan)."""
+
+    shards: tuple[ShardPlan, ...]
+
+    @property
+    def tensors(self) -> list[TensorPlan]:
+        return [t for shard in self.shards for t in shard.tensors]
+
+    @property
+    def output_nbytes(self) -> int:
+        return sum(shard.nbytes for shard in self.shards)
+
+    def weight_map(self) -> dict[str, str]:
+        return {t.name: shard.name for shard in self.shards for t in shard.tensors}
+
+    @property
+    def index_needed(self) -> bool:
+        """Whether the output gets a `model.safetensors.index.json`: not when it is one `model.safetensors`."""
+        return [s.name for s in self.shards] != [SINGLE_FILE_NAME]
+
+
 @dataclass(frozen=True)
-class Plan:
+class Plan(ShardedOutput):
     """A complete conversion, decided before anything is written."""
 
     scheme: FP8Scheme
@@ -82,25 +105,9 @@ class Plan:
     source_nbytes: int
 
     @property
-    def tensors(self) -> list[TensorPlan]:
-        return [t for shard in self.shards for t in shard.tensors]
-
-    @property
-    def output_nbytes(self) -> int:
-        return sum(shard.nbytes for shard in self.shards)
-
-    @property
     def dialect(self):
         """The output dialect's writer (`converter.dialects`): names, dtypes, scale math, config."""
         return writer_for(self.scheme)
-
-    def weight_map(self) -> dict[str, str]:
-        return {t.name: shard.name for shard in self.shards for t in shard.tensors}
-
-    @property
-    def index_needed(self) -> bool:
-        """Whether the output gets a `model.safetensors.index.json`: not when it is one `model.safetensors`."""
-        return [s.name for s in self.shards] != [SINGLE_FILE_NAME]
 
 
 def should_convert_module_legacy(full_name: str, patterns) -> bool:
