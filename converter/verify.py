@@ -20,6 +20,7 @@ import numpy as np
 from . import arch
 from .configs import CONFIG_NAME, DTYPE_SIZES, FP8_DTYPE_NAME, INDEX_NAME, matrix_shape
 from .dialects import writer_from_config
+from .dialects.transformers_fp8 import decode_scale_bytes
 from .errors import ConvertError
 from .plan import classify, module_of
 from .source import SINGLE_FILE_NAME, ShardHeader, SourceIndex, TensorInfo, TensorReader, open_source, read_header
@@ -167,20 +168,6 @@ def verify(dst: Path, src: Path | None = None, progress: Callable[[int], None] |
     return report
 
 
-def _scales_float32(data: bytes, dtype: str) -> np.ndarray:
-    """Scale bytes of any dialect's dtype (F32, F8_E8M0, BF16, F16) as float32, in numpy: the converter's own
-    self-check runs this, and importing torch for it would cost every conversion a second and 150 MB."""
-    raw = np.frombuffer(data, dtype=np.uint8)
-    if dtype == "F8_E8M0":  # 2 ** (byte - 127), 0xFF NaN
-        with np.errstate(over="ignore"):  # 0xFF would be 2 ** 128: NaN below
-            values = np.ldexp(np.float32(1), raw.astype(np.int32) - 127).astype(np.float32)
-        values[raw == 255] = np.nan
-        return values
-    if dtype == "BF16":  # the high half of a float32
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return raw.view({"F32": np.float32, "F16": np.float16}[dtype]).astype(np.float32)
-
-
 def _check_scales(out: _Output, fp8: dict[str, TensorInfo], report: VerifyReport, writer) -> None:
     """Every scale finite and positive (scales are small: read whole)."""
     tensors = out.tensors
@@ -190,7 +177,7 @@ def _check_scales(out: _Output, fp8: dict[str, TensorInfo], report: VerifyReport
             if info is None or not writer.accepts_scale_dtype(info.dtype):
                 continue
             # expert scales are [experts, rows, cols]: look at them as the 2-D grid of tiles they cut
-            scale = _scales_float32(bytes(reader.read(info)), info.dtype).reshape(-1, info.shape[-1])
+            scale = decode_scale_bytes(reader.read(info), info.dtype).reshape(-1, info.shape[-1])
             bad = ~np.isfinite(scale) | (scale <= 0)
             if bad.any():
                 r, c = (int(i) for i in np.argwhere(bad)[0])

@@ -125,10 +125,10 @@ def test_missing_output_folder(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["F32", "BF16", "F16", "F8_E8M0"])
-def test_scales_of_every_dtype_read_as_torch_casts_them(dtype):
+def test_scales_of_every_dtype_decode_as_torch_casts_them(dtype):
     import numpy as np
 
-    from converter.verify import _scales_float32
+    from converter.dialects.transformers_fp8 import decode_scale_bytes
 
     if dtype == "F8_E8M0":
         raw = torch.arange(256, dtype=torch.int32).to(torch.uint8)
@@ -137,5 +137,5 @@ def test_scales_of_every_dtype_read_as_torch_casts_them(dtype):
         values = torch.tensor([1.5, -2.0, 3e-38, 448.0, 65504.0, float("inf"), float("nan"), 1e-7, 0.0])
         raw = values.to({"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype])
         want = raw.to(torch.float32)
-    got = _scales_float32(raw.view(torch.uint8).numpy().tobytes(), dtype)
+    got = decode_scale_bytes(raw.view(torch.uint8).numpy().tobytes(), dtype)
     assert got.dtype == np.float32 and np.array_equal(got, want.numpy(), equal_nan=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..errors import SourceError
 from ..source import TensorInfo
 
@@ -121,18 +123,28 @@ def scales_to_float32(scales, dtype: str):
 
 
 def scale_bytes_to_float32(data, dtype: str):
-    """A scale tensor's bytes as float32 values (flat), as transformers' `Fp8Dequantize` reads the tensor: float
-    dtypes widened; `F8_E8M0` and `U8` exponent bytes as `2 ** (byte - 127)`, an `F8_E8M0` 0xFF as NaN. Decoded
-    from the bytes, so a torch without `float8_e8m0fnu` (before 2.7) reads them too; the values equal torch's own
-    cast of every byte but 0xFF, whose NaN has other bits."""
+    """A scale tensor's bytes as float32 values (flat, a torch tensor), as transformers' `Fp8Dequantize` reads the
+    tensor (see `decode_scale_bytes`)."""
     import torch
 
+    return torch.from_numpy(decode_scale_bytes(data, dtype))
+
+
+def decode_scale_bytes(data, dtype: str) -> np.ndarray:
+    """A scale tensor's bytes as float32 values (flat, numpy): float dtypes widened; `F8_E8M0` and `U8` exponent
+    bytes as `2 ** (byte - 127)`, an `F8_E8M0` 0xFF as NaN. Decoded from the bytes with numpy, so that a torch
+    without `float8_e8m0fnu` (before 2.7) reads them too and the converter's self-check needs no torch at all; the
+    values equal torch's own cast of every byte but 0xFF, whose NaN has other bits."""
+    raw = np.frombuffer(bytes(data), dtype=np.uint8)
     if dtype in ("F8_E8M0", "U8"):
-        exponents = torch.frombuffer(data, dtype=torch.uint8).to(torch.float32) if len(data) else torch.empty(0)
-        values = (exponents - 127.0).exp2()
-        return torch.where(exponents == 255, torch.nan, values) if dtype == "F8_E8M0" else values
-    torch_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
-    return torch.frombuffer(data, dtype=torch_dtype).to(torch.float32) if len(data) else torch.empty(0)
+        with np.errstate(over="ignore"):  # 0xFF would be 2 ** 128: NaN below for F8_E8M0
+            values = np.ldexp(np.float32(1), raw.astype(np.int32) - 127).astype(np.float32)
+        if dtype == "F8_E8M0":
+            values[raw == 255] = np.nan
+        return values
+    if dtype == "BF16":  # the high half of a float32
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return raw.view({"F32": np.float32, "F16": np.float16}[dtype]).astype(np.float32)
 
 
 # ---- Writing: the output side of the same dialect -------------------------------------------------------------
