@@ -459,7 +459,7 @@ def describe_report(report: VerifyReport, limit: int = 20) -> str:
         f"checked {report.tensors_checked} tensors ({report.fp8_tensors} FP8), "
         f"{report.bytes_checked / 1e9:.3f} GB" + (f" against {report.src}" if report.src else " (no source)")
     ]
-    worst = report.worst()
+    worst = [s for s in report.worst() if s.relative_error is not None]  # none when the source could not be read
     if worst and report.src:
         lines.append("largest relative reconstruction errors:")
         lines += [f"  {s.relative_error:.4%}  max |err| {s.max_abs_error:.3g}  {s.tensor}" for s in worst]

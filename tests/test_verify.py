@@ -139,3 +139,10 @@ def test_scales_of_every_dtype_decode_as_torch_casts_them(dtype):
         want = raw.to(torch.float32)
     got = decode_scale_bytes(raw.view(torch.uint8).numpy().tobytes(), dtype)
     assert got.dtype == np.float32 and np.array_equal(got, want.numpy(), equal_nan=True)
+
+
+def test_a_source_that_cannot_be_read_is_a_problem_not_a_crash(dst, tmp_path):
+    result = run_cli("verify", "--src", tmp_path / "missing", "--dst", dst, "--no-arch-check", "-q")
+    assert result.exit_code == 1
+    assert result.output == (f"problem: source: {tmp_path / 'missing'}: source folder not found\n"
+                             "verify: FAILED with 1 problem(s)\n")
