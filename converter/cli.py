@@ -137,19 +137,7 @@ def _convert(src, dst, preset_name, exclude, no_arch_check, part, dry_run, quiet
         click.echo("dry run: nothing written")
         return
 
-    bars = []
-
-    def start_bar(total: int):
-        from tqdm import tqdm
-
-        bars.append(tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
-                         disable=quiet or os.environ.get("CONVERT_FP8_NO_PROGRESS") == "1"))
-
-    try:
-        summary = convert(options, progress=lambda n: bars[0].update(n), on_start=start_bar)
-    finally:
-        for bar in bars:
-            bar.close()
+    summary = _with_progress_bar(convert, options, "convert", quiet)
     status = None if summary.finalized else summary.notes.pop()  # who completes the checkpoint
     if not quiet:
         _print_summary(summary)
@@ -175,6 +163,23 @@ def _check_dialect(options: dict) -> None:
                                "--format compressed-tensors")
     else:
         options["quant_scheme"] = "fp8-block"
+
+
+def _with_progress_bar(run, options, desc: str, quiet: bool):
+    """`run(options, progress=..., on_start=...)` with a bar of source bytes, opened once the run knows its total."""
+    bars = []
+
+    def start_bar(total: int):
+        from tqdm import tqdm
+
+        bars.append(tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr,
+                         disable=quiet or os.environ.get("CONVERT_FP8_NO_PROGRESS") == "1"))
+
+    try:
+        return run(options, progress=lambda n: bars[0].update(n), on_start=start_bar)
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def _print_summary(summary) -> None:
@@ -296,19 +301,7 @@ def _dequantize(src, dst, dry_run, quiet, **options):
         click.echo(describe_dequant_plan(plan))
         click.echo("dry run: nothing written")
         return
-    bars = []
-
-    def start_bar(total: int):
-        from tqdm import tqdm
-
-        bars.append(tqdm(total=total, unit="B", unit_scale=True, desc="dequantize", file=sys.stderr,
-                         disable=quiet or os.environ.get("CONVERT_FP8_NO_PROGRESS") == "1"))
-
-    try:
-        summary = dequantize(options, progress=lambda n: bars[0].update(n), on_start=start_bar)
-    finally:
-        for bar in bars:
-            bar.close()
+    summary = _with_progress_bar(dequantize, options, "dequantize", quiet)
     if not quiet:
         for note in summary.notes:
             click.echo(f"note: {note}")
