@@ -120,3 +120,18 @@ def synthetic(path: Path, layers: int = 3, seed: int = 0) -> Path:
     (path / "config.json").write_text(json.dumps({"model_type": "toy", "hidden_size": 1024}))
     (path / "tokenizer.json").write_text("{}")
     return path
+
+
+@pytest.fixture(scope="session")
+def toy_src(tmp_path_factory) -> Path:
+    """The Llama-shaped `synthetic` checkpoint, shared read-only by the long-run and lane tests."""
+    return synthetic(tmp_path_factory.mktemp("synthetic") / "toy")
+
+
+@pytest.fixture(scope="session")
+def toy_reference(toy_src, tmp_path_factory) -> Path:
+    """An uninterrupted conversion of `toy_src`, in 20 MB shards: what every interrupted run must end up equal to."""
+    dst = tmp_path_factory.mktemp("reference") / "out"
+    result = run_cli("--src", toy_src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    assert result.exit_code == 0, result.output
+    return dst

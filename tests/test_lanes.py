@@ -12,20 +12,7 @@ from converter.errors import PlanError, QuantizeError, WriteError
 from converter.manifest import Manifest
 from converter.stripes import Quantizer
 
-from .conftest import run_cli, synthetic, tree_digest
-
-
-@pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    return synthetic(tmp_path_factory.mktemp("lanes") / "toy")
-
-
-@pytest.fixture(scope="module")
-def reference(src, tmp_path_factory):
-    dst = tmp_path_factory.mktemp("lanes-reference") / "out"
-    result = run_cli("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
-    assert result.exit_code == 0, result.output
-    return dst
+from .conftest import run_cli, tree_digest
 
 
 class Recorder:
@@ -56,7 +43,7 @@ class Recorder:
         return sum(1 for name, late in self.pieces if late and fp8(name) == (lane == "fp8"))
 
 
-def test_a_failing_cross_check_stops_both_lanes_within_a_piece(src, tmp_path, monkeypatch):
+def test_a_failing_cross_check_stops_both_lanes_within_a_piece(toy_src, tmp_path, monkeypatch):
     recorder = Recorder(monkeypatch, delay=0.05)
 
     def failing_cross_check(plan):
@@ -67,7 +54,7 @@ def test_a_failing_cross_check_stops_both_lanes_within_a_piece(src, tmp_path, mo
     monkeypatch.setattr(arch, "cross_check", failing_cross_check)
     dst = tmp_path / "out"
     started = time.monotonic()
-    result = run_cli("--src", src, "--dst", dst, "--max-shard-size", "20MB")
+    result = run_cli("--src", toy_src, "--dst", dst, "--max-shard-size", "20MB")
     elapsed = time.monotonic() - started
     assert result.exit_code == 1
     assert result.stderr == ("convert-fp8: error: model.layers.0.mlp.up_proj: transformers would keep it in BF16 "
@@ -77,7 +64,7 @@ def test_a_failing_cross_check_stops_both_lanes_within_a_piece(src, tmp_path, mo
     assert elapsed < 3 and not dst.exists()
 
 
-def test_a_failing_copy_lane_stops_the_quantize_lane(src, tmp_path, monkeypatch):
+def test_a_failing_copy_lane_stops_the_quantize_lane(toy_src, tmp_path, monkeypatch):
     recorder = Recorder(monkeypatch, delay=0.05)
     copy_at = write.ShardWriter.copy_at
 
@@ -88,7 +75,7 @@ def test_a_failing_copy_lane_stops_the_quantize_lane(src, tmp_path, monkeypatch)
 
     monkeypatch.setattr(write.ShardWriter, "copy_at", failing_copy)
     dst = tmp_path / "out"
-    result = run_cli("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    result = run_cli("--src", toy_src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
     assert result.exit_code == 1
     assert "planted failure while copying model.layers.1.input_layernorm.weight" in result.stderr
     assert recorder.failed_at is not None and recorder.after("fp8") <= 2
@@ -96,7 +83,7 @@ def test_a_failing_copy_lane_stops_the_quantize_lane(src, tmp_path, monkeypatch)
     assert not dst.exists()
 
 
-def test_a_failing_quantize_lane_stops_the_copy_lane(src, tmp_path, monkeypatch):
+def test_a_failing_quantize_lane_stops_the_copy_lane(toy_src, tmp_path, monkeypatch):
     # 64 KiB copy pieces: the 8 MiB embedding alone is 128 pieces, seconds of copying at 10 ms a piece
     monkeypatch.setattr(lanes, "COPY_BUFFER_BYTES", 2**16)
     monkeypatch.setattr(resume, "COPY_BUFFER_BYTES", 2**16)
@@ -111,21 +98,21 @@ def test_a_failing_quantize_lane_stops_the_copy_lane(src, tmp_path, monkeypatch)
 
     monkeypatch.setattr(Quantizer, "stripes", failing_stripes)
     dst = tmp_path / "out"
-    result = run_cli("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    result = run_cli("--src", toy_src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
     assert result.exit_code == 1 and "holds NaN or Inf (planted)" in result.stderr
     assert recorder.after("copy") <= 1
     assert len(recorder.pieces) < 10  # of 128 + 3 copy pieces
     assert not dst.exists()
 
 
-def test_disk_full_in_the_copy_lane(src, tmp_path, monkeypatch):
+def test_disk_full_in_the_copy_lane(toy_src, tmp_path, monkeypatch):
     def no_space(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(write.os, "copy_file_range", no_space)
     monkeypatch.setattr(write.os, "sendfile", no_space)
     dst = tmp_path / "out"
-    result = run_cli("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    result = run_cli("--src", toy_src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
     assert result.exit_code == 1
     assert "disk full while copying model." in result.stderr and result.stderr.count("\n") == 1
     assert not dst.exists()
@@ -135,7 +122,7 @@ def test_disk_full_in_the_copy_lane(src, tmp_path, monkeypatch):
     ({"copy_file_range": False, "sendfile": True}, {"sendfile"}),
     ({"copy_file_range": False, "sendfile": False}, set()),  # through a buffer: preadv, then pwrite
 ])
-def test_every_copy_path_gives_the_same_bytes(src, reference, tmp_path, monkeypatch, available, expected_calls):
+def test_every_copy_path_gives_the_same_bytes(toy_src, toy_reference, tmp_path, monkeypatch, available, expected_calls):
     calls = set()
     monkeypatch.setattr(shutil, "_USE_CP_SENDFILE", False)  # other files: shutil would call sendfile too
     for name in ("copy_file_range", "sendfile"):
@@ -143,7 +130,7 @@ def test_every_copy_path_gives_the_same_bytes(src, reference, tmp_path, monkeypa
         monkeypatch.setattr(write.os, name, lambda *args, _name=name, _real=real: calls.add(_name) or _real(*args))
         monkeypatch.setitem(write._in_kernel_copy, name, available[name])
     dst = tmp_path / "out"
-    result = run_cli("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    result = run_cli("--src", toy_src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
     assert result.exit_code == 0, result.output
     assert calls == expected_calls
-    assert tree_digest(dst) == tree_digest(reference)
+    assert tree_digest(dst) == tree_digest(toy_reference)

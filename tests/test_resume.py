@@ -9,27 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from converter.checksum import BOOT_ID
 from converter.manifest import Manifest
 
-from .conftest import run_cli, synthetic, tree_digest
+from .conftest import run_cli, tree_digest
 
 HERE = Path(__file__).parent
-
-
-@pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    return synthetic(tmp_path_factory.mktemp("synthetic") / "toy")
-
-
-@pytest.fixture(scope="module")
-def reference(src, tmp_path_factory):
-    dst = tmp_path_factory.mktemp("reference") / "out"
-    result = run_cli("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
-    assert result.exit_code == 0, result.output
-    return dst
 
 
 def killed_run(*args, mode=("pieces", "17")):
@@ -39,9 +24,9 @@ def killed_run(*args, mode=("pieces", "17")):
     assert done.returncode == -signal.SIGKILL, (done.returncode, done.stderr[-2000:])
 
 
-def test_sigkill_then_same_command_gives_the_same_bytes(src, reference, tmp_path):
+def test_sigkill_then_same_command_gives_the_same_bytes(toy_src, toy_reference, tmp_path):
     dst = tmp_path / "out"
-    args = ("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    args = ("--src", toy_src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
     killed_run(*args)
     staging = dst / ".convert-fp8.partial"
     recorded = Manifest(staging / "manifest-part-1-of-1.jsonl").load()
@@ -49,13 +34,13 @@ def test_sigkill_then_same_command_gives_the_same_bytes(src, reference, tmp_path
     result = run_cli(*args)
     assert result.exit_code == 0, result.output
     assert "resumed: kept" in result.output
-    assert tree_digest(dst) == tree_digest(reference)
+    assert tree_digest(dst) == tree_digest(toy_reference)
     assert not staging.exists()
 
 
-def test_a_damaged_piece_is_written_again(src, reference, tmp_path):
+def test_a_damaged_piece_is_written_again(toy_src, toy_reference, tmp_path):
     dst = tmp_path / "out"
-    args = ("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    args = ("--src", toy_src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
     killed_run(*args, mode=("pieces", "12"))
     staging = dst / ".convert-fp8.partial"
     piece = next(iter(Manifest(staging / "manifest-part-1-of-1.jsonl").load().values()))
@@ -67,12 +52,12 @@ def test_a_damaged_piece_is_written_again(src, reference, tmp_path):
         f.write(b"\0" * min(piece.length, 4096))
     result = run_cli(*args)
     assert result.exit_code == 0, result.output
-    assert tree_digest(dst) == tree_digest(reference)
+    assert tree_digest(dst) == tree_digest(toy_reference)
 
 
-def test_damage_in_the_middle_of_a_piece_is_found_and_written_again(src, reference, tmp_path):
+def test_damage_in_the_middle_of_a_piece_is_found_and_written_again(toy_src, toy_reference, tmp_path):
     dst = tmp_path / "out"
-    args = ("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    args = ("--src", toy_src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
     killed_run(*args, mode=("pieces", "12"))
     staging = dst / ".convert-fp8.partial"
     piece = max(Manifest(staging / "manifest-part-1-of-1.jsonl").load().values(), key=lambda p: p.length)
@@ -91,15 +76,15 @@ def test_damage_in_the_middle_of_a_piece_is_found_and_written_again(src, referen
     manifest.write_text("".join(json.dumps(dict(line, boot="an-earlier-boot")) + "\n" for line in lines))
     result = run_cli(*args)
     assert result.exit_code == 0, result.output
-    assert tree_digest(dst) == tree_digest(reference)
+    assert tree_digest(dst) == tree_digest(toy_reference)
 
 
-def test_a_rerun_on_the_same_boot_reads_only_the_ends_of_each_piece(src, reference, tmp_path, monkeypatch):
+def test_a_rerun_on_the_same_boot_reads_only_the_ends_of_each_piece(toy_src, toy_reference, tmp_path, monkeypatch):
     """Reading back every staged byte would cost a resume about as much as the work it keeps."""
     import converter.resume as resume
 
     dst = tmp_path / "out"
-    args = ("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    args = ("--src", toy_src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
     killed_run(*args, mode=("pieces", "12"))
 
     def every_byte(*a):
@@ -109,12 +94,12 @@ def test_a_rerun_on_the_same_boot_reads_only_the_ends_of_each_piece(src, referen
     result = run_cli(*args)
     assert result.exit_code == 0, result.output
     assert "resumed: kept" in result.output
-    assert tree_digest(dst) == tree_digest(reference)
+    assert tree_digest(dst) == tree_digest(toy_reference)
 
 
-def test_ctrl_c_stops_both_lanes_at_once_and_keeps_the_work(src, reference, tmp_path):
+def test_ctrl_c_stops_both_lanes_at_once_and_keeps_the_work(toy_src, toy_reference, tmp_path):
     dst, marker = tmp_path / "out", tmp_path / "interrupted-at"
-    args = ("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    args = ("--src", toy_src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
     env = dict(os.environ, CONVERT_FP8_NO_PROGRESS="1")
     done = subprocess.run([sys.executable, str(HERE / "kill_after.py"), "interrupt", "6", str(marker),
                            *map(str, args)], capture_output=True, text=True, env=env)
@@ -129,11 +114,11 @@ def test_ctrl_c_stops_both_lanes_at_once_and_keeps_the_work(src, reference, tmp_
     result = run_cli(*args)
     assert result.exit_code == 0, result.output
     assert "resumed: kept" in result.output
-    assert tree_digest(dst) == tree_digest(reference)
+    assert tree_digest(dst) == tree_digest(toy_reference)
 
 
-def test_a_source_changed_between_kill_and_rerun_is_refused(src, tmp_path):
-    changing = Path(shutil.copytree(src, tmp_path / "src"))
+def test_a_source_changed_between_kill_and_rerun_is_refused(toy_src, tmp_path):
+    changing = Path(shutil.copytree(toy_src, tmp_path / "src"))
     dst = tmp_path / "out"
     args = ("--src", changing, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
     killed_run(*args, mode=("pieces", "12"))
@@ -160,9 +145,9 @@ def test_a_source_changed_between_kill_and_rerun_is_refused(src, tmp_path):
     assert tree_digest(dst) == tree_digest(fresh)
 
 
-def test_free_space_on_resume_counts_the_blocks_on_disk(src, tmp_path, monkeypatch):
+def test_free_space_on_resume_counts_the_blocks_on_disk(toy_src, tmp_path, monkeypatch):
     dst = tmp_path / "out"
-    args = ("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    args = ("--src", toy_src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
     killed_run(*args, mode=("pieces", "2"))
     staging = dst / ".convert-fp8.partial"
     shards = sorted(staging.glob("*.safetensors"))
@@ -179,22 +164,22 @@ def test_free_space_on_resume_counts_the_blocks_on_disk(src, tmp_path, monkeypat
     assert (staging / "manifest-part-1-of-1.jsonl").exists()  # the earlier run's work is kept
 
 
-def test_leftovers_of_another_conversion_are_refused(src, tmp_path):
+def test_leftovers_of_another_conversion_are_refused(toy_src, tmp_path):
     dst = tmp_path / "out"
-    killed_run("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
-    result = run_cli("--src", src, "--dst", dst, "--max-shard-size", "30MB", "--no-arch-check")
+    killed_run("--src", toy_src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    result = run_cli("--src", toy_src, "--dst", dst, "--max-shard-size", "30MB", "--no-arch-check")
     assert result.exit_code == 2
     assert "holds the partial output of a different conversion" in result.stderr
     assert "pass --overwrite to discard it" in result.stderr
-    result = run_cli("--src", src, "--dst", dst, "--max-shard-size", "30MB", "--no-arch-check", "--overwrite")
+    result = run_cli("--src", toy_src, "--dst", dst, "--max-shard-size", "30MB", "--no-arch-check", "--overwrite")
     assert result.exit_code == 0, result.output
     assert "resumed" not in result.output
 
 
-def test_parts_in_separate_processes_match_a_single_run(src, reference, tmp_path):
+def test_parts_in_separate_processes_match_a_single_run(toy_src, toy_reference, tmp_path):
     dst = tmp_path / "out"
     env = dict(os.environ, CONVERT_FP8_NO_PROGRESS="1")
-    procs = [subprocess.Popen([sys.executable, "-m", "converter.cli", "--src", str(src), "--dst", str(dst),
+    procs = [subprocess.Popen([sys.executable, "-m", "converter.cli", "--src", str(toy_src), "--dst", str(dst),
                                "--max-shard-size", "20MB", "--no-arch-check", "--part", f"{i}/3"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for i in (1, 2, 3)]
@@ -202,12 +187,12 @@ def test_parts_in_separate_processes_match_a_single_run(src, reference, tmp_path
     assert [p.returncode for p in procs] == [0, 0, 0], outputs
     finished = [out for out, _ in outputs if "wrote " in out]
     assert len(finished) == 1  # exactly one part completed the checkpoint
-    assert tree_digest(dst) == tree_digest(reference)
+    assert tree_digest(dst) == tree_digest(toy_reference)
 
 
-def test_finalize_after_the_last_part_died(src, reference, tmp_path):
+def test_finalize_after_the_last_part_died(toy_src, toy_reference, tmp_path):
     dst = tmp_path / "out"
-    common = ("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    common = ("--src", toy_src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
     result = run_cli(*common, "--part", "1/2")
     assert result.exit_code == 0 and "part 1/2 of" in result.output and "done; waiting for part(s) 2/2" in result.output
     result = run_cli("finalize", "--dst", dst)
@@ -216,11 +201,11 @@ def test_finalize_after_the_last_part_died(src, reference, tmp_path):
     assert not (dst / "config.json").exists()
     result = run_cli("finalize", "--dst", dst)
     assert result.exit_code == 0, result.output
-    assert tree_digest(dst) == tree_digest(reference)
+    assert tree_digest(dst) == tree_digest(toy_reference)
 
 
-def test_bad_part_argument(src, tmp_path):
-    result = run_cli("--src", src, "--dst", tmp_path / "o", "--part", "4/3")
+def test_bad_part_argument(toy_src, tmp_path):
+    result = run_cli("--src", toy_src, "--dst", tmp_path / "o", "--part", "4/3")
     assert result.exit_code == 2 and "expected I/N with 1 <= I <= N" in result.output
 
 
@@ -248,12 +233,12 @@ def hub_run(cache: Path, *args):
                           text=True, env=env)
 
 
-def test_hub_repo_id_from_the_cache_gives_the_same_shards(src, reference, tmp_path):
-    cache = hub_cache(tmp_path / "hub", "acme/toy", src)
+def test_hub_repo_id_from_the_cache_gives_the_same_shards(toy_src, toy_reference, tmp_path):
+    cache = hub_cache(tmp_path / "hub", "acme/toy", toy_src)
     done = hub_run(cache, "--src", "acme/toy", "--dst", tmp_path / "out", "--max-shard-size", "20MB",
                    "--no-arch-check")
     assert done.returncode == 0, done.stderr
-    got, want = tree_digest(tmp_path / "out"), tree_digest(reference)
+    got, want = tree_digest(tmp_path / "out"), tree_digest(toy_reference)
     assert {k: v for k, v in got.items() if k != "README.md"} == {k: v for k, v in want.items() if k != "README.md"}
     assert "base_model: acme/toy" in (tmp_path / "out" / "README.md").read_text()
 
@@ -267,8 +252,8 @@ def test_hub_offline_with_an_empty_cache_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_low_disk_deletes_only_what_this_run_downloaded(src, tmp_path, monkeypatch):
-    cache = hub_cache(tmp_path / "hub", "acme/toy", src)
+def test_low_disk_deletes_only_what_this_run_downloaded(toy_src, tmp_path, monkeypatch):
+    cache = hub_cache(tmp_path / "hub", "acme/toy", toy_src)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     import huggingface_hub.constants
 
@@ -287,13 +272,13 @@ def test_low_disk_deletes_only_what_this_run_downloaded(src, tmp_path, monkeypat
     assert not local.exists() and not blob.exists()
 
 
-def test_hub_download_shard_by_shard_with_low_disk(src, reference, tmp_path):
+def test_hub_download_shard_by_shard_with_low_disk(toy_src, toy_reference, tmp_path):
     """Online, against a local stand-in for the Hub: headers by ranged reads before any shard is downloaded,
     shards fetched as the conversion reaches them, and with --low-disk none of them left in the cache."""
     from .fake_hub import FakeHub
 
     cache = tmp_path / "hub"
-    with FakeHub("acme/toy", src) as hub:
+    with FakeHub("acme/toy", toy_src) as hub:
         env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(cache), CONVERT_FP8_NO_PROGRESS="1",
                    HF_HUB_DISABLE_XET="1")
         env.pop("HF_HUB_OFFLINE", None)
@@ -302,7 +287,7 @@ def test_hub_download_shard_by_shard_with_low_disk(src, reference, tmp_path):
                               capture_output=True, text=True, env=env)
         requests = list(hub.requests)
     assert done.returncode == 0, done.stderr[-3000:]
-    got, want = tree_digest(tmp_path / "out"), tree_digest(reference)
+    got, want = tree_digest(tmp_path / "out"), tree_digest(toy_reference)
     assert {k: v for k, v in got.items() if k != "README.md"} == {k: v for k, v in want.items() if k != "README.md"}
     shard_gets = [(i, p) for i, (m, p, r) in enumerate(requests) if m == "GET" and p.endswith(".safetensors") and r is None]
     header_reads = [(i, p) for i, (m, p, r) in enumerate(requests) if m == "GET" and r is not None]
@@ -312,9 +297,9 @@ def test_hub_download_shard_by_shard_with_low_disk(src, reference, tmp_path):
     assert left == []
 
 
-def test_a_second_process_on_the_same_part_is_refused(src, tmp_path):
+def test_a_second_process_on_the_same_part_is_refused(toy_src, tmp_path):
     dst = tmp_path / "out"
-    args = ("--src", src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    args = ("--src", toy_src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
     killed_run(*args)  # leaves a lock naming a process that no longer exists: taken over below
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
