@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .configs import CONFIG_NAME, INDEX_NAME
 from .errors import SourceError
-from .source import MAX_HEADER_BYTES, SINGLE_FILE_NAME, ShardHeader, parse_header_bytes, read_header
+from .source import MAX_HEADER_BYTES, SINGLE_FILE_NAME, ShardHeader, json_object, parse_header_bytes, read_header
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -105,14 +105,10 @@ class HubRepo:
         """The config, read at the resolved commit (resolving it fetches it)."""
         self.resolve()
         try:
-            data = json.loads((self.snapshot / CONFIG_NAME).read_text())
-        except ValueError as exc:
+            text = (self.snapshot / CONFIG_NAME).read_text()
+        except ValueError as exc:  # not UTF-8
             raise SourceError(f"{self.where}: corrupt config.json: {exc}") from None
-        except RecursionError:
-            raise SourceError(f"{self.where}: corrupt config.json: JSON nested too deeply") from None
-        if not isinstance(data, dict):
-            raise SourceError(f"{self.where}: corrupt config.json: expected a JSON object")
-        return data
+        return json_object(text, self.where, "config.json")
 
     def resolve(self) -> str:
         """The commit the requested revision points to, fixed once: the config is fetched at the revision, and the

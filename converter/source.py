@@ -314,17 +314,27 @@ def open_hub_source(repo: ShardProvider) -> SourceIndex:
 
 def _read_json(path: Path, what: str) -> dict:
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise SourceError(f"{path}: no {what} in the source folder") from None
     except PermissionError:
         raise SourceError(f"{path}: permission denied reading the {what}") from None
-    except ValueError as exc:
+    except ValueError as exc:  # not UTF-8
         raise SourceError(f"{path}: corrupt {what}: {_short(exc, 200)}") from None
+    return json_object(text, str(path), what)
+
+
+def json_object(text: str, where: str, what: str) -> dict:
+    """A JSON file's text that must hold an object (a config, an index); any other content is one line naming
+    `where` (a path, or a Hub repo) and `what`."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise SourceError(f"{where}: corrupt {what}: {_short(exc, 200)}") from None
     except RecursionError:
-        raise SourceError(f"{path}: corrupt {what}: JSON nested too deeply") from None
+        raise SourceError(f"{where}: corrupt {what}: JSON nested too deeply") from None
     if not isinstance(data, dict):
-        raise SourceError(f"{path}: corrupt {what}: expected a JSON object")
+        raise SourceError(f"{where}: corrupt {what}: expected a JSON object")
     return data
 
 
