@@ -134,6 +134,21 @@ def timed_cpu(cmd: list[str]) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def copy_then_convert(src: Path, copy_out: Path, disk_out: Path, reps: int) -> tuple[list, list]:
+    """`cp -r` and the conversion, each from a cold page cache and synced (the converter fsyncs every file it
+    writes), alternated `reps` times: the (wall, CPU) seconds of each. The last conversion stays in `disk_out`."""
+    cp_runs, conv_runs = [], []
+    for _ in range(reps):
+        shutil.rmtree(disk_out, ignore_errors=True)
+        shutil.rmtree(copy_out, ignore_errors=True)
+        drop_caches()
+        cp_runs.append(timed_cpu(["bash", "-c", f"cp -r {src} {copy_out} && sync"]))
+        shutil.rmtree(copy_out, ignore_errors=True)
+        drop_caches()
+        conv_runs.append(timed_cpu(convert_cmd(src, disk_out)))
+    return cp_runs, conv_runs
+
+
 def real_mix(args, rows: list) -> dict | None:
     """`cp -r` and the conversion of a slice with the real model's mix of bytes (24 of 60 layers: the embedding,
     copied in the kernel, is 11% of its bytes and 4.5% of the whole model's; in the small slice it is 42%), cold and
@@ -150,14 +165,7 @@ def real_mix(args, rows: list) -> dict | None:
         sh(sys.executable, "bench/make_slice.py", str(src), "--layers", layers)
     src_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     copy_out, disk_out = args.dir / "cp-real-mix", args.dir / "out-real-mix"
-    cp_runs, conv_runs = [], []
-    for _ in range(args.reps):
-        shutil.rmtree(disk_out, ignore_errors=True)
-        drop_caches()
-        cp_runs.append(timed_cpu(["bash", "-c", f"cp -r {src} {copy_out} && sync"]))
-        shutil.rmtree(copy_out, ignore_errors=True)
-        drop_caches()
-        conv_runs.append(timed_cpu(convert_cmd(src, disk_out)))
+    cp_runs, conv_runs = copy_then_convert(src, copy_out, disk_out, args.reps)
     shutil.rmtree(disk_out, ignore_errors=True)
     gb = src_bytes / 1e9
     label = f"{args.mix_layers}-layer slice ({gb:.1f} GB)"
@@ -230,16 +238,8 @@ def main() -> int:
 
     # cold and synced, alternated
     cold = drop_caches()
-    cp_times, conv_times, conv_cpu = [], [], []
-    for _ in range(args.reps):
-        shutil.rmtree(copy_out, ignore_errors=True)
-        drop_caches()
-        cp_times.append(timed(["bash", "-c", f"cp -r {src} {copy_out} && sync"]))
-        shutil.rmtree(copy_out, ignore_errors=True)
-        drop_caches()
-        wall, cpu = timed_cpu(convert_cmd(src, disk_out))  # the converter fsyncs every file it writes
-        conv_times.append(wall)
-        conv_cpu.append(cpu)
+    cp_runs, conv_runs = copy_then_convert(src, copy_out, disk_out, args.reps)
+    cp_times, conv_times, conv_cpu = [w for w, _ in cp_runs], [w for w, _ in conv_runs], [c for _, c in conv_runs]
     kind = "cold cache, synced" if cold else "page cache as found (not root: cannot drop it), synced"
     cp_best, conv_best = min(cp_times), min(conv_times)
     rows.append((f"cp -r, small slice, {kind}", " / ".join(f"{t:.1f} s" for t in cp_times),
