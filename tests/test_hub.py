@@ -124,15 +124,20 @@ def test_a_repository_without_safetensors_weights(tmp_path):
     assert got == {"error": f"acme/toy: no {INDEX_NAME} and no model.safetensors in it: not a safetensors checkpoint"}
 
 
-def test_a_converted_hub_repository_names_its_base_and_commit_in_the_card(repo, tmp_path):
+def convert_from_hub(repo: Path, tmp_path: Path, *args: str) -> None:
+    """`convert-fp8 --src acme/toy --dst tmp_path/out ARGS` in a process, online against the stand-in Hub."""
     with FakeHub("acme/toy", repo) as hub:
         env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_DISABLE_XET="1",
                    CONVERT_FP8_NO_PROGRESS="1")
         env.pop("HF_HUB_OFFLINE", None)
         done = subprocess.run([sys.executable, "-m", "converter.cli", "--src", "acme/toy", "--dst",
-                               str(tmp_path / "out"), "--no-arch-check", "-q"], capture_output=True, text=True,
-                              env=env, timeout=300)
+                               str(tmp_path / "out"), "--no-arch-check", "-q", *args], capture_output=True,
+                              text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_converted_hub_repository_names_its_base_and_commit_in_the_card(repo, tmp_path):
+    convert_from_hub(repo, tmp_path)
     card = (tmp_path / "out" / "README.md").read_text()
     meta = yaml.safe_load(card.split("---\n")[1])
     assert meta == {"license": "llama3.2", "base_model": "acme/toy", "base_model_relation": "quantized",
@@ -155,13 +160,6 @@ def test_an_index_naming_a_shard_outside_the_top_level_is_refused(tmp_path):
 
 def test_the_run_record_holds_the_resolved_commit(repo, tmp_path):
     """A resume or a later part must read the same commit: run.json records it, and it is part of the identity."""
-    with FakeHub("acme/toy", repo) as hub:
-        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_DISABLE_XET="1",
-                   CONVERT_FP8_NO_PROGRESS="1")
-        env.pop("HF_HUB_OFFLINE", None)
-        done = subprocess.run([sys.executable, "-m", "converter.cli", "--src", "acme/toy", "--dst",
-                               str(tmp_path / "out"), "--no-arch-check", "-q", "--max-shard-size", "6000",
-                               "--part", "1/2"], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    convert_from_hub(repo, tmp_path, "--max-shard-size", "6000", "--part", "1/2")
     record = json.loads((tmp_path / "out" / ".convert-fp8.partial" / "run.json").read_text())
     assert record["source_stamp"] == {"commit": COMMIT} and record["src"] == "acme/toy"
