@@ -15,16 +15,13 @@ from . import arch
 from .configs import ConvertOptions
 from .errors import UsageError
 from .finalize import finalize_if_complete
-from .lanes import QuantizeLane, Stop, write_shards
+from .lanes import Progress, QuantizeLane, Stop, write_shards
 from .manifest import RUN_FILE, Manifest, read_run, run_identity, source_stamp
 from .plan import QUANTIZE, SCALE, Plan, ShardPlan, make_plan
 from .resume import claim_part, run_record, verified_pieces
 from .source import SourceIndex, open_hub_source, open_source
 from .stripes import Quantizer
 from .write import STAGING_NAME, OutputDir
-
-Progress = Callable[[int], None]
-
 
 @dataclass
 class Summary:

@@ -28,7 +28,7 @@ from .convert import load_source
 from .dialects import ScaledWeight, reader_for
 from .errors import SourceError
 from .finalize import check_written_headers, write_last_files
-from .lanes import MainLane, Stop, write_shards
+from .lanes import MainLane, Progress, Stop, write_shards
 from .manifest import Manifest, Piece, run_identity, source_stamp
 from .plan import COPY, ShardedOutput, ShardPlan, TensorPlan, assign_shards
 from .resume import claim_part, source_name, verified_pieces
@@ -43,9 +43,6 @@ _TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 # FP8 bytes dequantized per step; the output is 2x this in BF16 (4x in F32), and the torch formula's float32
 # product another 4x.
 STRIPE_BYTES = 4 * 2**20
-
-Progress = Callable[[int], None]
-
 
 @dataclass(frozen=True)
 class DequantOptions:
