@@ -1,120 +1,265 @@
-"""Cross-check of the plan against transformers itself: build the architecture on the meta device (no memory,
-no weights) and compare the modules it would turn into FP8 modules with the plan's FP8 set.
+"""What transformers' own loader does with each checkpoint tensor, asked of transformers itself.
 
-A disagreement means a loader would raw-cast a BF16 weight into an FP8 module, or load FP8 bytes into a plain
-Linear: silent garbage either way, so it stops the conversion.
+The architecture is built on the meta device (no memory, no weights), the FP8 quantizer of the config replaces
+its modules exactly as `from_pretrained` does, and every checkpoint name goes through the model's weight
+conversion mapping (`get_model_conversion_mapping` + `rename_source_key`, the code the loader runs): per-expert
+Linears (`mlp.experts.3.gate_proj.weight`) land in the fused experts module they are merged into
+(`mlp.experts.gate_up_proj`), renamed keys where they are renamed to. The answer is the parameter each tensor
+lands in and whether that parameter is FP8, a scale, or high precision.
+
+Two uses: before the plan, the placement of the source's tensors under the user's exclusions says which ones
+transformers turns into FP8 (the plan quantizes exactly those it can); after the plan, the placement of the
+output's tensors under the written config must agree with the plan tensor for tensor. A disagreement means a
+loader would raw-cast a BF16 weight into an FP8 parameter, load FP8 bytes into a plain one, or leave an FP8
+parameter unset: silent garbage, so it stops the conversion.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PlanError
-from .plan import Plan, should_convert_module
 
 CACHE_ENV = "CONVERT_FP8_CACHE_DIR"
 
+FP8, SCALE, HIGH, UNEXPECTED = "fp8", "scale", "high", "unexpected"
+
 
 def cache_dir() -> Path:
-    """Where answers of the cross-check are kept: `$CONVERT_FP8_CACHE_DIR`, else `~/.cache/convert-fp8`."""
+    """Where answers of transformers are kept: `$CONVERT_FP8_CACHE_DIR`, else `~/.cache/convert-fp8`."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "convert-fp8"
     return Path(os.environ.get(CACHE_ENV) or default)
 
 
-def _cache_key(config: dict, patterns: tuple[str, ...]) -> str | None:
+@dataclass(frozen=True)
+class Placement:
+    """Where transformers' loader puts each checkpoint tensor of one config.
+
+    `tensors` maps a checkpoint name to `(role, parameter, module class)`: role FP8 (an FP8 weight parameter),
+    SCALE (its inverse scales), HIGH (any other parameter or buffer) or UNEXPECTED (the model has no place for
+    it). `unset` lists the FP8 and scale parameters no checkpoint tensor lands in.
+    """
+
+    tensors: dict[str, tuple[str, str, str]]
+    unset: tuple[str, ...]
+
+    def role(self, name: str) -> str:
+        return self.tensors[name][0]
+
+    def module_class(self, name: str) -> str:
+        return self.tensors[name][2]
+
+
+def _cache_path(kind: str, blob) -> Path | None:
     try:
         version = importlib.metadata.version("transformers")
     except importlib.metadata.PackageNotFoundError:
         return None
-    method = (config.get("quantization_config") or {}).get("quant_method", "fp8")
-    blob = json.dumps([version, config, list(patterns), method], sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()
+    digest = hashlib.sha256(json.dumps([version, blob], sort_keys=True).encode()).hexdigest()
+    return cache_dir() / kind / f"{digest}.json"
 
 
-def cached_fp8_modules(config: dict, patterns: tuple[str, ...]) -> set[str] | None:
-    """`transformers_fp8_modules`, remembered per transformers version, config and patterns: importing
-    transformers costs seconds, and the answer never changes for the same three."""
-    key = _cache_key(config, patterns)
-    path = cache_dir() / "arch" / f"{key}.json" if key else None
+def _cached(kind: str, blob, compute):
+    """`compute()`, remembered per transformers version and `blob`: importing transformers costs seconds, and
+    the answer, positive or not (an architecture it does not know), never changes for the same two."""
+    path = _cache_path(kind, blob)
     if path is not None and path.is_file():
         try:
-            return set(json.loads(path.read_text()))
+            return json.loads(path.read_text())
         except (OSError, ValueError):
             pass
-    modules = transformers_fp8_modules(config, patterns)
-    if modules is not None and path is not None:
+    answer = compute()
+    if path is not None and answer.get("cacheable", True):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(sorted(modules)))
+            tmp.write_text(json.dumps(answer))
             os.replace(tmp, path)
         except OSError:
             pass  # a cache that cannot be written only costs time
-    return modules
+    return answer
 
 
-def transformers_fp8_modules(config: dict, patterns: tuple[str, ...]) -> set[str] | None:
-    """Module names transformers converts to FP8 for this config and exclusion list (in the matching rule of the
-    config's dialect: `modules_to_not_convert` for fp8, `ignore` for compressed-tensors, which quantizes
-    `nn.Linear` modules only), or None when transformers is not installed or does not know the architecture."""
+def placement(config: dict, names: list[str]) -> Placement | str:
+    """Where transformers' FP8 loader puts the checkpoint tensors `names` of a model with this `config` (whose
+    `quantization_config` is transformers' `fp8`).
+
+    Returns:
+        The `Placement`, or why transformers cannot say (not installed, an architecture it does not know).
+    """
+    blob = [config, sorted(names)]
+    answer = _cached("placement", blob, lambda: _placement(config, names))
+    if "unknown" in answer:
+        return answer["unknown"]
+    return Placement({n: tuple(v) for n, v in answer["tensors"].items()}, tuple(answer["unset"]))
+
+
+def _meta_model(config: dict):
+    """The architecture of `config` on the meta device, or why it cannot be built."""
     try:
         import torch
         import transformers
-        from torch import nn
     except ImportError:
-        return None
+        return None, "transformers is not installed"
     archs = config.get("architectures") or []
     model_class = getattr(transformers, archs[0], None) if archs else None
     if model_class is None:
-        return None
+        return None, f"transformers {transformers.__version__} does not know {archs[0] if archs else 'the architecture'}"
     clean = {k: v for k, v in config.items() if k != "quantization_config"}
     try:
         cfg = transformers.AutoConfig.for_model(**clean)
-    except (ValueError, KeyError, TypeError):
+        with torch.device("meta"):
+            return model_class._from_config(cfg), None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return None, f"transformers cannot build {archs[0]} from this config ({type(exc).__name__}: {exc})"
+
+
+def _placement(config: dict, names: list[str]) -> dict:
+    model, why = _meta_model(config)
+    if model is None:
+        return {"unknown": why, "cacheable": why != "transformers is not installed"}
+    import torch
+    from transformers import FineGrainedFP8Config
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    qc = dict(config["quantization_config"])
+    qc.pop("quant_method", None)
+    qc.pop("ignored_layers", None)
+    quantizer = FineGrainedFP8HfQuantizer(FineGrainedFP8Config(**qc))
+    quantizer.pre_quantized = True  # the loader of an FP8 checkpoint: modules replaced, nothing quantized
+    quantizer._process_model_before_weight_loading(model)
+    params = model.state_dict()
+    mapping = get_model_conversion_mapping(model, None, quantizer)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+
+    def role_of(param: str, tensor) -> str:
+        if tensor.dtype == torch.float8_e4m3fn:
+            return FP8
+        if param.endswith("scale_inv"):
+            return SCALE
+        return HIGH
+
+    placed, landed = {}, set()
+    for name in names:
+        # as convert_and_load_state_dict_in_model renames a key (with the base-model prefix added or dropped)
+        target, _ = rename_source_key(name, renamings, converters, model.base_model_prefix, params)
+        if target not in params and name in params:
+            target, _ = rename_source_key(name, [], [], model.base_model_prefix, params)
+        if target not in params:
+            placed[name] = (UNEXPECTED, target, "")
+            continue
+        module = model.get_submodule(target.rpartition(".")[0]) if "." in target else model
+        placed[name] = (role_of(target, params[target]), target, type(module).__name__)
+        landed.add(target)
+    unset = sorted(p for p, t in params.items() if role_of(p, t) in (FP8, SCALE) and p not in landed)
+    return {"tensors": placed, "unset": unset}
+
+
+def loader_fp8_tensors(config: dict, names: list[str], writer, patterns: tuple[str, ...]) -> Placement | str | None:
+    """Where transformers' FP8 loader would put the source tensors `names` if every module not excluded by
+    `patterns` were converted: the plan quantizes the tensors that land in FP8 parameters.
+
+    Returns:
+        The `Placement`; why transformers cannot say; or None for a dialect transformers' FP8 loader does not
+        read (compressed-tensors keeps its name rules and its own check).
+    """
+    if writer.quant_method != "fp8":
         return None
-    with torch.device("meta"):
-        model = model_class._from_config(cfg)
-    if (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
-        from .dialects.compressed_tensors import CompressedTensorsWriter
-
-        return {name for name, module in model.named_modules()
-                if isinstance(module, nn.Linear) and CompressedTensorsWriter.converts(name, list(patterns))}
-    skip = list(patterns) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    return {
-        name
-        for name, module in model.named_modules()
-        if (type(module) is nn.Linear or name.endswith(".experts")) and should_convert_module(name, skip)
-    }
+    asked = copy.deepcopy(config)
+    asked["quantization_config"] = writer.quantization_config(list(patterns), [])
+    return placement(asked, names)
 
 
-def cross_check(plan: Plan) -> str | None:
-    """Raise `PlanError` when transformers would convert a different module set than the plan.
+def cross_check(plan) -> str | None:
+    """Raise `PlanError` when transformers would load the written output differently from the plan.
 
     Returns:
         None when the check ran and passed, else the reason it could not run.
     """
-    expected = cached_fp8_modules(plan.config, plan.modules_to_not_convert)
+    if plan.dialect.quant_method == "fp8":
+        expected = {t.name: {"quantize": FP8, "scale": SCALE}.get(t.action, HIGH) for t in plan.tensors}
+        found = placement(plan.config, list(expected))
+        if isinstance(found, str):
+            return f"architecture check skipped: {found}"
+        problems = disagreements(found, expected)
+    else:
+        problems = _linear_set_problems(plan)
+        if problems is None:
+            arch = (plan.config.get("architectures") or ["?"])[0]
+            return f"architecture check skipped: transformers is not installed or does not know {arch}"
+    if problems:
+        raise PlanError("architecture check failed: " + "; ".join(problems) + "; or --no-arch-check to skip the check")
+    return None
+
+
+def disagreements(found: Placement, expected: dict[str, str]) -> list[str]:
+    """How the loader's placement differs from the roles the checkpoint's tensors have (FP8, SCALE or HIGH), one
+    sentence per kind of difference, each naming the first module and the `--exclude` that fixes it."""
+    wrong: dict[str, list[str]] = {}
+    for name, want in expected.items():
+        role, param, cls = found.tensors[name]
+        got = HIGH if role == UNEXPECTED else role
+        if got != want:
+            wrong.setdefault(f"{want}->{got}", []).append(name)
+    out = []
+    raw_cast = wrong.get(f"{HIGH}->{FP8}", []) + wrong.get(f"{HIGH}->{SCALE}", [])
+    if raw_cast:
+        first = raw_cast[0].rpartition(".")[0]
+        out.append(f"transformers would load {len(raw_cast)} unquantized tensor(s) into FP8 modules, first "
+                   f"{raw_cast[0]!r} (it would raw-cast them: --exclude {first})")
+    high = wrong.get(f"{FP8}->{HIGH}", []) + wrong.get(f"{SCALE}->{HIGH}", [])
+    if high:
+        cls = found.module_class(high[0]) or "no module"
+        out.append(f"{len(high)} tensor(s) quantized here load into modules transformers keeps in high precision, "
+                   f"first {high[0]!r} ({cls}; --exclude {high[0].rpartition('.')[0]})")
+    crossed = wrong.get(f"{FP8}->{SCALE}", []) + wrong.get(f"{SCALE}->{FP8}", [])
+    if crossed:
+        out.append(f"{len(crossed)} tensor(s) land in the wrong parameter of an FP8 module, first {crossed[0]!r}")
+    if found.unset:
+        modules = list(dict.fromkeys(p.rpartition(".")[0] for p in found.unset))
+        out.append(f"transformers would load {len(modules)} module(s) as FP8 that no tensor here fills, first "
+                   f"{modules[0]!r} (absent or tied weights need an exclusion: --exclude {modules[0]})")
+    return out
+
+
+def _linear_set_problems(plan) -> list[str] | None:
+    """compressed-tensors: the `nn.Linear` modules its `ignore` leaves quantized, against the plan's FP8 modules;
+    None when transformers cannot build the architecture."""
+    expected = linear_modules(plan.config, plan.modules_to_not_convert, plan.dialect)
     if expected is None:
-        arch = (plan.config.get("architectures") or ["?"])[0]
-        return f"architecture check skipped: transformers is not installed or does not know {arch}"
-    ours = set(plan.fp8_modules)
-    only_theirs = sorted(expected - ours)
-    only_ours = sorted(ours - expected)
-    if not only_theirs and not only_ours:
         return None
-    parts = []
+    ours = set(plan.fp8_modules)
+    only_theirs, only_ours = sorted(expected - ours), sorted(ours - expected)
+    out = []
     if only_theirs:
-        parts.append(
-            f"transformers would load {len(only_theirs)} module(s) as FP8 that stay unquantized here, "
-            f"first {only_theirs[0]!r} (absent or tied weights need an exclusion: --exclude {only_theirs[0]})"
-        )
+        out.append(f"transformers would load {len(only_theirs)} module(s) as FP8 that stay unquantized here, "
+                   f"first {only_theirs[0]!r} (absent or tied weights need an exclusion: --exclude {only_theirs[0]})")
     if only_ours:
-        parts.append(
-            f"{len(only_ours)} module(s) quantized here are not Linears transformers converts, "
-            f"first {only_ours[0]!r} (--exclude {only_ours[0]})"
-        )
-    raise PlanError("architecture check failed: " + "; ".join(parts) + "; or --no-arch-check to skip the check")
+        out.append(f"{len(only_ours)} module(s) quantized here are not Linears transformers converts, "
+                   f"first {only_ours[0]!r} (--exclude {only_ours[0]})")
+    return out
+
+
+def linear_modules(config: dict, patterns: tuple[str, ...], writer) -> set[str] | None:
+    """The `nn.Linear` modules of the architecture that `writer`'s exclusion rule leaves quantized (how
+    compressed-tensors picks them), or None when transformers cannot build the architecture."""
+    def compute():
+        model, why = _meta_model(config)
+        if model is None:
+            return {"unknown": why, "cacheable": why != "transformers is not installed"}
+        from torch import nn
+
+        return {"modules": sorted(name for name, module in model.named_modules()
+                                  if isinstance(module, nn.Linear) and writer.converts(name, list(patterns)))}
+
+    answer = _cached("linears", [config, list(patterns), writer.quant_method], compute)
+    return None if "unknown" in answer else set(answer["modules"])

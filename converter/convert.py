@@ -13,6 +13,7 @@ from typing import Callable
 
 from . import arch
 from .configs import ConvertOptions
+from .dialects import writer_for
 from .errors import UsageError
 from .finalize import finalize_if_complete
 from .lanes import Progress, QuantizeLane, Stop, write_shards
@@ -49,8 +50,15 @@ def prepare(options: ConvertOptions, check_arch_now: bool = True) -> tuple[Sourc
         `(source, plan, notes)`; notes say what could not be checked.
     """
     source = load_source(options.src, options.dst, options.revision, options.low_disk, options.allow_external_links)
-    plan = make_plan(source, options.scheme, options.exclude_patterns, options.max_shard_size)
     notes = []
+    loader = None
+    if options.arch_check:
+        loader = arch.loader_fp8_tensors(source.config, list(source.tensors), writer_for(options.scheme),
+                                         options.exclude_patterns)
+        if isinstance(loader, str):
+            notes.append(f"{loader}: tensors are chosen by their names, dtypes and shapes alone")
+            loader = None
+    plan = make_plan(source, options.scheme, options.exclude_patterns, options.max_shard_size, loader)
     preset_archs = options.preset.architectures
     archs = source.config.get("architectures") or []
     if preset_archs and not set(archs) & set(preset_archs):
@@ -210,7 +218,7 @@ def finalize(dst: Path) -> Summary:
     options = ConvertOptions(
         src=record["src"], dst=Path(dst), preset=load_preset(opts["preset"]), revision=record.get("revision"),
         extra_excludes=tuple(opts["exclude"]), block_size=opts["block_size"],
-        max_shard_size=opts["max_shard_size"], arch_check=False, base_model=opts["base_model"],
+        max_shard_size=opts["max_shard_size"], arch_check=opts.get("arch_check", True), base_model=opts["base_model"],
         allow_external_links=opts.get("allow_external_links", False), overwrite=True, part=(n, n),
         format=opts.get("format", "fp8"), quant_scheme=opts.get("scheme", "fp8-block"),
         scale_fmt=opts.get("scale_fmt", "float"),
@@ -221,8 +229,9 @@ def finalize(dst: Path) -> Summary:
     out = OutputDir(dst, overwrite=True)
     if not finalize_if_complete(out, plan, source, options, notes):
         raise UsageError(f"{dst}: cannot finalize: {notes[-1]}")
-    return Summary(dst=Path(dst), shards=len(plan.shards), fp8_tensors=len(plan.fp8_modules),
-                   copied_tensors=len(plan.tensors) - 2 * len(plan.fp8_modules), bytes_in=source.nbytes,
+    n_fp8 = sum(1 for t in plan.tensors if t.action == QUANTIZE)
+    return Summary(dst=Path(dst), shards=len(plan.shards), fp8_tensors=n_fp8,
+                   copied_tensors=len(plan.tensors) - 2 * n_fp8, bytes_in=source.nbytes,
                    bytes_out=plan.output_nbytes, files_copied=len(plan.files_to_copy),
                    seconds=time.monotonic() - started,
                    peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, notes=notes)

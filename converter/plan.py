@@ -31,6 +31,14 @@ _EMBEDDING_NAME = re.compile(
     r"^(wte|wpe|shared|embed_tokens\w*|embed_positions|\w*embeddings|\w*_embedding|embedding|\w*embedding_table)$"
 )
 _FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
+# One expert of a per-expert MoE checkpoint (`mlp.experts.3.gate_proj.weight`): transformers 5.x merges every
+# expert of `mlp.experts` into one fused experts module at load, so their fates go together.
+_EXPERT_LINEAR = re.compile(r"^(?P<experts>.+\.experts)\.\d+\.[^.]+\.weight$")
+_SHARED_EXPERT = re.compile(r"\.shared_experts?\.")
+# MoE routers: their scores pick the experts, and their weights are not Linears transformers quantizes
+# (DeepSeek-V3's 256x7168 gate tiles by 128 all the same); kept in the source dtype by name, transformers or not.
+_ROUTER_MODULE = re.compile(r"(^|\.)router(\.|$)|\.(mlp|block_sparse_moe)\.gate$")
+ROUTER_BIAS = "e_score_correction_bias"
 
 
 @dataclass(frozen=True)
@@ -140,13 +148,37 @@ def classify(info: TensorInfo) -> tuple[str, str]:
     return "linear", "Linear weight"
 
 
+def router_modules(names) -> set[str]:
+    """Modules of these tensor names that are MoE routers by name: a `router` path component, `mlp.gate`
+    (`block_sparse_moe.gate`), or a module that also holds an `e_score_correction_bias` (DeepSeek-V3's gate)."""
+    modules = {module_of(n) for n in names}
+    return {m for m in modules if _ROUTER_MODULE.search(m)} | {
+        module_of(n) for n in names if n.rpartition(".")[2] == ROUTER_BIAS}
+
+
+def linear_role(name: str) -> str:
+    """What a quantized Linear weight is, for the plan's summary."""
+    if _EXPERT_LINEAR.match(name):
+        return "expert Linear (per-expert, fused at load)"
+    if _SHARED_EXPERT.search(name):
+        return "shared expert Linear"
+    return "Linear"
+
+
 def make_plan(
     source: SourceIndex,
     scheme: FP8Scheme,
     exclude_patterns: tuple[str, ...],
     max_shard_size: int,
+    loader=None,
 ) -> Plan:
     """Decide every tensor's fate, the output shards and the output config.
+
+    Args:
+        loader (`arch.Placement`, *optional*): where transformers' FP8 loader puts each source tensor when
+            every module not excluded is converted. Given, it decides: exactly the tensors it loads as FP8 are
+            quantized (those that can be); the others stay in the source dtype, saying why. Without it, names,
+            dtypes and shapes decide.
 
     Raises:
         PlanError: the source is already quantized, a pattern is not a valid regular expression, or the dialect
@@ -167,28 +199,29 @@ def make_plan(
     fp8_modules: list[str] = []
     kept: dict[str, str] = {}
     linear_like: list[str] = []  # every module transformers might turn into an FP8 module
-    # transformers makes every `*.experts` module one FP8Experts: all its expert tensors are FP8, or none
-    experts_why = _experts_fates(source, dialect)
+    routers = router_modules(source.tensors)
+    kinds = {info.name: _kind(info, routers, loader) for info in source.tensors.values()}
+    # transformers makes every `*.experts` module one FP8Experts, whether the checkpoint stores it fused or
+    # expert by expert: all its expert tensors are FP8, or none
+    experts_why = _experts_fates(source, dialect, kinds, exclude_patterns)
     for info in source.tensors.values():
-        kind, reason = classify(info)
+        kind, reason = kinds[info.name]
         module = module_of(info.name)
         if kind == "other":
             others.append(info.name)
             groups.append([_copy(info, reason)])
             continue
-        if module not in linear_like:
-            linear_like.append(module)
+        group = experts_module(info.name, kind, dialect)
+        owner = group or module  # what the loader builds, and so what a kept tensor's exclusion names
+        if owner not in linear_like:
+            linear_like.append(owner)
         matched = _first_match(module, exclude_patterns)
         if matched is not None:
             why = f"excluded by {matched!r}"
-        elif kind == "experts":
-            why = experts_why[module]
-        elif dialect.unfit(info.shape):
-            why = dialect.unfit(info.shape)
-        elif info.dtype not in QUANTIZABLE_DTYPES:
-            why = f"dtype {info.dtype} is not quantized (only {', '.join(QUANTIZABLE_DTYPES)})"
+        elif group is not None:
+            why = experts_why[group]
         else:
-            why = None
+            why = _why_kept(info, kind, reason, dialect)
         if why is None and kind == "experts" and not dialect.experts:
             every = re.sub(r"\.\d+\.", r".\\d+.", module)  # the same module in every layer
             raise PlanError(
@@ -202,15 +235,20 @@ def make_plan(
             scale_name = dialect.scale_name(info.name)
             groups.append(
                 [
-                    TensorPlan(info.name, info.name, QUANTIZE, dialect.weight_dtype, info.shape, "FP8"),
+                    TensorPlan(info.name, info.name, QUANTIZE, dialect.weight_dtype, info.shape,
+                               "fused expert tensor" if kind == "experts" else linear_role(info.name)),
                     TensorPlan(scale_name, info.name, SCALE, dialect.scale_dtype(info.dtype),
                                dialect.scale_shape(info.shape), "scale"),
                 ]
             )
             continue
-        kept.setdefault(module, why)
+        kept.setdefault(owner, why)
         groups.append([_copy(info, why)])
 
+    if not fp8_modules and linear_like:
+        reasons = ", ".join(f"{n} {why}" for why, n in Counter(kept.values()).most_common(3))
+        raise PlanError(f"nothing to quantize: all {len(linear_like)} Linear-like module(s) stay in the source dtype "
+                        f"({reasons})")
     # Every Linear kept unquantized must be excluded in the dialect's own terms, or the loader builds an FP8
     # module for it and raw-casts the unquantized weight into it.
     unmatched = _unmatched(exclude_patterns, linear_like, source.config)
@@ -242,19 +280,62 @@ def make_plan(
     )
 
 
-def _experts_fates(source: SourceIndex, dialect) -> dict[str, str | None]:
-    """Per `*.experts` module: None when every expert tensor of it can be quantized, else why not."""
+def _kind(info: TensorInfo, routers: set[str], loader) -> tuple[str, str]:
+    """`classify`, with routers told apart, and with transformers' word where it was asked: a weight it keeps
+    in high precision (GPT-2's Conv1D, a router) is no Linear to quantize; one it loads as FP8 is one."""
+    kind, reason = classify(info)
+    if kind == "linear" and module_of(info.name) in routers:
+        kind, reason = "router", "MoE router"
+    if loader is None:
+        return kind, reason
+    role = loader.role(info.name)
+    if role == "fp8" and kind == "other" and info.dtype in _FLOAT_DTYPES and len(info.shape) in (2, 3):
+        return ("linear" if len(info.shape) == 2 else "experts"), f"loaded as FP8 by transformers ({reason})"
+    if role != "fp8" and kind in ("linear", "experts"):
+        cls = loader.module_class(info.name) or "no module"
+        return "kept", f"transformers keeps it in high precision ({cls})"
+    return kind, reason
+
+
+def _why_kept(info: TensorInfo, kind: str, reason: str, dialect) -> str | None:
+    """Why a Linear-like weight stays in the source dtype, or None when it is quantized."""
+    if kind in ("router", "kept"):
+        return reason
+    if dialect.unfit(info.shape):
+        return dialect.unfit(info.shape)
+    if info.dtype not in QUANTIZABLE_DTYPES:
+        return f"dtype {info.dtype} is not quantized (only {', '.join(QUANTIZABLE_DTYPES)})"
+    return None
+
+
+def experts_module(name: str, kind: str, dialect) -> str | None:
+    """The experts module a tensor belongs to: a fused expert tensor's own module, or, for a dialect whose loader
+    fuses experts (transformers' fp8), the `*.experts` module a per-expert Linear is merged into at load."""
+    if kind == "experts":
+        return module_of(name)
+    match = _EXPERT_LINEAR.match(name) if kind in ("linear", "kept") and dialect.experts else None
+    return match["experts"] if match else None
+
+
+def _experts_fates(source: SourceIndex, dialect, kinds: dict, patterns) -> dict[str, str | None]:
+    """Per experts module: None when every expert tensor of it can be quantized, else why not."""
     fates: dict[str, str | None] = {}
     for info in source.tensors.values():
-        if classify(info)[0] != "experts":
+        kind, reason = kinds[info.name]
+        group = experts_module(info.name, kind, dialect)
+        if group is None:
             continue
-        module = module_of(info.name)
+        matched = _first_match(module_of(info.name), patterns)
         why = None
-        if dialect.unfit(info.shape):
-            why = f"expert tensor {info.name.rpartition('.')[2]} {dialect.unfit(info.shape).removeprefix('shape ')}"
+        if matched is not None:
+            why = f"excluded by {matched!r}"
+        elif kind == "kept":
+            why = reason
+        elif dialect.unfit(info.shape):
+            why = f"expert tensor {info.name.removeprefix(group + '.')} {dialect.unfit(info.shape).removeprefix('shape ')}"
         elif info.dtype not in QUANTIZABLE_DTYPES:
             why = f"dtype {info.dtype} is not quantized (only {', '.join(QUANTIZABLE_DTYPES)})"
-        fates[module] = fates.get(module) or why
+        fates[group] = fates.get(group) or why
     return fates
 
 
@@ -340,7 +421,7 @@ def describe_plan(plan: Plan) -> str:
     fates = Counter()
     for t in plan.tensors:
         if t.action == QUANTIZE:
-            fates["FP8 weight"] += 1
+            fates[f"FP8 weight, {t.reason}"] += 1
         elif t.action == SCALE:
             fates[f"scale ({t.name.rpartition('.')[2]}, {t.dtype})"] += 1
         else:

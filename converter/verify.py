@@ -22,7 +22,7 @@ from .configs import CONFIG_NAME, DTYPE_SIZES, FP8_DTYPE_NAME, INDEX_NAME, matri
 from .dialects import writer_from_config
 from .dialects.transformers_fp8 import decode_scale_bytes
 from .errors import ConvertError
-from .plan import classify, module_of
+from .plan import classify, experts_module, module_of
 from .source import SINGLE_FILE_NAME, ShardHeader, SourceIndex, TensorInfo, TensorReader, open_source, read_header
 
 REPORT_NAME = "convert-fp8-verify.json"
@@ -273,19 +273,37 @@ def _check_fp8_set(out: _Output, report: VerifyReport, fp8: dict[str, TensorInfo
             what = ("not excluded in the config: transformers would raw-cast it to FP8" if key != "ignore" else
                     "not in the config's ignore: the loader would read it as FP8 with no weight_scale")
             report.problems.append(Problem(f"{info.dtype} Linear {what}", tensor=name, shard=info.shard))
-        if ignored and module not in ignored:
+        if ignored and module not in ignored and experts_module(name, kind, writer) not in ignored:
             report.problems.append(Problem("unquantized Linear missing from ignored_layers (vLLM would quantize it)",
                                            tensor=name, shard=info.shard))
     if arch_check and out.config is not None:
-        expected = arch.transformers_fp8_modules(out.config, tuple(patterns))
-        if expected is None:
-            report.notes.append("architecture check skipped: transformers is not installed or does not know it")
+        _check_against_transformers(out, report, fp8, patterns, writer)
+
+
+def _check_against_transformers(out: _Output, report: VerifyReport, fp8: dict[str, TensorInfo], patterns,
+                                writer) -> None:
+    """transformers' own loader, built on the meta device: fp8 checkpoints tensor by tensor (where each lands,
+    per-expert Linears in their fused experts), compressed-tensors by its Linear set."""
+    fp8_modules = {module_of(n) for n in fp8}
+    if writer.quant_method == "fp8":
+        suffix = writer.scale_name("")
+        roles = {n: arch.FP8 if n in fp8 else arch.SCALE if n.endswith(suffix) and n[: -len(suffix)] in fp8
+                 else arch.HIGH for n in out.tensors}
+        found = arch.placement(out.config, list(roles))
+        if isinstance(found, str):
+            report.notes.append(f"architecture check skipped: {found}")
         else:
-            for module in sorted(expected - fp8_modules):
-                report.problems.append(Problem(f"transformers builds {module} as FP8 but the checkpoint has no FP8 "
-                                               "weight for it"))
-            for module in sorted(fp8_modules - expected):
-                report.problems.append(Problem(f"{module} is FP8 here but transformers does not convert it"))
+            report.problems += [Problem(p) for p in arch.disagreements(found, roles)]
+        return
+    expected = arch.linear_modules(out.config, tuple(patterns), writer)
+    if expected is None:
+        report.notes.append("architecture check skipped: transformers is not installed or does not know it")
+        return
+    for module in sorted(expected - fp8_modules):
+        report.problems.append(Problem(f"transformers builds {module} as FP8 but the checkpoint has no FP8 "
+                                       "weight for it"))
+    for module in sorted(fp8_modules - expected):
+        report.problems.append(Problem(f"{module} is FP8 here but transformers does not convert it"))
 
 
 def _check_against_source_structure(out: _Output, source: SourceIndex, report: VerifyReport, writer) -> None:

@@ -81,16 +81,13 @@ def test_moe_validate_on_cpu_names_the_experts_transformers_leaves_unscaled(moe,
             "loaded values differ from its dequantized FP8 blocks") in result.output
 
 
-def test_block_128_on_the_moe_keeps_experts_that_do_not_tile(moe, tmp_path):
-    src, _ = moe
-    result = run_cli("--src", src, "--dst", tmp_path / "o", "--block-size", "128", "--dry-run")
-    assert result.exit_code == 0, result.output
-    assert "expert tensor gate_up_proj 384x192 does not tile by 128" in result.output
+def test_block_128_on_the_moe_leaves_nothing_to_quantize_and_is_refused(moe, tmp_path):
+    src, _ = moe  # no Linear nor expert tensor of the tiny MoE tiles by 128
     result = run_cli("--src", src, "--dst", tmp_path / "o", "--block-size", "128")
-    assert result.exit_code == 0, result.output
-    qc = read_json(tmp_path / "o" / "config.json")["quantization_config"]
-    assert qc["weight_block_size"] == [128, 128]
-    assert "model.language_model.layers.0.experts" in qc["modules_to_not_convert"]
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and "nothing to quantize: all 26 Linear-like module(s)" in result.output
+    assert "(8 excluded by 'model.vision_tower', 5 shape 256x192 does not tile by 128, " in result.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_block_128_on_the_31b_structure_matches_transformers(gemma_src, tmp_path):

@@ -108,8 +108,11 @@ def test_linear_that_does_not_tile_is_kept_and_excluded_by_full_name(tmp_path):
 def test_arch_cross_check_agrees_with_transformers(builder, patterns, expected_fp8, tmp_path):
     plan = make_plan(open_source(builder(tmp_path / "m")), FP8Scheme(64), patterns, 5 * 10**9)
     assert len(plan.fp8_modules) == expected_fp8
-    theirs = arch.transformers_fp8_modules(plan.config, plan.modules_to_not_convert)
-    assert theirs == set(plan.fp8_modules)
+    found = arch.placement(plan.config, [t.name for t in plan.tensors])
+    roles = {t.name: found.role(t.name) for t in plan.tensors}
+    assert {n for n, r in roles.items() if r == arch.FP8} == {t.name for t in plan.tensors if t.action == QUANTIZE}
+    assert {n for n, r in roles.items() if r == arch.SCALE} == {t.name for t in plan.tensors if t.action == SCALE}
+    assert found.unset == ()
 
 
 def test_arch_cross_check_refuses_a_tied_head_left_to_fp8(tmp_path):
