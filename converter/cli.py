@@ -389,6 +389,28 @@ def _validate(dst, src, device, kernel, prompt, max_new_tokens, min_cosine, min_
         sys.exit(1)
 
 
+@main.command("doctor", epilog="""
+Examples:
+
+  convert-fp8 doctor
+
+  convert-fp8 doctor --dst /data/gemma-4-31B-it-FP8      # with the free disk where the output would go
+""")
+@click.option("--dst", type=click.Path(path_type=Path), default=None,
+              help="An output folder (it need not exist yet): print the free disk space there.")
+@click.pass_context
+def doctor_command(ctx, dst):
+    """Print what a bug report needs: versions of the tool, Python and its packages, whether numba can cache its
+    kernels, CPU features, GPUs and their compute capability, free disk at --dst. Uses no network."""
+    _run(ctx.obj["debug"], _doctor, dst=dst)
+
+
+def _doctor(dst):
+    from .doctor import describe, report
+
+    click.echo(describe(report(dst)))
+
+
 class _LibraryNotes(logging.Handler):
     """Warnings the library logs (on the `converter.*` loggers) as one `note:` line on stderr, above any bar."""
 
