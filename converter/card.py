@@ -94,7 +94,7 @@ def model_card(plan: Plan, base_model: str, repo_name: str, source_card: str | N
 {front}---
 # {repo_name}
 
-{"Fine-grained FP8 (block-quantized)" if dialect.rows_per_scale > 1 else "FP8 (per-channel)"} version of {origin} ({archs[0]}), converted offline by
+{dialect.card_title} version of {origin} ({archs[0]}), converted offline by
 convert-fp8 {__version__} without loading the model.
 {warning}
 - {dialect.card_weights(len(plan.fp8_modules))}

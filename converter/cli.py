@@ -65,9 +65,11 @@ def _size(ctx, param, value):
 @click.option("--format", "format", type=click.Choice(["fp8", "compressed-tensors"]), default="fp8", show_default=True,
               help="Output dialect: fp8 (transformers' FineGrainedFP8Config) or compressed-tensors (llm-compressor's, "
                    "vLLM's usual FP8 checkpoints).")
-@click.option("--scheme", "quant_scheme", type=click.Choice(["fp8-block", "fp8-dynamic"]), default=None,
-              help="compressed-tensors scheme: fp8-block (FP8_BLOCK, 128x128 unless --block-size) or fp8-dynamic "
-                   "(FP8_DYNAMIC, one scale per output channel) [fp8-block].")
+@click.option("--scheme", "quant_scheme", type=click.Choice(["fp8-block", "fp8-dynamic", "mxfp8", "mxfp8a16"]),
+              default=None,
+              help="compressed-tensors scheme: fp8-block (FP8_BLOCK, 128x128 unless --block-size), fp8-dynamic "
+                   "(FP8_DYNAMIC, one scale per output channel), mxfp8 or mxfp8a16 (MXFP8, MXFP8A16: a "
+                   "power-of-two scale per 32 columns) [fp8-block].")
 @click.option("--scale-fmt", type=click.Choice(["float", "ue8m0"]), default="float", show_default=True,
               help="fp8 format: float32 inverse scales, or ue8m0 (power-of-two scales in one byte, F8_E8M0).")
 @click.option("--part", default=None, metavar="I/N", callback=lambda ctx, param, value: _part(value),
@@ -158,6 +160,9 @@ def _check_dialect(options: dict) -> None:
                                    "the weight's dtype")
         if options["quant_scheme"] == "fp8-dynamic" and options["block_size"] is not None:
             raise UsageError("--block-size does not apply to --scheme fp8-dynamic (one scale per channel)")
+        if options["quant_scheme"].startswith("mx") and options["block_size"] is not None:
+            raise UsageError(f"--block-size does not apply to --scheme {options['quant_scheme']} (one scale per 32 "
+                             "columns)")
     elif options["quant_scheme"] is not None:
         raise UsageError(f"--scheme {options['quant_scheme']} is a compressed-tensors scheme: add "
                                "--format compressed-tensors")

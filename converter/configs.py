@@ -66,7 +66,8 @@ def tiles_evenly(shape: tuple[int, ...], block_size: int) -> bool:
 
 
 FORMATS = ("fp8", "compressed-tensors")  # output dialects: transformers' quant_method fp8, llm-compressor's
-CT_SCHEMES = ("fp8-block", "fp8-dynamic")  # compressed-tensors: FP8_BLOCK, FP8_DYNAMIC (per output channel)
+CT_SCHEMES = ("fp8-block", "fp8-dynamic", "mxfp8", "mxfp8a16")  # compressed-tensors: FP8_BLOCK, FP8_DYNAMIC (per
+# output channel), MXFP8 and MXFP8A16 (a power-of-two scale per 32 columns)
 SCALE_FORMATS = ("float", "ue8m0")  # transformers fp8: float32 or power-of-two (F8_E8M0) inverse scales
 CT_DEFAULT_BLOCK_SIZE = 128  # llm-compressor's FP8_BLOCK
 
@@ -92,7 +93,7 @@ class FP8Scheme:
         if self.scale_fmt not in SCALE_FORMATS:
             raise ValueError(f"scale format must be one of {', '.join(SCALE_FORMATS)}, got {self.scale_fmt!r}")
         if self.format == "fp8" and self.scheme != "fp8-block":
-            raise ValueError("--scheme fp8-dynamic is a compressed-tensors scheme: add --format compressed-tensors")
+            raise ValueError(f"--scheme {self.scheme} is a compressed-tensors scheme: add --format compressed-tensors")
         if self.format == "compressed-tensors" and self.scale_fmt != "float":
             raise ValueError("--scale-fmt ue8m0 is a transformers fp8 option; compressed-tensors stores scales in "
                              "the weight's dtype")

@@ -365,7 +365,7 @@ def _check_fp8(name, info, scale_info, reader, source, src_reader, writer, repor
         src_info = None
     rows, cols = matrix_shape(info.shape)
     unit = writer.rows_per_scale  # weight rows per row of scales
-    group_cols = writer.block_size if unit > 1 else cols  # columns one scale covers
+    group_cols = writer.group_columns or cols  # columns one scale covers
     scale_row_bytes = scale_info.shape[-1] * DTYPE_SIZES[scale_info.dtype]
     # The re-derivation uses the dialect's torch formula, independent of the converter's own kernel; its float32
     # temporaries are 4x the FP8 stripe, hence smaller stripes than elsewhere.

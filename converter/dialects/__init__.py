@@ -9,7 +9,7 @@ Adding a dialect is adding a module and a row in `READERS`.
 from __future__ import annotations
 
 from ..errors import SourceError
-from .compressed_tensors import CompressedTensorsWriter
+from .compressed_tensors import MX_SCHEME_NAMES, CompressedTensorsWriter, MXWriter
 from .transformers_fp8 import ScaledWeight, TransformersFP8Reader, TransformersFP8Writer
 
 READERS = {"fp8": TransformersFP8Reader}
@@ -24,6 +24,8 @@ __all__ = ["READERS", "WRITERS", "ScaledWeight", "reader_for", "writer_for", "wr
 
 def writer_for(scheme):
     """The writer of a `configs.FP8Scheme`."""
+    if scheme.format == "compressed-tensors" and scheme.scheme in MX_SCHEME_NAMES:
+        return MXWriter(scheme.scheme)
     if scheme.format == "compressed-tensors":
         return CompressedTensorsWriter(scheme.scheme, scheme.block_size)
     return TransformersFP8Writer(scheme.block_size, scheme.scale_fmt)

@@ -1,12 +1,16 @@
 """compressed-tensors (`quant_method: compressed-tensors`, format `float-quantized`), as llm-compressor's
 `model_free_ptq` writes it (llmcompressor 0.14.0.1, compressed-tensors 0.19): vLLM's usual FP8 checkpoints.
 
-Two schemes, each with static E4M3 weights and activations quantized at run time:
+Four schemes, each with static E4M3 weights:
 
 - `fp8-block` (its FP8_BLOCK): one scale per `b x b` block (128 unless `--block-size` says 64), activations per
   token group. A weight whose rows do not tile gets partial blocks (zero-padded for the scale, as it does); one
   whose columns do not tile is kept unquantized and ignored by name: llm-compressor 0.14 fails on such a weight.
 - `fp8-dynamic` (its FP8_DYNAMIC): one scale per output channel (row), activations per token.
+- `mxfp8` and `mxfp8a16` (its MXFP8 and MXFP8A16, format `mxfp8-quantized`, `MXWriter`): one power-of-two scale
+  per 32 consecutive input columns, stored as its biased exponent (`U8`, E8M0), activations quantized the same
+  way at run time (`mxfp8`) or left in 16 bits (`mxfp8a16`). A weight whose columns are not a multiple of 32 is
+  kept unquantized and ignored by name: llm-compressor 0.14 fails on it.
 
 Each Linear `m` gets `m.weight` (F8_E4M3) and `m.weight_scale`, a *scale* (not an inverse): `w ~ q * scale`,
 stored in the weight's own dtype (BF16 for a BF16 source), `[ceil(rows/b), ceil(cols/b)]` or `[rows, 1]`.
@@ -31,6 +35,9 @@ SCALE_SUFFIX = "_scale"
 FP8_MAX = 448.0
 COMPRESSED_TENSORS_VERSION = "0.19.0"  # the version whose bytes and config this writes
 SCHEME_NAMES = {"fp8-block": "FP8_BLOCK", "fp8-dynamic": "FP8_DYNAMIC"}
+MX_SCHEME_NAMES = {"mxfp8": "MXFP8", "mxfp8a16": "MXFP8A16"}
+MX_GROUP = 32  # input columns per MX scale
+MX_FORMAT = "mxfp8-quantized"
 REFERENCE_BLOCK = 128  # FP8_BLOCK's own block; another block is a custom scheme, "config_group_0"
 
 
@@ -57,15 +64,16 @@ def unstored_entry(path: str) -> str:
     return path if path == "lm_head" else f"re:{re.escape(path)}($|\\.)"
 
 
-def _activation_args(strategy: str, group_size: int | None) -> dict:
+def _activation_args(strategy: str, group_size: int | None, scale_dtype: str | None = None) -> dict:
     return {"actorder": None, "block_structure": None, "dynamic": True, "group_size": group_size, "num_bits": 8,
-            "observer": None, "observer_kwargs": {}, "scale_dtype": None, "strategy": strategy,
+            "observer": None, "observer_kwargs": {}, "scale_dtype": scale_dtype, "strategy": strategy,
             "symmetric": True, "type": "float", "zp_dtype": None}
 
 
-def _weight_args(strategy: str, block: list[int] | None) -> dict:
-    return {"actorder": None, "block_structure": block, "dynamic": False, "group_size": None, "num_bits": 8,
-            "observer": None, "observer_kwargs": {}, "scale_dtype": None, "strategy": strategy,
+def _weight_args(strategy: str, block: list[int] | None, group_size: int | None = None,
+                 scale_dtype: str | None = None) -> dict:
+    return {"actorder": None, "block_structure": block, "dynamic": False, "group_size": group_size, "num_bits": 8,
+            "observer": None, "observer_kwargs": {}, "scale_dtype": scale_dtype, "strategy": strategy,
             "symmetric": True, "type": "float", "zp_dtype": None}
 
 
@@ -104,6 +112,15 @@ class CompressedTensorsWriter:
     @property
     def servers(self) -> str:
         return "vLLM (compressed-tensors), transformers with compressed-tensors installed, SGLang"
+
+    @property
+    def card_title(self) -> str:
+        return "Fine-grained FP8 (block-quantized)" if self.blocked else "FP8 (per-channel)"
+
+    @property
+    def group_columns(self) -> int | None:
+        """Input columns one scale covers; None for all of them (one scale per row)."""
+        return self.block_size if self.blocked else None
 
     exclusion_key = "ignore"
     legacy_matching = False
@@ -232,8 +249,9 @@ class CompressedTensorsWriter:
         group = next(iter(groups.values()))
         weights = group.get("weights") or {} if isinstance(group, dict) else {}
         problems = []
-        if qc.get("format") != "float-quantized" or group.get("format") != "float-quantized":
-            problems.append(f"quantization_config.format is {qc.get('format')!r}, expected 'float-quantized'")
+        want = MX_FORMAT if weights.get("strategy") == "group" else "float-quantized"
+        if qc.get("format") != want or group.get("format") != want:
+            problems.append(f"quantization_config.format is {qc.get('format')!r}, expected {want!r}")
         if (weights.get("num_bits"), weights.get("type"), weights.get("symmetric")) != (8, "float", True):
             problems.append(f"quantization_config weights are {weights!r}, expected 8-bit symmetric float")
         if group.get("targets") != ["Linear"]:
@@ -241,6 +259,8 @@ class CompressedTensorsWriter:
         if not isinstance(qc.get("ignore", []), list):
             problems.append("quantization_config.ignore is not a list")
         strategy = weights.get("strategy")
+        if strategy == "group":
+            return MXWriter.from_group(qc, group, weights, problems)
         if strategy == "channel":
             return cls("fp8-dynamic"), problems
         block = weights.get("block_structure")
@@ -306,3 +326,174 @@ def _scale(amax, dtype):
     # a 0-d tensor of the dtype, as calculate_qparams divides by `bit_range.to(dtype) / 2`
     scale = amax / torch.tensor(FP8_MAX, dtype=dtype)
     return torch.where(scale == 0, torch.tensor(torch.finfo(dtype).eps, dtype=dtype), scale)
+
+
+@dataclass(frozen=True)
+class MXWriter(CompressedTensorsWriter):
+    """Writes compressed-tensors' MXFP8 (`scheme` "mxfp8", dynamic MXFP8 activations) or MXFP8A16 ("mxfp8a16",
+    16-bit activations): E4M3 weights, one `U8` E8M0 exponent per row and 32 input columns (`weight_scale`,
+    `[rows, cols/32]`), as `model_free_ptq` writes them. Names, `ignore` and its matching are
+    `CompressedTensorsWriter`'s."""
+
+    scheme: str = "mxfp8"
+    block_size: int = MX_GROUP  # columns per scale; one row per scale
+
+    def __post_init__(self):
+        if self.scheme not in MX_SCHEME_NAMES:
+            raise ValueError(f"MX scheme must be one of {', '.join(MX_SCHEME_NAMES)}, got {self.scheme!r}")
+
+    blocked = False
+    rows_per_scale = 1
+    scale_dtype_text = "U8 (E8M0 exponents)"
+
+    @property
+    def group_columns(self) -> int:
+        return MX_GROUP
+
+    @property
+    def label(self) -> str:
+        acts = "MXFP8 activations at run time" if self.scheme == "mxfp8" else "16-bit activations"
+        return (f"compressed-tensors {MX_SCHEME_NAMES[self.scheme]} ({MX_FORMAT}), one power-of-two scale per "
+                f"{MX_GROUP} columns (E8M0, U8), {acts}")
+
+    @property
+    def servers(self) -> str:
+        return "vLLM (compressed-tensors MXFP8), transformers with compressed-tensors installed"
+
+    @property
+    def card_title(self) -> str:
+        return "MXFP8 (microscaling, one power-of-two scale per 32 columns)"
+
+    @staticmethod
+    def accepts_scale_dtype(dtype: str) -> bool:
+        return dtype == "U8"
+
+    def card_weights(self, n: int) -> str:
+        acts = ("activations are quantized at run time to MXFP8\n  (32-element groups)" if self.scheme == "mxfp8"
+                else "activations stay in 16 bits")
+        return (f"{n} Linear weights stored as FP8 E4M3 with one power-of-two scale per {MX_GROUP} input columns "
+                f"(`weight_scale`,\n  its E8M0 exponent as U8), byte-identical to llm-compressor's `model_free_ptq` "
+                f"(llmcompressor 0.14.0.1, scheme\n  {MX_SCHEME_NAMES[self.scheme]}); {acts} (compressed-tensors, "
+                f"`{MX_FORMAT}`).")
+
+    def card_why(self) -> str:
+        return (f"{MX_GROUP}-column groups with power-of-two scales (OCP microscaling): fine groups, and scales the "
+                "MX tensor cores\n  read as they are. Check output values, not only that the model loads.")
+
+    cpu_load = "weights stay MXFP8 and compressed-tensors dequantizes them at run time"
+
+    @staticmethod
+    def scale_dtype(weight_dtype: str) -> str:
+        return "U8"
+
+    def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        rows, cols = shape[-2:]
+        return (rows, -(-cols // MX_GROUP))
+
+    def unfit(self, shape: tuple[int, ...]) -> str | None:
+        if shape[-1] % MX_GROUP:
+            return (f"shape {'x'.join(map(str, shape[-2:]))}: columns are not a multiple of {MX_GROUP} "
+                    "(llm-compressor 0.14 cannot write such a weight)")
+        return None
+
+    def quantize(self, weight):
+        """See `quantize_mx`."""
+        return quantize_mx(weight)
+
+    def dequantize(self, fp8, scales):
+        """What the loader computes: each E4M3 value times `2 ** (exponent - 127)`, in float32 here."""
+        import torch
+
+        from .transformers_fp8 import decode_scale_bytes
+
+        q = fp8.to(torch.float32)
+        s = torch.from_numpy(decode_scale_bytes(scales.contiguous().view(torch.uint8).numpy(), "U8"))
+        return q * s.reshape(scales.shape).repeat_interleave(MX_GROUP, 1)[:, : q.shape[1]]
+
+    def quantization_config(self, ignore: list[str], ignored_layers: list[str] | None = None) -> dict:
+        """The `quantization_config` that `model_free_ptq` writes for MXFP8 / MXFP8A16 and `ignore`."""
+        activations = (_activation_args("group", MX_GROUP, "torch.uint8") if self.scheme == "mxfp8" else None)
+        weights = _weight_args("group", None, MX_GROUP, "torch.uint8")
+        return {
+            "config_groups": {MX_SCHEME_NAMES[self.scheme]: {
+                "format": MX_FORMAT, "input_activations": activations, "output_activations": None,
+                "targets": ["Linear"], "weights": weights}},
+            "format": MX_FORMAT,
+            "global_compression_ratio": None,
+            "ignore": list(ignore),
+            "kv_cache_scheme": None,
+            "quant_method": "compressed-tensors",
+            "quantization_status": "compressed",
+            "transform_config": {},
+            "version": COMPRESSED_TENSORS_VERSION,
+        }
+
+    @classmethod
+    def from_group(cls, qc: dict, group: dict, weights: dict, problems: list[str]):
+        """The MX writer of a `group`-strategy config group (see `CompressedTensorsWriter.from_config`)."""
+        if (weights.get("group_size"), weights.get("scale_dtype")) != (MX_GROUP, "torch.uint8"):
+            return None, problems + [f"quantization_config weights group_size {weights.get('group_size')!r} with "
+                                     f"scale_dtype {weights.get('scale_dtype')!r}: expected {MX_GROUP} and "
+                                     "torch.uint8 (MXFP8)"]
+        return cls("mxfp8" if group.get("input_activations") else "mxfp8a16"), problems
+
+
+def quantize_mx(weight):
+    """compressed-tensors' MXFP8 weight quantization (`calculate_qparams` with `generate_mx_scales`, `quantize`,
+    then `compress_mx_scale`), in the weight's dtype, per row and group of 32 columns:
+
+        amax  = max |w| over the group
+        p     = amax with its mantissa rounded to a power of two by bits: + 2**(m - 2) ulp, then the mantissa
+                dropped (m the dtype's mantissa bits), so 1.75 * 2**k and above round up to 2**(k + 1)
+        e     = round(clamp(127 + floor(log2(p)) - 8, 0, 255))      (8 = floor(log2(448)); -inf for a zero group)
+        scale = dtype(2.0 ** (e - 127)), or 1 where that is 0 (uint8's eps; an F16 weight's tiny groups)
+        q     = e4m3_RNE(clamp(RN_dtype(w / scale), -448, 448))
+        stored: uint8(127 + floor(log2(scale)))
+
+    Args:
+        weight (`torch.Tensor`): 2-D, BF16, F16 or F32, columns a multiple of 32.
+
+    Returns:
+        `(float8_e4m3fn weight, uint8 exponents [rows, cols / 32])`.
+
+    Raises:
+        quantize.NonFiniteError: the weight holds NaN or Inf.
+    """
+    import torch
+
+    from ..quantize import NonFiniteError
+
+    dtype = weight.dtype
+    rows, cols = weight.shape
+    groups = weight.reshape(rows, cols // MX_GROUP, MX_GROUP)
+    amax = groups.abs().amax(dim=-1)
+    bad = ~torch.isfinite(amax)
+    if bad.any():
+        raise NonFiniteError("holds NaN or Inf", row=int(bad.any(dim=1).nonzero()[0, 0]))
+    exponent = 127 + torch.floor(torch.log2(_round_to_power_2(amax))) - 8
+    exponent = torch.round(exponent.clamp(0, 255)).to(torch.uint8)
+    scale = (2.0 ** (exponent.to(torch.int32) - 127).to(torch.float)).to(dtype)
+    scale = torch.where(scale == 0, torch.tensor(1, dtype=dtype), scale)
+    fp8 = (groups / scale[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).reshape(rows, cols)
+    stored = (127 + torch.floor(torch.log2(scale)).to(torch.int32)).to(torch.uint8)
+    return fp8, stored
+
+
+# (integer view, mantissa bits) of each float dtype, for the power-of-two rounding
+_FLOAT_BITS = {"bfloat16": ("int16", 7), "float16": ("int16", 10), "float32": ("int32", 23)}
+
+
+def _round_to_power_2(x):
+    """compressed-tensors' `round_to_power_2` on the bits of `x` (non-negative): add a quarter of the exponent's
+    step to the mantissa and keep sign and exponent."""
+    import torch
+
+    int_name, mantissa = _FLOAT_BITS[str(x.dtype).removeprefix("torch.")]
+    bits = x.view(getattr(torch, int_name)).to(torch.int32)
+    width = 16 if int_name == "int16" else 32
+    exponent_bits = width - 1 - mantissa
+    mask = ((1 << (exponent_bits + 1)) - 1) << mantissa
+    rounded = torch.bitwise_and(bits + (1 << (mantissa - 2)), mask)
+    if width == 16:
+        return rounded.to(torch.int16).view(x.dtype)
+    return rounded.view(x.dtype)

@@ -193,6 +193,11 @@ class TransformersFP8Writer:
         return self.block_size
 
     @property
+    def group_columns(self) -> int:
+        """Input columns one scale covers."""
+        return self.block_size
+
+    @property
     def fused_kernel(self) -> bool:
         """Whether the numba kernel (float32 scales only) gives this dialect's bytes."""
         return self.scale_fmt == "float"
@@ -210,6 +215,7 @@ class TransformersFP8Writer:
                     "scales as they are)")
         return "transformers (FineGrainedFP8Config), vLLM, SGLang"
 
+    card_title = "Fine-grained FP8 (block-quantized)"
     exclusion_key = "modules_to_not_convert"
     legacy_matching = True  # transformers 5.5-5.22 matched these patterns without a module boundary
 
