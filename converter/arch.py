@@ -75,7 +75,7 @@ def _cached(kind: str, blob, compute):
         except (OSError, ValueError):
             pass
     answer = compute()
-    if path is not None and answer.get("cacheable", True):
+    if path is not None and answer.pop("cacheable", True):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -108,6 +108,8 @@ def _meta_model(config: dict):
     except ImportError:
         return None, "transformers is not installed"
     archs = config.get("architectures") or []
+    if config.get("auto_map"):  # its own modeling code, which the loader runs instead of transformers' class
+        return None, f"{archs[0] if archs else 'the model'} brings its own code (auto_map)"
     model_class = getattr(transformers, archs[0], None) if archs else None
     if model_class is None:
         return None, f"transformers {transformers.__version__} does not know {archs[0] if archs else 'the architecture'}"

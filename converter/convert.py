@@ -56,7 +56,8 @@ def prepare(options: ConvertOptions, check_arch_now: bool = True) -> tuple[Sourc
         loader = arch.loader_fp8_tensors(source.config, list(source.tensors), writer_for(options.scheme),
                                          options.exclude_patterns)
         if isinstance(loader, str):
-            notes.append(f"{loader}: tensors are chosen by their names, dtypes and shapes alone")
+            notes.append(f"architecture check skipped: {loader}; tensors are chosen by their names, dtypes and "
+                         "shapes alone")
             loader = None
     plan = make_plan(source, options.scheme, options.exclude_patterns, options.max_shard_size, loader)
     preset_archs = options.preset.architectures
@@ -64,10 +65,14 @@ def prepare(options: ConvertOptions, check_arch_now: bool = True) -> tuple[Sourc
     if preset_archs and not set(archs) & set(preset_archs):
         notes.append(f"preset {options.preset.name!r} is meant for {', '.join(preset_archs)}, not {archs}")
     if options.arch_check and check_arch_now:
-        skipped = arch.cross_check(plan)
-        if skipped:
-            notes.append(skipped)
+        _note_once(notes, arch.cross_check(plan))
     return source, plan, notes
+
+
+def _note_once(notes: list[str], note: str | None) -> None:
+    """Add the cross-check's note unless choosing the tensors already said why transformers could not answer."""
+    if note and not any(n.startswith(note) for n in notes):
+        notes.append(note)
 
 
 def load_source(src: Path | str, dst: Path, revision: str | None = None, low_disk: bool = False,
@@ -148,9 +153,7 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
                                      claimed.resumed, stop)
         manifest.close()
         if arch_check is not None:
-            skipped = arch_check.result()
-            if skipped:
-                notes.append(skipped)
+            _note_once(notes, arch_check.result())
         (out.staging / f"part-{i}-of-{n}.done").write_text(identity + "\n")
         claimed.lock.release()
         finalized = finalize_if_complete(out, plan, source, options, notes)

@@ -246,7 +246,7 @@ def make_plan(
         groups.append([_copy(info, why)])
 
     if not fp8_modules and linear_like:
-        reasons = ", ".join(f"{n} {why}" for why, n in Counter(kept.values()).most_common(3))
+        reasons = "; ".join(f"{why}: {n}" for why, n in Counter(kept.values()).most_common(3))
         raise PlanError(f"nothing to quantize: all {len(linear_like)} Linear-like module(s) stay in the source dtype "
                         f"({reasons})")
     # Every Linear kept unquantized must be excluded in the dialect's own terms, or the loader builds an FP8

@@ -86,7 +86,7 @@ def test_block_128_on_the_moe_leaves_nothing_to_quantize_and_is_refused(moe, tmp
     result = run_cli("--src", src, "--dst", tmp_path / "o", "--block-size", "128")
     assert result.exit_code == 1
     assert result.output.count("\n") == 1 and "nothing to quantize: all 26 Linear-like module(s)" in result.output
-    assert "(8 excluded by 'model.vision_tower', 5 shape 256x192 does not tile by 128, " in result.output
+    assert "(excluded by 'model.vision_tower': 8; shape 256x192 does not tile by 128: 5; " in result.output
     assert not (tmp_path / "o").exists()
 
 
@@ -140,5 +140,5 @@ def test_llama_preset(tmp_path):
 def test_presets_list():
     from converter.presets import available_presets
 
-    assert available_presets() == ["default", "gemma-4-26b-a4b-it", "gemma-4-31b-it", "gemma-4-e2b-it",
-                                   "gemma-4-e4b-it", "llama"]
+    assert available_presets() == ["deepseek-v3", "default", "gemma-4-26b-a4b-it", "gemma-4-31b-it",
+                                   "gemma-4-e2b-it", "gemma-4-e4b-it", "glm4-moe", "llama", "mixtral", "qwen3-moe"]
