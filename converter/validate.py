@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import arch
 from .configs import CONFIG_NAME, FP8_DTYPE_NAME
 from .errors import SourceError, UsageError
 from .kernels.loading import package_version, prepare_kernel
@@ -552,6 +554,34 @@ def _sentence_inputs(dst: Path, config, device: str) -> tuple[list[dict], str]:
     return [{k: v.to(device) for k, v in b.items()} for b in batches], how
 
 
+def _loaded_names(config: dict, names: list[str], writer) -> dict[str, str]:
+    """The parameter transformers' loader puts each checkpoint tensor in (`arch.placement`), for fp8 checkpoints
+    whose architecture it knows; empty otherwise."""
+    if writer.quant_method != "fp8":
+        return {}
+    found = arch.placement(config, names)
+    return {} if isinstance(found, str) else {n: found.tensors[n][1] for n in names}
+
+
+_EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
+
+
+def _expert_rows(fused, name: str, shard: str, dst: Path):
+    """The rows of a fused experts tensor that hold the per-expert checkpoint tensor `name`: expert `e`'s slice
+    (the loader stacks experts in index order), and in it the block of rows equal in count to the checkpoint
+    tensor's whose dequantized values match (gate and up are concatenated there), or the first such block."""
+    import torch
+    from safetensors import safe_open
+
+    match = _EXPERT_INDEX.search(name)
+    if match is None or fused.dim() != 3:
+        return fused
+    with safe_open(dst / shard, "pt") as f:
+        rows = f.get_slice(name).get_shape()[0]
+    expert = fused[int(match[1])]
+    return torch.stack([expert[k:k + rows] for k in range(0, expert.shape[0] - rows + 1, rows)])
+
+
 def _check_fp8_modules(report: ValidateReport, model, dst: Path, device: str) -> None:
     """Every module the checkpoint stores as FP8 is loaded as such: an FP8Linear holding float8 weights on the
     GPU; on the CPU, a Linear whose weight equals the dequantized blocks (so the scales were applied)."""
@@ -569,11 +599,15 @@ def _check_fp8_modules(report: ValidateReport, model, dst: Path, device: str) ->
     prefix = getattr(model, "base_model_prefix", "") + "."
     wrong = []
     kept_compressed = 0
+    targets = _loaded_names(json.loads((dst / CONFIG_NAME).read_text()), list(expected), writer)
     for name, shard in expected.items():
+        target = targets.get(name, name)  # a per-expert Linear is loaded into its fused experts tensor
         # a checkpoint saved with its head, loaded as the base model (sentence-transformers), drops the prefix
-        module = modules.get(module_of(name)) or modules.get(module_of(name).removeprefix(prefix))
-        leaf = name.rpartition(".")[2]  # "weight" for a Linear; "gate_up_proj", "down_proj" for experts
+        module = modules.get(module_of(target)) or modules.get(module_of(target).removeprefix(prefix))
+        leaf = target.rpartition(".")[2]  # "weight" for a Linear; "gate_up_proj", "down_proj" for experts
         weight = getattr(module, leaf, None) if module is not None else None
+        if weight is not None and target != name:
+            weight = _expert_rows(weight, name, shard, dst)
         if weight is None:
             wrong.append(f"{name}: not in the loaded model")
             continue
@@ -600,6 +634,8 @@ def _check_fp8_modules(report: ValidateReport, model, dst: Path, device: str) ->
         got = weight.detach().float().cpu()
         want = want.to(weight.dtype).float()
         same = (got == want) | (got.isnan() & want.isnan())
+        if got.dim() == want.dim() + 1:  # the candidate row blocks of a fused expert: one of them must match
+            same = same.flatten(1).all(dim=1).any()
         if not bool(same.all()):
             wrong.append(f"{name}: loaded values differ from its dequantized FP8 blocks (transformers did not "
                          "apply the scales)")

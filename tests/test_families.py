@@ -81,6 +81,10 @@ def test_per_expert_moe_default_run(tmp_path):
     qc = read_json(dst / "config.json")["quantization_config"]
     assert qc["modules_to_not_convert"] == ["model.vision_tower", "lm_head", "model.layers.0.mlp.gate",
                                             "model.layers.1.mlp.gate"]
+    # validate finds each per-expert FP8 weight in the fused experts tensor the loader made of it
+    result = run_cli("validate", "--dst", dst, "--device", "cpu", "--max-new-tokens", "2",
+                     "--report", tmp_path / "r.json")
+    assert "[ok] fp8 path: 32 FP8 modules: all dequantized from their FP8 blocks and scales" in result.output
 
 
 def test_fused_experts_loaded_equal_transformers_quantizing_the_fused_tensor(tmp_path):
