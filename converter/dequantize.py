@@ -113,7 +113,7 @@ def make_dequant_plan(source: SourceIndex, dtype: str, max_shard_size: int) -> D
     pairs = reader.pair(source.tensors, lambda info: f"{source.name or source.root}/{info.shard}")
     if not pairs:
         raise SourceError(f"{where}: says {reader.quant_method} but the checkpoint holds no FP8 weights")
-    scales = {p.scale.name for p in pairs.values()}
+    scales = {p.scale.name for p in pairs.values()} | reader.dropped(source.tensors)
     groups = []
     for info in source.tensors.values():
         if info.name in scales:
@@ -465,8 +465,8 @@ def model_card(plan: DequantPlan, base_model: str, source_card: str | None = Non
 streaming, without loading the model.
 {warning}
 - Source: {plan.dialect}.
-- {len(plan.pairs)} FP8 weights dequantized: each E4M3 value times its block's inverse scale in float32,
-  rounded once to {dtype}, the values transformers computes when it dequantizes the checkpoint on load.
+- {len(plan.pairs)} FP8 weights dequantized: each E4M3 value times its block's scale in float32,
+  rounded once to {dtype}, {plan.reader.values_text}.
   The scale tensors are dropped and `quantization_config` is removed from the config.
 - Every other tensor and file is copied unchanged.
 - Tensor data: {format_size(plan.source_nbytes)} in the source, {format_size(plan.output_nbytes)} here.

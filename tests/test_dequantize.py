@@ -327,16 +327,10 @@ def test_refuses_a_bf16_checkpoint(gemma_src, tmp_path):
                                             "not an FP8 checkpoint, nothing to dequantize")
 
 
-def test_refuses_compressed_tensors_by_name(tmp_path):
-    src = fp8_checkpoint(tmp_path / "ct", tiny(), {"quant_method": "compressed-tensors", "format": "float-quantized"})
-    assert refused(src, tmp_path) == (f"convert-fp8: error: {src}/config.json: quant_method 'compressed-tensors' "
-                                      "cannot be dequantized by this tool (it reads fp8)")
-
-
-def test_refuses_our_own_compressed_tensors_output_by_name(gemma_src, tmp_path):
-    src = converted(gemma_src, tmp_path / "ct", "--format", "compressed-tensors", "--scheme", "fp8-block")
-    assert refused(src, tmp_path) == (f"convert-fp8: error: {src}/config.json: quant_method 'compressed-tensors' "
-                                      "cannot be dequantized by this tool (it reads fp8)")
+def test_refuses_another_quant_method_by_name(tmp_path):
+    src = fp8_checkpoint(tmp_path / "awq", tiny(), {"quant_method": "awq"})
+    assert refused(src, tmp_path) == (f"convert-fp8: error: {src}/config.json: quant_method 'awq' cannot be "
+                                      "dequantized by this tool (it reads compressed-tensors, fp8)")
 
 
 def test_refuses_a_weight_without_its_scale(tmp_path):
@@ -493,3 +487,129 @@ def test_e8m0_scales_read_from_their_bytes_as_torch_casts_them(tmp_path):
     src = fp8_checkpoint(tmp_path / "nan", tiny(**{"m.weight_scale_inv": scales}), {**QC, "scale_fmt": "ue8m0"})
     assert refused(src, tmp_path) == (f"convert-fp8: error: {src}/model.safetensors: scale m.weight_scale_inv is "
                                       "nan at block (0, 1); the checkpoint is damaged")
+
+
+# --- compressed-tensors sources ------------------------------------------------------------------------------------
+
+
+def ct_decompressed(path: Path) -> dict:
+    """compressed-tensors' own decompression of a checkpoint: transformers loads it with
+    `CompressedTensorsConfig(run_compressed=False)`, so `ModelCompressor.decompress_model` turns every quantized
+    Linear back into a dense weight. Returns those weights (the checkpoint's FP8 ones) by name."""
+    import transformers
+    from transformers import CompressedTensorsConfig
+
+    arch = read_json(path / "config.json")["architectures"][0]
+    model = getattr(transformers, arch).from_pretrained(path, dtype="auto",
+                                                       quantization_config=CompressedTensorsConfig(run_compressed=False))
+    state = model.state_dict()
+    fp8 = [n for n, t in tensors_of(path).items() if t.dtype == torch.float8_e4m3fn]
+    return {name: state[name] for name in fp8}
+
+
+CT_SCHEMES = [("fp8-block",), ("fp8-block", "--block-size", "64"), ("fp8-dynamic",), ("mxfp8",), ("mxfp8a16",)]
+
+
+@pytest.mark.parametrize("scheme", CT_SCHEMES, ids=lambda s: "-".join(s))
+def test_compressed_tensors_equals_its_own_decompression(tmp_path, scheme):
+    from .conftest import tiny_llama
+
+    src = tiny_llama(tmp_path / "llama", intermediate_size=200)  # down_proj 128x200: kept in BF16 and ignored
+    fp8 = converted(src, tmp_path / "ct", "--format", "compressed-tensors", "--scheme", *scheme)
+    bf16 = dequantized(fp8, tmp_path / "bf16")
+    out, source, ref = tensors_of(bf16), tensors_of(src), ct_decompressed(fp8)
+    assert len(ref) == (12 if scheme[0] != "fp8-dynamic" else 14) and set(out) == set(source)
+    for name, weight in ref.items():
+        assert weight.dtype == out[name].dtype == torch.bfloat16
+        assert raw(out[name]) == raw(weight), name
+    for name in set(out) - set(ref):  # the ignored Linears, embeddings and norms: copied
+        assert raw(out[name]) == raw(source[name]), name
+    assert read_json(bf16 / "config.json") == read_json(src / "config.json")  # quantization_config removed
+    card = (bf16 / "README.md").read_text()
+    assert "the values compressed-tensors computes when it decompresses the checkpoint" in card
+
+
+@pytest.mark.parametrize("scheme", CT_SCHEMES[:3], ids=lambda s: "-".join(s))
+def test_compressed_tensors_round_trip(gemma_src, tmp_path, scheme):
+    args = ("--format", "compressed-tensors", "--scheme", *scheme)
+    fp8 = converted(gemma_src, tmp_path / "fp8", *args)
+    again = converted(dequantized(fp8, tmp_path / "bf16"), tmp_path / "again", *args)
+    assert without_card(again) == without_card(fp8)
+
+
+def test_mxfp8_round_trip_doubles_the_scale_of_groups_at_448_and_then_holds(tmp_path):
+    """MXFP8's scale rounds a group's maximum up to the next power of two from 1.75 * 2**k, so a group whose
+    largest E4M3 value is 448 (1.75 * 2**8) comes back with twice its scale: that group's exponent grows by one,
+    every other byte is kept, and a second round trip changes nothing."""
+    from .conftest import tiny_llama
+
+    src = tiny_llama(tmp_path / "llama", intermediate_size=256)
+    args = ("--format", "compressed-tensors", "--scheme", "mxfp8", "--max-shard-size", "10GB")
+    first = converted(src, tmp_path / "fp8", *args)
+    second = converted(dequantized(first, tmp_path / "bf16"), tmp_path / "fp8-2", *args)
+    third = converted(dequantized(second, tmp_path / "bf16-2"), tmp_path / "fp8-3", *args)
+    assert without_card(third) == without_card(second)
+    a, b = tensors_of(first), tensors_of(second)
+    moved = 0
+    for name in (n for n in a if n.endswith(".weight_scale")):
+        q = a[name.removesuffix("_scale")].float().abs()
+        at_448 = q.reshape(q.shape[0], -1, 32).amax(dim=-1) == 448
+        assert torch.equal(b[name].int() - a[name].int(), at_448.int()), name
+        moved += int(at_448.sum())
+    assert moved > 0
+
+
+def ct_qc(strategy="tensor", fmt="float-quantized", **weights) -> dict:
+    args = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "dynamic": False, **weights}
+    acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
+    return {"quant_method": "compressed-tensors", "format": fmt, "ignore": ["lm_head"], "kv_cache_scheme": None,
+            "config_groups": {"group_0": {"format": fmt, "targets": ["Linear"], "weights": args,
+                                          "input_activations": acts}}}
+
+
+def test_per_tensor_fp8_with_static_activation_scales(tmp_path):
+    """Per-tensor FP8 weights with static per-tensor activation scales (compressed-tensors' FP8 preset, which
+    llm-compressor's oneshot writes and this tool does not): the weights dequantized, `input_scale` dropped."""
+    gen = torch.Generator().manual_seed(3)
+    q = (torch.randn(96, 160, generator=gen) * 60).to(torch.float8_e4m3fn)
+    scale = torch.tensor([0.0123], dtype=torch.bfloat16)
+    tensors = {"m.weight": q, "m.weight_scale": scale, "m.input_scale": torch.tensor([0.5], dtype=torch.bfloat16),
+               "norm.weight": torch.ones(160, dtype=torch.bfloat16)}
+    src = fp8_checkpoint(tmp_path / "ct", tensors, ct_qc())
+    result = run_cli("dequantize", "--src", src, "--dst", tmp_path / "o", "--dry-run")
+    assert result.output.splitlines()[:2] == [
+        "source: compressed-tensors group_0 (float-quantized), E4M3 weights, one scale per tensor, static activation "
+        "scales dropped",
+        "1 FP8 weights to BF16, 1 scale tensors dropped, 1 tensors copied; 1 shard(s)"]
+    out = tensors_of(dequantized(src, tmp_path / "bf16"))
+    assert sorted(out) == ["m.weight", "norm.weight"]
+    assert raw(out["m.weight"]) == raw(q.to(torch.bfloat16) * scale)  # compressed-tensors' product, in BF16
+
+
+@pytest.mark.parametrize("qc,tensors,message", [
+    (ct_qc(fmt="pack-quantized"), {}, "compressed-tensors format 'pack-quantized' cannot be dequantized by this tool "
+     "(it reads float-quantized, mxfp8-quantized)"),
+    (ct_qc(num_bits=4), {}, "compressed-tensors weights {'num_bits': 4, 'type': 'float', 'symmetric': True, "
+     "'strategy': 'tensor', 'dynamic': False}: only 8-bit symmetric float (FP8) weights can be dequantized"),
+    ({**ct_qc(), "kv_cache_scheme": {"num_bits": 8}}, {}, "quantization_config.kv_cache_scheme is set; a quantized "
+     "KV cache cannot be dequantized by this tool"),
+    ({**ct_qc(), "config_groups": {**ct_qc()["config_groups"], "group_1": {}}}, {},
+     "quantization_config.config_groups holds 2 groups; only one FP8 group can be dequantized"),
+    (ct_qc(), {"m.weight_scale": torch.ones(2, dtype=torch.bfloat16)},
+     "scale m.weight_scale has shape [2], but weight m.weight [96, 160] in 96x160 blocks needs [1, 1]"),
+    (ct_qc("channel"), {"m.weight_scale": torch.ones(96, 1)}, None),
+    (ct_qc("group", "mxfp8-quantized", group_size=32), {"m.weight_scale": torch.ones(96, 5)},
+     "scale m.weight_scale is F32; expected one of U8"),
+    (ct_qc(), {"m.weight_zero_point": torch.zeros(1)}, "m.weight_zero_point: asymmetric weights (a zero point) cannot "
+     "be dequantized"),
+])
+def test_refuses_compressed_tensors_it_cannot_read(tmp_path, qc, tensors, message):
+    gen = torch.Generator().manual_seed(3)
+    base = {"m.weight": (torch.randn(96, 160, generator=gen) * 60).to(torch.float8_e4m3fn),
+            "m.weight_scale": torch.ones(1, dtype=torch.bfloat16)}
+    src = fp8_checkpoint(tmp_path / "ct", {**base, **tensors}, qc)
+    if message is None:  # an F32 channel scale reads
+        assert tensors_of(dequantized(src, tmp_path / "o"))["m.weight"].dtype == torch.bfloat16
+        return
+    line = refused(src, tmp_path)
+    assert line.startswith(f"convert-fp8: error: {src}/") and line.endswith(message), line

@@ -572,6 +572,84 @@ def test_gemma4_mx_matches_llm_compressor(llmc_python, gemma_src, tmp_path, sche
     assert sum(t.dtype == torch.float8_e4m3fn for t in tensors.values()) > 20
 
 
+# ---- dequantize reads what llm-compressor writes (slow) -----------------------------------------------------------
+
+LLMC_DECOMPRESS = """
+import json, sys, torch, transformers
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import CompressedTensorsConfig
+src, out = sys.argv[1], sys.argv[2]
+arch = json.load(open(src + "/config.json"))["architectures"][0]
+model = getattr(transformers, arch).from_pretrained(src, dtype="auto",
+                                                   quantization_config=CompressedTensorsConfig(run_compressed=False))
+state = model.state_dict()
+index = json.load(open(src + "/model.safetensors.index.json"))["weight_map"] if len(sys.argv) < 4 else None
+names = []
+for shard in sorted(set(index.values())) if index else ["model.safetensors"]:
+    with safe_open(src + "/" + shard, "pt") as f:
+        names += [k for k in f.keys() if f.get_slice(k).get_dtype() == "F8_E4M3"]
+save_file({n: state[n].contiguous() for n in names}, out)
+"""
+
+LLMC_STATIC_FP8 = """
+import sys, torch, transformers
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import QuantizationModifier
+from tokenizers import Tokenizer, models
+src, dst = sys.argv[1], sys.argv[2]
+model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+processor = transformers.PreTrainedTokenizerFast(
+    tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")), unk_token="[UNK]", pad_token="[UNK]")
+torch.manual_seed(0)
+ds = Dataset.from_dict({"input_ids": [torch.randint(0, 256, (16,)).tolist() for _ in range(4)],
+                        "attention_mask": [[1] * 16 for _ in range(4)]})
+oneshot(model=model, processor=processor, dataset=ds, num_calibration_samples=4, max_seq_length=16, output_dir=dst,
+        recipe=QuantizationModifier(targets="Linear", scheme="FP8", ignore=["lm_head"]))
+"""
+
+
+def run_llmc(python: Path, script: str, *args) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    result = subprocess.run([str(python), "-c", script, *map(str, args)], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["FP8_BLOCK", "FP8_DYNAMIC", "MXFP8", "MXFP8A16", "FP8"])
+def test_dequantize_of_llm_compressor_equals_compressed_tensors_decompression(llmc_python, tmp_path, scheme):
+    """llm-compressor's own outputs (`model_free_ptq`; for per-tensor FP8 with static activation scales, which it
+    calibrates, `oneshot`), dequantized, against compressed-tensors' decompression run beside it."""
+    src = tiny_llama(tmp_path / "llama", intermediate_size=256)
+    theirs = tmp_path / "theirs"
+    if scheme == "FP8":
+        run_llmc(llmc_python, LLMC_STATIC_FP8, src, theirs)
+    else:
+        llm_compressor(llmc_python, src, theirs, scheme, 128, ["lm_head", "model.embed_tokens",
+                                                               "model.layers.1.mlp.down_proj"])
+    reference = tmp_path / "reference.safetensors"
+    run_llmc(llmc_python, LLMC_DECOMPRESS, theirs, reference, *(["one-file"] if scheme == "FP8" else []))
+    result = run_cli("dequantize", "--src", theirs, "--dst", tmp_path / "bf16", "-q")
+    assert result.exit_code == 0, result.output
+    ours, source = tensors_of(tmp_path / "bf16"), tensors_of(src)
+    from safetensors.torch import load_file
+
+    ref = load_file(reference)
+    assert len(ref) == (14 if scheme == "FP8" else 13)
+    assert not any(n.endswith(("_scale", "input_scale")) for n in ours)
+    for name, weight in ref.items():
+        assert weight.dtype == ours[name].dtype == torch.bfloat16
+        assert as_bytes(ours[name]) == as_bytes(weight), name
+    for name in ["lm_head.weight"] + (["model.layers.1.mlp.down_proj.weight"] if scheme != "FP8" else []):
+        assert as_bytes(ours[name]) == as_bytes(source[name]), name  # ignored: copied
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert "quantization_config" not in config
+    if scheme != "FP8":
+        assert config == json.loads((src / "config.json").read_text())
+
+
 # ---- resume, parts and determinism hold in every dialect -----------------------------------------------------
 
 @pytest.mark.parametrize("dialect", [("--format", "compressed-tensors", "--scheme", "fp8-dynamic"),

@@ -9,10 +9,10 @@ Adding a dialect is adding a module and a row in `READERS`.
 from __future__ import annotations
 
 from ..errors import SourceError
-from .compressed_tensors import MX_SCHEME_NAMES, CompressedTensorsWriter, MXWriter
+from .compressed_tensors import MX_SCHEME_NAMES, CompressedTensorsReader, CompressedTensorsWriter, MXWriter
 from .transformers_fp8 import ScaledWeight, TransformersFP8Reader, TransformersFP8Writer
 
-READERS = {"fp8": TransformersFP8Reader}
+READERS = {"fp8": TransformersFP8Reader, "compressed-tensors": CompressedTensorsReader}
 
 # The writing side: a writer holds one output dialect's tensor names, scale dtypes and shapes, its scale math
 # (`quantize`, pure torch on a stripe of whole scale rows), its `quantization_config` and its loader's matching

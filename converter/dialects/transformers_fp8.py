@@ -39,6 +39,7 @@ class TransformersFP8Reader:
     """
 
     quant_method = "fp8"
+    values_text = "the values transformers computes when it dequantizes the checkpoint on load"
 
     def __init__(self, qc: dict, where: str):
         self.where = where
@@ -65,6 +66,11 @@ class TransformersFP8Reader:
     @staticmethod
     def scales_from_bytes(data, dtype: str):
         return scale_bytes_to_float32(data, dtype)
+
+    @staticmethod
+    def dropped(tensors: dict) -> set[str]:
+        """Tensors other than the scales that go with the quantization: none."""
+        return set()
 
     @staticmethod
     def scale_name(weight: TensorInfo) -> str:
