@@ -177,6 +177,46 @@ def real_mix(args, rows: list) -> dict | None:
     return {"bytes": src_bytes, "convert": min(w for w, _ in conv_runs), "cp": min(w for w, _ in cp_runs)}
 
 
+def moe_slice(args, rows: list) -> None:
+    """`cp -r` and the conversion of a Qwen3-30B-A3B-shaped per-expert MoE slice (--moe-layers layers of real
+    widths: 384 expert Linears of 3 MiB per layer), cold and synced, alternated, with CPU seconds per GB beside
+    cp's: the cost per tensor, not per byte, that such checkpoints pay."""
+    src = args.dir / "slice-qwen3-moe"
+    if not (src / "config.json").exists():
+        sh(sys.executable, "bench/make_slice.py", str(src), "--model", "qwen3-30b-a3b", "--layers", str(args.moe_layers))
+    src_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    copy_out, disk_out = args.dir / "cp-qwen3-moe", args.dir / "out-qwen3-moe"
+    cp_runs, conv_runs = copy_then_convert(src, copy_out, disk_out, args.reps)
+    shutil.rmtree(disk_out, ignore_errors=True)
+    gb = src_bytes / 1e9
+    label = f"Qwen3-30B-A3B-shaped slice, {args.moe_layers} layers ({gb:.1f} GB)"
+    rows.append((f"cp -r, {label}, cold, synced", " / ".join(f"{w:.1f} s" for w, _ in cp_runs),
+                 " / ".join(f"{c / gb:.2f}" for _, c in cp_runs) + " CPU-s per GB"))
+    rows.append((f"convert, {label}, cold, synced", " / ".join(f"{w:.1f} s" for w, _ in conv_runs),
+                 " / ".join(f"{c / gb:.2f}" for _, c in conv_runs) + " CPU-s per GB; "
+                 + " / ".join(f"{cw / pw:.2f}x" for (cw, _), (pw, _) in zip(conv_runs, cp_runs)) + " the copy's time; "
+                 + " / ".join(f"{cc / pc:.2f}x" for (_, cc), (_, pc) in zip(conv_runs, cp_runs)) + " its CPU"))
+
+
+def cpu_features() -> str:
+    """The CPU's model and the vector extensions the kernel's speed depends on: figures from machines with other
+    features are not comparable."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
+    have = [f for f in wanted if f in flags]
+    missing = [f for f in ("avx512f",) if f not in flags]
+    return f"{model}; {', '.join(have) or 'no AVX'}" + (f" (no {', '.join(missing)})" if missing else "")
+
+
 def convert_cmd(src: Path, dst: Path) -> list[str]:
     return [sys.executable, "-m", "converter.cli", "--src", str(src), "--dst", str(dst), "--overwrite", "-q"]
 
@@ -223,6 +263,8 @@ def main() -> int:
     parser.add_argument("--memory-limit", default="1GiB")
     parser.add_argument("--mix-layers", type=int, default=24,
                         help="layers of the real-mix slice (0: skip it; 24 needs about 56 GB free)")
+    parser.add_argument("--moe-layers", type=int, default=4,
+                        help="layers of the Qwen3-30B-A3B-shaped MoE slice (0: skip it; 4 is 6.2 GB)")
     args = parser.parse_args()
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
@@ -289,6 +331,8 @@ def main() -> int:
                  f"torch formula {k['torch_gbs']:.2f} GB/s ({k['fused_gbs'] / k['torch_gbs']:.1f}x); "
                  f"same bytes: {k['same_bytes']}"))
     shutil.rmtree(disk_out, ignore_errors=True)
+    if args.moe_layers:
+        moe_slice(args, rows)
     mix = real_mix(args, rows) if args.mix_layers else None
     if mix is not None:  # the right mix: the small slice's 42% of copied embedding flatters the conversion
         rows.append(("projected 62.5 GB model, from the real-mix slice",
@@ -299,7 +343,8 @@ def main() -> int:
                      f"cold {FULL_MODEL_BYTES / src_bytes * conv_best / 60:.1f} min",
                      f"cp -r cold {FULL_MODEL_BYTES / src_bytes * cp_best / 60:.1f} min"))
 
-    print(f"\nslice: {src} ({src_bytes / 2**30:.2f} GiB); machine: {os.cpu_count()} cores")
+    print(f"\nslice: {src} ({src_bytes / 2**30:.2f} GiB); machine: {os.cpu_count()} cores, {cpu_features()}; "
+          f"kernel alone {k['fused_gbs']:.2f} GB/s; {time.strftime('%Y-%m-%d')}")
     width = max(len(r[0]) for r in rows)
     print(f"| {'what'.ljust(width)} | time | result |")
     print(f"| {'-' * width} | --- | --- |")

@@ -1,11 +1,14 @@
 """Build a synthetic slice of gemma-4-31B-it with the real tensor shapes, for benchmarks.
 
     python bench/make_slice.py OUT_DIR [--layers 0,1,2,5] [--seed 0]
+    python bench/make_slice.py OUT_DIR --model qwen3-30b-a3b [--layers 4]
 
 From ../shared/reference/gemma-4-31b-it.tensors.json (or --tensors PATH): the 262144x5376 embedding, the text
 layers named (default three sliding, 0-2, and one full attention, 5; renumbered 0..n-1 so that the config is a
 consistent model) and the vision projection: about 6.4 GiB of N(0, 0.02) BF16 in 2 GB shards, with a config whose
-text model has those layers. Written tensor by tensor (one tensor in memory at a time).
+text model has those layers. Written tensor by tensor (one tensor in memory at a time). `--model qwen3-30b-a3b`
+builds a per-expert MoE of Qwen3-30B-A3B's real widths instead: 1,536 expert Linears of 768x2048 / 2048x768 in
+4 layers, as its checkpoint stores them (6.2 GB).
 """
 
 from __future__ import annotations
@@ -56,17 +59,56 @@ def slice_config(inventory: dict, layers: list[int]) -> dict:
     return config
 
 
+# Qwen3-30B-A3B as its checkpoint stores it: 128 experts per layer, each a gate/up/down Linear of 768 x 2048
+QWEN3_30B_A3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                     num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                     num_experts_per_tok=8, max_position_embeddings=40960, tie_word_embeddings=False)
+
+
+def qwen3_moe_tensors(layers: int) -> list[tuple[str, list[int]]]:
+    """Every tensor of a Qwen3-30B-A3B-shaped checkpoint with `layers` layers, named as it is stored."""
+    c = QWEN3_30B_A3B
+    h, heads, kv, d = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    tensors = [("model.embed_tokens.weight", [c["vocab_size"], h])]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors += [(p + "input_layernorm.weight", [h]), (p + "post_attention_layernorm.weight", [h]),
+                    (p + "self_attn.q_proj.weight", [heads * d, h]), (p + "self_attn.k_proj.weight", [kv * d, h]),
+                    (p + "self_attn.v_proj.weight", [kv * d, h]), (p + "self_attn.o_proj.weight", [h, heads * d]),
+                    (p + "self_attn.q_norm.weight", [d]), (p + "self_attn.k_norm.weight", [d]),
+                    (p + "mlp.gate.weight", [c["num_experts"], h])]
+        for e in range(c["num_experts"]):
+            m = c["moe_intermediate_size"]
+            tensors += [(f"{p}mlp.experts.{e}.gate_proj.weight", [m, h]), (f"{p}mlp.experts.{e}.up_proj.weight", [m, h]),
+                        (f"{p}mlp.experts.{e}.down_proj.weight", [h, m])]
+    return tensors + [("model.norm.weight", [h]), ("lm_head.weight", [c["vocab_size"], h])]
+
+
+def qwen3_moe_config(layers: int) -> dict:
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("qwen3_moe", num_hidden_layers=layers, **QWEN3_30B_A3B).to_dict()
+    config.update(architectures=["Qwen3MoeForCausalLM"], dtype="bfloat16")
+    return config
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--layers", default="0,1,2,5")
+    parser.add_argument("--model", choices=["gemma-4-31b-it", "qwen3-30b-a3b"], default="gemma-4-31b-it",
+                        help="qwen3-30b-a3b: per-expert MoE of real widths, --layers counts its layers (4: 6.2 GB)")
     parser.add_argument("--tensors", type=Path, default=DEFAULT_TENSORS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size", type=int, default=2 * 10**9)
     args = parser.parse_args(argv)
-    inventory = json.loads(args.tensors.read_text())
-    layers = [int(x) for x in args.layers.split(",")]
-    tensors = select(inventory, layers)
+    if args.model == "qwen3-30b-a3b":
+        n = int(args.layers) if args.layers.isdigit() else 4
+        tensors, config = qwen3_moe_tensors(n), qwen3_moe_config(n)
+    else:
+        inventory = json.loads(args.tensors.read_text())
+        layers = [int(x) for x in args.layers.split(",")]
+        tensors, config = select(inventory, layers), slice_config(inventory, layers)
     groups: list[list[TensorPlan]] = [[]]
     size = 0
     for name, shape in tensors:
@@ -96,7 +138,7 @@ def main(argv=None) -> int:
     total = sum(TensorPlan(n, n, COPY, "BF16", tuple(s), "").nbytes for n, s in tensors)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (args.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (args.out / "config.json").write_text(json.dumps(slice_config(inventory, layers), indent=2) + "\n")
+    (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     print(f"{args.out}: {len(tensors)} tensors, {total / 2**30:.2f} GiB in {len(groups)} shards")
     return 0
 
