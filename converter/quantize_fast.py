@@ -1,8 +1,10 @@
 """The quantization of `quantize.py`, fused into one pass per tile row and compiled with numba.
 
 Same bytes as `quantize_blocks` (and so as transformers), about 15x faster on a CPU: per stripe of 64 rows, the
-tile amax comes from the integer bits (|x| orders like its bits for finite floats), then each value is widened,
-scaled, clamped and rounded to E4M3 with integer arithmetic in one loop. Tile rows run in parallel threads with
+tile amax comes from the integer bits (|x| orders like its bits for finite floats: column maxima over the tile row
+in the source's own 16-bit lanes, then one reduction per tile), then each value is widened, scaled, clamped and
+rounded to E4M3 with integer arithmetic in one loop. The loops index 1-D row views from 0, so that LLVM vectorizes
+the byte stores on AVX2 too (with packs; AVX-512 has a narrowing store of its own). Tile rows run in parallel threads with
 the GIL released. Kernels are compiled per (source width, block size), the block size being a constant so that
 the inner loops vectorize, and cached on disk (the first use of a variant compiles it, about 2 s). Without numba, `available()` is False and callers use
 `quantize_blocks`.
@@ -67,6 +69,8 @@ def _make_kernel(shift: int, block: int):
     ONE, MAX, NEG_MAX = np.float32(1.0), np.float32(448.0), np.float32(-448.0)
     SUBNORMAL_STEPS = np.float32(512.0)  # E4M3 subnormals are multiples of 2**-9
     B = block
+    SRC = np.uint16 if shift == 16 else np.uint32  # the source's element bits
+    SRC_ABS = SRC(0x7FFF) if shift == 16 else SRC(0x7FFFFFFF)
 
     # numba widens integer arithmetic to 64 bits; the explicit uint32 casts let LLVM keep 32-bit vector lanes.
     def kernel(bits, out, scale_inv):  # pragma: no cover - compiled
@@ -74,13 +78,19 @@ def _make_kernel(shift: int, block: int):
         tile_rows, tile_cols = rows // B, cols // B
         status = np.zeros(tile_rows, np.int8)
         for tr in numba.prange(tile_rows):
-            amax_bits = np.zeros(tile_cols, np.uint32)
+            # column maxima over the tile row first (a plain element-wise max, in the source's own lane width),
+            # then one short reduction per tile
+            col_max = np.zeros(cols, SRC)
             for r in range(tr * B, tr * B + B):
-                for t in range(tile_cols):
-                    m = amax_bits[t]
-                    for c in range(t * B, t * B + B):
-                        m = max(m, u32(u32(u32(bits[r, c]) << SHIFT) & ABS))
-                    amax_bits[t] = m
+                row = bits[r]
+                for c in range(cols):
+                    col_max[c] = max(col_max[c], SRC(row[c] & SRC_ABS))
+            amax_bits = np.empty(tile_cols, np.uint32)
+            for t in range(tile_cols):
+                m = SRC(0)
+                for c in range(t * B, t * B + B):
+                    m = max(m, col_max[c])
+                amax_bits[t] = u32(u32(m) << SHIFT)
             scale = np.empty(tile_cols, np.float32)
             for t in range(tile_cols):
                 if amax_bits[t] >= INF_BITS:
@@ -96,8 +106,11 @@ def _make_kernel(shift: int, block: int):
             for r in range(tr * B, tr * B + B):
                 for t in range(tile_cols):
                     s = scale[t]
-                    for c in range(t * B, t * B + B):
-                        x = min(max(_as_float(u32(u32(bits[r, c]) << SHIFT)) * s, NEG_MAX), MAX)
+                    # one tile's row as 1-D views indexed from 0: numba then emits no negative-index wrap-around
+                    # per element, which kept AVX2 from storing the bytes as a vector
+                    src, dst = bits[r, t * B:t * B + B], out[r, t * B:t * B + B]
+                    for j in range(B):
+                        x = min(max(_as_float(u32(u32(src[j]) << SHIFT)) * s, NEG_MAX), MAX)
                         u = _as_bits(x)
                         a = u32(u & ABS)
                         # round the 23-bit mantissa to 3 bits, ties to even; a carry moves into the exponent
@@ -105,7 +118,7 @@ def _make_kernel(shift: int, block: int):
                         normal = u32(u32(u32(u32(a + HALF_ULP) + odd) >> MANTISSA_DROP) - REBIAS)
                         sub = u32(np.int32(np.rint(abs(x) * SUBNORMAL_STEPS)))
                         sign = u32(u32(u >> SIGN_SHIFT) & SIGN)
-                        out[r, c] = np.uint8(u32(sign | (normal if a >= E4M3_MIN_NORMAL else sub)))
+                        dst[j] = np.uint8(u32(sign | (normal if a >= E4M3_MIN_NORMAL else sub)))
         return status
 
     # One name per variant gives each its own on-disk cache index: variants sharing one index can be mixed up
