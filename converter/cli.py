@@ -36,6 +36,17 @@ def _size(ctx, param, value):
         raise click.BadParameter(str(exc)) from None
 
 
+def _publish_options(func):
+    """--push-to-hub and its companions, for `convert` and `dequantize`."""
+    func = click.option("--commit-message", default=None, help="--push-to-hub: the commit's message.")(func)
+    func = click.option("--hub-branch", default=None, metavar="BRANCH",
+                        help="--push-to-hub: commit to this branch (created from main if missing), to stage.")(func)
+    func = click.option("--private", is_flag=True, help="--push-to-hub: create the repository private.")(func)
+    return click.option("--push-to-hub", default=None, metavar="ORG/NAME",
+                        help="Upload each shard while converting and commit the whole output at once to this Hub "
+                             "model repository, once checked (HF_TOKEN, a write token). See docs/publishing.md.")(func)
+
+
 @click.group(invoke_without_command=True, epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--src", help="Source checkpoint: a folder (BF16, F16 or F32 safetensors) or a Hub repo id org/name.")
 @click.option("--revision", default=None, help="Hub sources: branch, tag or commit [main].")
@@ -76,6 +87,7 @@ def _size(ctx, param, value):
               help="Convert only the I-th of N fixed subsets of the output shards (for N machines or jobs).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only errors and the final line.")
 @click.option("--debug", is_flag=True, envvar="CONVERT_FP8_DEBUG", help="Show tracebacks of errors.")
+@_publish_options
 @click.version_option(__version__, prog_name="convert-fp8")
 @click.pass_context
 def main(ctx, debug, **opts):
@@ -120,7 +132,8 @@ def _part(text: str | None) -> tuple[int, int]:
     return (i, n)
 
 
-def _convert(src, dst, preset_name, exclude, no_arch_check, part, dry_run, quiet, **options):
+def _convert(src, dst, preset_name, exclude, no_arch_check, part, dry_run, quiet, push_to_hub, private, hub_branch,
+             commit_message, **options):
     from .convert import convert, prepare
     from .hub import looks_like_repo_id
     from .plan import describe_plan
@@ -139,6 +152,10 @@ def _convert(src, dst, preset_name, exclude, no_arch_check, part, dry_run, quiet
         click.echo("dry run: nothing written")
         return
 
+    if push_to_hub:
+        return _publish(lambda publish: _with_progress_bar(lambda *a, **k: convert(*a, **k, publish=publish),
+                                                           options, "convert", quiet),
+                        options, push_to_hub, private, hub_branch, commit_message, quiet, part)
     summary = _with_progress_bar(convert, options, "convert", quiet)
     status = None if summary.finalized else summary.notes.pop()  # who completes the checkpoint
     if not quiet:
@@ -147,6 +164,29 @@ def _convert(src, dst, preset_name, exclude, no_arch_check, part, dry_run, quiet
         click.echo(f"wrote {summary.dst}")
     else:
         click.echo(f"part {part[0]}/{part[1]} of {summary.dst} done; {status}")
+
+
+def _publish(run, options, repo_id, private, branch, message, quiet, part=(1, 1), describe=None) -> None:
+    """Convert (or dequantize) and publish; print the summary, what was published and where."""
+    import dataclasses
+    import json
+
+    from .errors import UsageError
+    from .publish import PublishOptions, run_and_publish
+
+    if part != (1, 1):
+        raise UsageError("--push-to-hub publishes a whole output: run the parts without it, then `convert-fp8 "
+                         "finalize`, then publish")
+    fields = {k: v for k, v in dataclasses.asdict(options).items() if k not in ("overwrite",)}
+    identity = json.loads(json.dumps({"command": type(options).__name__, **fields}, default=str, sort_keys=True))
+    target = PublishOptions(repo_id, private, branch, message, options.overwrite)
+    summary, result = run_and_publish(run, options.dst, target, identity)
+    if summary is not None and not quiet:
+        (describe or _print_summary)(summary)
+    elif summary is None:
+        click.echo(f"{options.dst}: the output was already complete; only its commit was left to make")
+    click.echo(f"published {result.files} files of {options.dst} to {target.where} in one commit "
+               f"({result.oid[:12]}; {result.shards_sent} shard(s) pre-uploaded by this run): {result.url}")
 
 
 def _check_dialect(options: dict) -> None:
@@ -289,6 +329,7 @@ Examples:
 @click.option("--dry-run", is_flag=True, help="Print the plan from headers alone; write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty --dst.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only errors and the final line.")
+@_publish_options
 @click.pass_context
 def dequantize_command(ctx, **opts):
     """Dequantize a block-FP8 checkpoint (transformers fp8, DeepSeek-V3 style) to BF16, F16 or F32, streaming,
@@ -296,7 +337,7 @@ def dequantize_command(ctx, **opts):
     _run(ctx.obj["debug"], _dequantize, **opts)
 
 
-def _dequantize(src, dst, dry_run, quiet, **options):
+def _dequantize(src, dst, dry_run, quiet, push_to_hub, private, hub_branch, commit_message, **options):
     from .dequantize import DequantOptions, dequantize, describe_dequant_plan, prepare
     from .hub import looks_like_repo_id
 
@@ -306,6 +347,11 @@ def _dequantize(src, dst, dry_run, quiet, **options):
         click.echo(describe_dequant_plan(plan))
         click.echo("dry run: nothing written")
         return
+    if push_to_hub:
+        return _publish(lambda publish: _with_progress_bar(lambda *a, **k: dequantize(*a, **k, publish=publish),
+                                                           options, "dequantize", quiet),
+                        options, push_to_hub, private, hub_branch, commit_message, quiet,
+                        describe=lambda s: click.echo(f"{s.dequantized} tensors dequantized, {s.copied} copied"))
     summary = _with_progress_bar(dequantize, options, "dequantize", quiet)
     if not quiet:
         for note in summary.notes:

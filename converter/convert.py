@@ -108,7 +108,7 @@ def part_shards(plan: Plan, part: tuple[int, int]) -> list[ShardPlan]:
 
 
 def convert(options: ConvertOptions, progress: Progress | None = None,
-            on_start: Callable[[int], None] | None = None) -> Summary:
+            on_start: Callable[[int], None] | None = None, publish=None) -> Summary:
     """Convert `options.src` into `options.dst` (or, with `options.part`, one part of it).
 
     An earlier run of the same conversion killed half-way leaves its work in `DST/.convert-fp8.partial/`; this
@@ -119,6 +119,8 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
         progress (`Callable[[int], None]`, *optional*): called with the number of source bytes done, per step.
         on_start (`Callable[[int], None]`, *optional*): called once, before anything is written, with the
             number of source bytes this run (or part) will go through.
+        publish (`publish.Publisher`, *optional*): uploads each shard once written, all before the output moves
+            into place (the commit is the caller's, once the output is in place).
 
     Raises:
         ConvertError: any failure; by then what this run wrote has been removed (a part removes its own files).
@@ -150,8 +152,10 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     try:
         done = verified_pieces(manifest, out.staging) if claimed.resumed else {}
         resumed_bytes = write_shards(out, mine, source, QuantizeLane(source, quantizer), progress, manifest, done,
-                                     claimed.resumed, stop)
+                                     claimed.resumed, stop, publish.shard_written if publish else None)
         manifest.close()
+        if publish is not None:
+            publish.shards_written(out.staging, mine)
         if arch_check is not None:
             _note_once(notes, arch_check.result())
         (out.staging / f"part-{i}-of-{n}.done").write_text(identity + "\n")

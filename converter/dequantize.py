@@ -224,7 +224,7 @@ def _run_record(options: DequantOptions, identity: str, stamp: dict) -> dict:
 
 
 def dequantize(options: DequantOptions, progress: Progress | None = None,
-               on_start: Callable[[int], None] | None = None) -> DequantSummary:
+               on_start: Callable[[int], None] | None = None, publish=None) -> DequantSummary:
     """Dequantize `options.src` into `options.dst`.
 
     A run killed half-way leaves its work in `DST/.convert-fp8.partial/`; the same command keeps every piece of
@@ -235,6 +235,8 @@ def dequantize(options: DequantOptions, progress: Progress | None = None,
         progress (`Callable[[int], None]`, *optional*): called with the number of source bytes done, per step.
         on_start (`Callable[[int], None]`, *optional*): called once, before anything is written, with the
             number of source bytes the run goes through.
+        publish (`publish.Publisher`, *optional*): uploads each shard once written, all before the output moves
+            into place.
 
     Raises:
         ConvertError: any failure; by then what this run wrote has been removed (a kill or Ctrl-C leaves it to be
@@ -256,7 +258,10 @@ def dequantize(options: DequantOptions, progress: Progress | None = None,
     try:
         done = verified_pieces(claimed.manifest, out.staging) if claimed.resumed else {}
         resumed_bytes = write_shards(out, list(plan.shards), source, DequantizeLane(plan, source), progress,
-                                     claimed.manifest, done, claimed.resumed)
+                                     claimed.manifest, done, claimed.resumed, None,
+                                     publish.shard_written if publish else None)
+        if publish is not None:
+            publish.shards_written(out.staging, list(plan.shards))
         claimed.release()
         _finalize(out, plan, source, options)
     except KeyboardInterrupt:
@@ -423,10 +428,13 @@ def _finalize(out: OutputDir, plan: DequantPlan, source: SourceIndex, options: D
     """Index, other files, model card and config (last); check the headers; move everything into place. The
     conversion's self-check (`verify`) is not run: it checks FP8 weights and their scales, which this output has
     none of."""
-    base = options.base_model or source.name or source.root.resolve().name
+    from .publish import source_origin
+
+    hub_id, commit = source_origin(source)
+    base = options.base_model or hub_id or source.root.resolve().name
     names = write_last_files(out, plan, source, lambda: model_card(
-        plan, base_model=base, source_card=source_card(source), base_model_id=options.base_model or source.name,
-        commit=source.commit))
+        plan, base_model=base, source_card=source_card(source), base_model_id=options.base_model or hub_id,
+        commit=commit))
     check_written_headers(out.staging, plan)
     out.commit(names)
 

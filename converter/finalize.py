@@ -35,10 +35,13 @@ def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, option
         return False
     os.close(lock)
     try:
-        base = options.base_model or source.name or source.root.resolve().name
+        from .publish import source_origin
+
+        hub_id, commit = source_origin(source)  # a Hub source, or a snapshot folder of the Hugging Face cache
+        base = options.base_model or hub_id or source.root.resolve().name
         names = write_last_files(out, plan, source, lambda: model_card(
             plan, base_model=base, repo_name=f"{Path(base).name}-FP8", source_card=source_card(source),
-            base_model_id=options.base_model or source.name, commit=source.commit))
+            base_model_id=options.base_model or hub_id, commit=commit))
         check_written_headers(out.staging, plan)
         self_check(out.staging)
         out.commit(names)

@@ -71,11 +71,15 @@ class MainLane:
 
 
 def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, main_lane: MainLane,
-                 progress: Progress, manifest: Manifest, done: dict, resume: bool, stop: Stop | None = None) -> int:
+                 progress: Progress, manifest: Manifest, done: dict, resume: bool, stop: Stop | None = None,
+                 closed: Callable | None = None) -> int:
     """Write the given shards: all headers first, then two lanes at once, each writing at the offsets the headers
     fix. A thread copies the tensors that stay as they are (in the kernel where it can), while the main thread
     runs `main_lane` on the others. Pieces in `done` are kept. The first error anywhere, or Ctrl-C, or a failure
     handed to `stop` from outside, stops both lanes and is raised.
+
+    `closed(path, shard)`, if given, is called (from either lane) once every byte of a shard is written, kept
+    pieces included.
 
     Returns:
         Source bytes whose output was kept from an earlier run.
@@ -95,6 +99,11 @@ def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, m
         for shard in shards_read:
             pending[shard] = pending.get(shard, 0) + 1
 
+    owner = {t.name: shard.name for shard in shards for t in shard.tensors}
+    units: dict[str, int] = {}  # output shard -> its work items (copies, main-lane items) not finished yet
+    for writer, *_ in copies + others:
+        units[writer.shard.name] = units.get(writer.shard.name, 0) + 1
+
     def advance(nbytes: int) -> None:
         with lock:
             progress(nbytes)
@@ -106,6 +115,13 @@ def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, m
                 last = pending[shard] == 0
             if last and source.provider is not None:
                 source.provider.release(shard)
+        if closed is not None:
+            name = owner[tensor.name]
+            with lock:
+                units[name] -= 1
+                complete = units[name] == 0
+            if complete:
+                closed(writers[name].path, writers[name].shard)
 
     kept = 0
     try:
