@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .checksum import buffer_crcs
 from .configs import CARD_NAME, CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, DTYPE_SIZES, format_size
 from .convert import load_source
 from .dialects import ScaledWeight, reader_for
 from .errors import SourceError
 from .finalize import check_written_headers, write_last_files
 from .lanes import MainLane, Progress, Stop, write_shards
-from .manifest import Manifest, Piece, run_identity, source_stamp
+from .manifest import run_identity, source_stamp
 from .plan import COPY, ShardedOutput, ShardPlan, TensorPlan, assign_shards
 from .resume import claim_part, source_name, verified_pieces
 from .source import SINGLE_FILE_NAME, SourceIndex, TensorReader, source_card
@@ -306,8 +305,7 @@ class DequantizeLane(MainLane):
                     usable[key] = done[key]
         return usable
 
-    def run(self, items: list[tuple], stop: Stop, advance: Progress, manifest: Manifest, done: dict,
-            finished: Callable) -> int:
+    def run(self, items: list[tuple], stop: Stop, advance: Progress, done: dict, finished: Callable) -> int:
         """Read, dequantize and write every FP8 weight stripe by stripe: the next stripe is read and the previous
         one written while this one is dequantized (one read and one write in flight, each buffer used in turn, so
         none is overwritten early)."""
@@ -343,7 +341,7 @@ class DequantizeLane(MainLane):
                     out = engine.dequantize(codes, scale_rows, pair.block, slot=k % 2)
                     if writing is not None:
                         writing.result()
-                    writing = io.submit(_write_stripe, writer, manifest, t.name, _stripe_start(t, first), out)
+                    writing = io.submit(writer.write_at, t.name, _stripe_start(t, first), out)
                     advance(rows * cols)
                 if writing is not None:
                     writing.result()
@@ -397,11 +395,6 @@ class _Dequantizer:
         out = self._outs[slot][: rows * cols].reshape(rows, cols)
         self.fast.dequantize_into(codes, scale_inv, block, self.torch_dtype, out)
         return out
-
-
-def _write_stripe(writer: ShardWriter, manifest: Manifest, name: str, start: int, data) -> None:
-    writer.write_at(name, start, data)
-    manifest.record(Piece(writer.shard.name, name, start, data.nbytes, *buffer_crcs(data)))
 
 
 def _read_scales(reader: TensorReader, pair: ScaledWeight, plan: DequantPlan, source: SourceIndex):

@@ -9,9 +9,8 @@ from typing import Callable
 
 import numpy as np
 
-from .checksum import buffer_crcs
 from .configs import DTYPE_SIZES, matrix_shape
-from .manifest import Manifest, Piece
+from .manifest import Manifest
 from .plan import COPY, QUANTIZE, ShardPlan, TensorPlan
 from .resume import COPY_BUFFER_BYTES, stripe_keys, usable_copy_pieces, usable_stripe_pieces
 from .source import SourceIndex, TensorReader
@@ -64,9 +63,9 @@ class MainLane:
         """The recorded pieces of `items` this lane skips."""
         raise NotImplementedError
 
-    def run(self, items: list[tuple], stop: Stop, advance: Progress, manifest: Manifest, done: dict,
-            finished: Callable) -> int:
-        """Write `items`, skipping the pieces in `done`; returns the source bytes kept."""
+    def run(self, items: list[tuple], stop: Stop, advance: Progress, done: dict, finished: Callable) -> int:
+        """Write `items` through their writers (which record each piece once it is on disk), skipping the pieces
+        in `done`; returns the source bytes kept."""
         raise NotImplementedError
 
 
@@ -84,7 +83,7 @@ def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, m
     Returns:
         Source bytes whose output was kept from an earlier run.
     """
-    writers = {shard.name: ShardWriter(out.path(shard.name), shard) for shard in shards}
+    writers = {shard.name: ShardWriter(out.path(shard.name), shard, manifest) for shard in shards}
     copies, others = [], []
     for shard in shards:
         tensors = list(shard.tensors)
@@ -133,17 +132,17 @@ def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, m
         for piece in done.values():
             writers[piece.shard].credit(piece.tensor, piece.length)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-fp8-copy") as lane:
-            copying = lane.submit(_failing_to, stop, _copy_lane, copies, source, stop, advance, manifest, done,
-                                  finished)
+            copying = lane.submit(_failing_to, stop, _copy_lane, copies, source, stop, advance, done, finished)
             try:
-                kept += main_lane.run(others, stop, advance, manifest, done, finished)
+                kept += main_lane.run(others, stop, advance, done, finished)
             except BaseException as exc:
                 stop.fail(exc)
                 raise
             kept += copying.result()
         stop.raise_if_failed()  # a lane that saw the signal returned early: its shards are incomplete
-        for writer in writers.values():
-            writer.close()
+        for writer in writers.values():  # each closes itself once complete; these were all kept from a rerun
+            if writer.state == "open":
+                writer.close()
     finally:
         for writer in writers.values():
             writer.abort()
@@ -159,8 +158,7 @@ def _failing_to(stop: Stop, lane, *args):
         raise
 
 
-def _copy_lane(copies, source: SourceIndex, stop: Stop, advance: Progress, manifest: Manifest,
-               done: dict, finished: Callable) -> int:
+def _copy_lane(copies, source: SourceIndex, stop: Stop, advance: Progress, done: dict, finished: Callable) -> int:
     buffer = bytearray(COPY_BUFFER_BYTES)
     kept = 0
     with TensorReader(source) as reader:
@@ -176,7 +174,6 @@ def _copy_lane(copies, source: SourceIndex, stop: Stop, advance: Progress, manif
                     advance(n)
                     continue
                 writer.copy_at(t.name, start, reader.fd_for(info), info.offset + start, n, buffer)
-                manifest.record(Piece(shard, t.name, start, n, *writer.crcs_at(t.name, start, n)))
                 advance(n)
             finished(t)
     return kept
@@ -198,14 +195,17 @@ class QuantizeLane(MainLane):
     def keep(self, done: dict, items: list[tuple]) -> dict:
         return usable_stripe_pieces(done, items, self.source, self.quantizer)
 
-    def run(self, items: list[tuple], stop: Stop, advance: Progress, manifest: Manifest, done: dict,
-            finished: Callable) -> int:
+    def open_reader(self):
+        """The reader of the source's weights (`transcode` decodes FP8 ones on the way)."""
+        return TensorReader(self.source)
+
+    def run(self, items: list[tuple], stop: Stop, advance: Progress, done: dict, finished: Callable) -> int:
         """Read, quantize and write the FP8 weights, each stripe with its scale rows; each stripe's write overlaps
         the next stripe's quantization (at most one write in flight, so the quantizer's two output buffers are
         never overwritten early)."""
         source, quantizer = self.source, self.quantizer
         kept = 0
-        with TensorReader(source) as reader, ThreadPoolExecutor(1, thread_name_prefix="convert-fp8-write") as io:
+        with self.open_reader() as reader, ThreadPoolExecutor(1, thread_name_prefix="convert-fp8-write") as io:
             for writer, weight, scale in items:
                 info = source.tensors[weight.source]
                 rows, cols = matrix_shape(info.shape)
@@ -225,8 +225,8 @@ class QuantizeLane(MainLane):
                     if writing is not None:
                         writing.result()
                     (_, _, start), (_, _, scale_start) = keys[first]
-                    writing = io.submit(_write_stripe, writer, manifest, weight.name, scale.name, start, fp8,
-                                        scale_start, scale_inv)
+                    writing = io.submit(_write_stripe, writer, weight.name, scale.name, start, fp8, scale_start,
+                                        scale_inv)
                     advance(nbytes)
                 if writing is not None:
                     writing.result()
@@ -234,13 +234,10 @@ class QuantizeLane(MainLane):
         return kept
 
 
-def _write_stripe(writer: ShardWriter, manifest: Manifest, weight: str, scale: str, start: int, fp8: np.ndarray,
-                  scale_start: int, scale_inv: np.ndarray) -> None:
-    """Write one stripe's FP8 bytes and its rows of inverse scales, then record both as done."""
+def _write_stripe(writer: ShardWriter, weight: str, scale: str, start: int, fp8: np.ndarray, scale_start: int,
+                  scale_inv: np.ndarray) -> None:
+    """Write one stripe's FP8 bytes and its rows of inverse scales (the writer records both once on disk)."""
     writer.write_at(weight, start, fp8)
     writer.write_at(scale, scale_start, scale_inv)
-    shard = writer.shard.name
-    manifest.record(Piece(shard, weight, start, fp8.nbytes, *buffer_crcs(fp8)))
-    manifest.record(Piece(shard, scale, scale_start, scale_inv.nbytes, *buffer_crcs(scale_inv)))
 
 

@@ -1,10 +1,11 @@
 """Progress that survives a killed run: the run's identity, and a manifest of the pieces already written.
 
 Every piece (a 16 MiB chunk of a copied tensor, a stripe of an FP8 weight, the scale rows of that stripe) is
-appended to the manifest once its bytes are in the file, with a CRC32 of all its bytes. A new run with the same
-identity keeps each recorded piece whose bytes still match, and writes the rest: the header-first layout fixes
-every piece's place, so a partly written shard is continued, not restarted. The CRC catches pieces never
-written, cut short or with holes anywhere (holes read as zeros).
+appended to the manifest, with a CRC32 of all its bytes, by the shard's writer once its bytes are confirmed on
+disk (see `write.ShardWriter`): a piece whose write-back failed is never recorded. A new run with the same
+identity reads back every byte of each recorded piece and keeps those that still match, and writes the rest: the
+header-first layout fixes every piece's place, so a partly written shard is continued, not restarted. The CRC
+catches pieces never written, cut short or with holes anywhere (holes read as zeros).
 """
 
 from __future__ import annotations
@@ -15,15 +16,24 @@ import os
 import shutil
 import socket
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .checksum import BOOT_ID
 from .errors import UsageError
-from .write import STAGING_NAME
+from .write import STAGING_NAME, os_error
 
 RUN_FILE = "run.json"
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:  # not Linux
+        return None
+
+
+BOOT_ID = _boot_id()  # tells a process of this boot of the machine from one of an earlier boot with the same pid
 
 
 def source_stamp(source) -> dict:
@@ -56,8 +66,9 @@ def run_identity(source, plan, stamp: dict | None = None) -> str:
 
 @dataclass(frozen=True)
 class Piece:
-    """A written range of one tensor, with the CRCs of `checksum.buffer_crcs` and the boot it was written in
-    (filled in when recorded): pieces of an earlier boot are checked byte for byte."""
+    """A written range of one tensor, with the CRC32 of all its bytes. `sample` and `boot` are read from the
+    manifests of earlier versions (a CRC of the piece's ends, and the boot it was written in) and not used: every
+    byte of a kept piece is checked."""
 
     shard: str
     tensor: str
@@ -92,20 +103,27 @@ class Manifest:
         return pieces
 
     def record(self, piece: Piece) -> None:
-        if piece.boot is None:
-            piece = replace(piece, boot=BOOT_ID)
-        line = (json.dumps(piece.__dict__, separators=(",", ":")) + "\n").encode()
+        """Append a piece whose bytes are on disk (only a `ShardWriter` knows when that is)."""
+        fields = {k: v for k, v in piece.__dict__.items() if v is not None}
+        line = (json.dumps(fields, separators=(",", ":")) + "\n").encode()
         with self._lock:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.write(self._fd, line)
+            try:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                os.write(self._fd, line)
+            except OSError as exc:
+                raise os_error(exc, self.path, "recording the written pieces") from None
 
     def close(self) -> None:
         with self._lock:
             if self._fd is not None:
-                os.fsync(self._fd)
-                os.close(self._fd)
-                self._fd = None
+                fd, self._fd = self._fd, None
+                try:
+                    os.fsync(fd)
+                except OSError as exc:
+                    raise os_error(exc, self.path, "flushing the record of written pieces") from None
+                finally:
+                    os.close(fd)
 
 
 def claim_run(staging: Path, record: dict, overwrite: bool) -> bool:

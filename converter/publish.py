@@ -80,11 +80,11 @@ def cache_snapshot_origin(root: Path) -> tuple[str | None, str | None]:
     return f"{found.group(1)}/{found.group(2)}", root.name
 
 
-def _backoff_seconds() -> float:
-    return float(os.environ.get("CONVERT_FP8_PUBLISH_BACKOFF", "2"))
-
-
-RETRIES = 3  # tries after the first, for a network failure or an HTTP 429/5xx, each after twice the wait
+def _retries() -> tuple[int, float]:
+    """How often a failed request is tried again (after a network failure or an HTTP 429/5xx, beyond the
+    client's own retries), and the first wait in seconds, doubled each time."""
+    return (int(os.environ.get("CONVERT_FP8_PUBLISH_RETRIES", "3")),
+            float(os.environ.get("CONVERT_FP8_PUBLISH_BACKOFF", "5")))
 
 
 class Publisher:
@@ -98,6 +98,9 @@ class Publisher:
 
         self.options, self.dst, self.identity = options, Path(dst), identity
         self.api = HfApi()
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # the conversion's bar is the one shown
         self.uploaded: dict[str, dict] = {}  # shard name -> {"sha256", "size"} once its blob is on the Hub
         self.shards_sent = 0
         self._announced: set[str] = set()
@@ -311,12 +314,12 @@ class Publisher:
 
     def _retrying(self, call, doing: str):
         """`call()`, tried again after a network failure or an HTTP 429/5xx, with a doubling wait."""
-        wait = _backoff_seconds()
-        for attempt in range(RETRIES + 1):
+        retries, wait = _retries()
+        for attempt in range(retries + 1):
             try:
                 return call()
             except Exception as exc:  # noqa: BLE001
-                if attempt == RETRIES or not _transient(exc):
+                if attempt == retries or not _transient(exc):
                     raise self._error(exc, doing, tries=attempt + 1) from None
                 log.debug("%s: %s; trying again in %.0f s", doing, exc, wait)
                 time.sleep(wait)
@@ -355,11 +358,11 @@ class Publisher:
             if status == 409:
                 return PublishError(f"{where}: the repository changed during the run (HTTP 409) while {doing}; "
                                     "rerun the same command")
-            later = f" after {tries} tries{resume}" if status >= 500 or status == 429 else ""
+            later = f", {_tries(tries)}{resume}" if status >= 500 or status == 429 else ""
             return PublishError(f"{where}: the Hub answered HTTP {status} while {doing}{later}")
         if _is_network_error(cause) or isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
-            return PublishError(f"{where}: cannot reach the Hub at {constants.ENDPOINT} while {doing} "
-                                f"({tries} tries){resume}")
+            return PublishError(f"{where}: cannot reach the Hub at {constants.ENDPOINT} while {doing}, "
+                                f"{_tries(tries)}{resume}")
         return PublishError(f"{where}: {doing} failed: {type(cause).__name__}: {_first_line(text)}{resume}")
 
     def close(self) -> None:
@@ -404,6 +407,11 @@ def _root_cause(exc: BaseException) -> BaseException:
     while isinstance(exc, RuntimeError) and exc.__cause__ is not None and seen < 5:
         exc, seen = exc.__cause__, seen + 1
     return exc
+
+
+def _tries(n: int) -> str:
+    """The client tries a request 6 times; convert-fp8 tries it again `n - 1` times."""
+    return f"after {6 * n} tries with backoff"
 
 
 def _first_line(text: str) -> str:

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .checksum import BOOT_ID, file_crc, file_sampled_crc
+from .checksum import file_crc
 from .configs import DTYPE_SIZES, ConvertOptions, matrix_shape
-from .errors import SourceError
+from .errors import ConvertError, SourceError
 from .hub import looks_like_repo_id
 from .manifest import Manifest, PartLock, Piece, claim_run
 from .source import SourceIndex, read_header
@@ -59,8 +59,13 @@ class ClaimedPart:
     taken_over: str | None  # a note when another host's lock on the part was taken over
 
     def release(self) -> None:
-        """Close the manifest and give up the lock (either may be done already)."""
-        self.manifest.close()
+        """Close the manifest and give up the lock (either may be done already). Used on the way out of a run
+        that failed or was interrupted: an error here (the disk that failed the run) must not hide the one that
+        ended it; a manifest not flushed is still a valid prefix of the pieces on disk."""
+        try:
+            self.manifest.close()
+        except (OSError, ConvertError):
+            pass
         self.lock.release()
 
 
@@ -80,8 +85,8 @@ def claim_part(out: OutputDir, record: dict, overwrite: bool, part: tuple[int, i
 
 
 def verified_pieces(manifest: Manifest, staging: Path) -> dict[tuple[str, str, int], Piece]:
-    """The recorded pieces whose bytes in the staged shards still match their CRC: the sampled one for pieces
-    written since the machine last started, every byte for older ones (see `checksum`)."""
+    """The recorded pieces whose bytes in the staged shards still match their CRC, every byte read back (see
+    `checksum`)."""
     good, shards = {}, {}
     try:
         for key, piece in manifest.load().items():
@@ -95,12 +100,7 @@ def verified_pieces(manifest: Manifest, staging: Path) -> dict[tuple[str, str, i
             info = tensors.get(piece.tensor)
             if fd is None or info is None or piece.start + piece.length > info.nbytes:
                 continue
-            offset = info.offset + piece.start
-            if piece.boot is not None and piece.boot == BOOT_ID and piece.sample is not None:
-                intact = file_sampled_crc(fd, offset, piece.length) == piece.sample
-            else:
-                intact = file_crc(fd, offset, piece.length) == piece.crc
-            if intact:
+            if file_crc(fd, info.offset + piece.start, piece.length) == piece.crc:
                 good[key] = piece
     finally:
         for fd, _ in shards.values():

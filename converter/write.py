@@ -13,9 +13,9 @@ import threading
 from collections import deque
 from pathlib import Path
 
-from .checksum import file_crcs
+from .checksum import buffer_crc, file_crc
 from .configs import CONFIG_NAME, INDEX_NAME
-from .errors import UsageError, WriteError
+from .errors import SourceError, UsageError, WriteError
 from .plan import Plan, ShardPlan
 
 STAGING_NAME = ".convert-fp8.partial"
@@ -56,11 +56,17 @@ def os_error(exc: OSError, path: Path | str, doing: str) -> WriteError:
         return WriteError(f"{path}: permission denied while {doing}")
     if exc.errno == errno.EROFS:
         return WriteError(f"{path}: read-only file system while {doing}")
-    return WriteError(f"{path}: {exc.strerror or exc} while {doing}")
+    return WriteError(f"{path}: {_reason(exc)} while {doing}")
+
+
+def _reason(exc: OSError) -> str:
+    """An OS error's reason as a message goes on: `input/output error`, `no such file or directory`."""
+    text = exc.strerror or str(exc)
+    return text[:1].lower() + text[1:]
 
 
 WRITE_BEHIND_BYTES = 256 * 2**20  # written bytes of a shard left to the page cache before the oldest must be on disk
-_WRITE_BEHIND_MIN = 2**20  # smaller writes (scales, norms) are left to the kernel
+_WRITE_BEHIND_MIN = 2**20  # smaller writes (scales, norms) are not pushed to the disk as they come
 
 
 def _libc_sync_file_range():
@@ -78,40 +84,75 @@ _sync_file_range = _libc_sync_file_range()
 _SYNC_WRITE, _SYNC_WAIT = 2, 1 | 2 | 4  # SYNC_FILE_RANGE_WRITE; WAIT_BEFORE | WRITE | WAIT_AFTER
 
 
+def _sync_range(fd: int, offset: int, length: int, flags: int) -> None:
+    """`sync_file_range`, its failure raised as an OSError. A write-back error is reported once per open file and
+    then cleared: a failure ignored here would let the final `fsync` return 0 over bytes that never reached the
+    disk."""
+    if _sync_file_range(fd, offset, length, flags) != 0:
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 class _WriteBehind:
-    """Streams a shard's large writes to the disk as they come and drops them from the page cache once there.
+    """Streams a shard's large writes to the disk as they come, drops them from the page cache once there, and
+    hands each written piece to `confirmed` only once its bytes are known to be on disk.
 
     Left to itself the kernel keeps every written page cached until memory runs out; on a conversion that writes
     tens of GB, each write then lands in a page the machine has not touched for long, and filling such pages
-    (on virtual machines above all) cost more CPU than the quantization. Here writeback of each range starts at
-    once, and once more than WRITE_BEHIND_BYTES are in flight the oldest range is waited for and dropped, so a
-    small set of pages is reused. The data path is unchanged: the page cache only ever holds what is on disk.
+    (on virtual machines above all) cost more CPU than the quantization. Here writeback of each large range starts
+    at once, and once more than WRITE_BEHIND_BYTES are in flight the oldest ranges are waited for, in the order
+    they were written (small ones too), and the large ones dropped, so a small set of pages is reused. A wait that
+    reports an error raises it; a range whose wait returned 0 is confirmed. Ranges still in flight are confirmed
+    by the shard's final `fsync` (`flush`). The data path is unchanged: the page cache only ever holds what is on
+    disk.
     """
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, confirmed=None):
         self._fd = fd
-        self._ranges: deque[tuple[int, int]] = deque()
+        self._confirmed = confirmed or (lambda what: None)
+        self._ranges: deque[tuple[int, int, object]] = deque()  # (offset, length, what) in the order written
         self._in_flight = 0
         self._lock = threading.Lock()
+        self._waiting = threading.Lock()  # one waiter at a time: an error is reported to the first wait only
 
-    def written(self, offset: int, length: int) -> None:
-        if _sync_file_range is None or length < _WRITE_BEHIND_MIN:
-            return
-        _sync_file_range(self._fd, offset, length, _SYNC_WRITE)
-        oldest = []
+    def written(self, offset: int, length: int, what=None) -> None:
+        """`length` bytes at `offset` were written; `what` (a piece) is confirmed once they are on disk."""
+        large = length >= _WRITE_BEHIND_MIN
+        if _sync_file_range is not None and large:
+            _sync_range(self._fd, offset, length, _SYNC_WRITE)
         with self._lock:
-            self._ranges.append((offset, length))
-            self._in_flight += length
-            while self._in_flight > WRITE_BEHIND_BYTES:
-                done = self._ranges.popleft()
-                self._in_flight -= done[1]
-                oldest.append(done)
-        for start, n in oldest:  # outside the lock: the other lane keeps writing meanwhile
-            _sync_file_range(self._fd, start, n, _SYNC_WAIT)
-            try:
-                os.posix_fadvise(self._fd, start, n, os.POSIX_FADV_DONTNEED)
-            except OSError:  # advice only: a file system that does not take it changes nothing written
-                pass
+            self._ranges.append((offset, length, what))
+            self._in_flight += length if large else 0
+            over = _sync_file_range is not None and self._in_flight > WRITE_BEHIND_BYTES
+        if not over:
+            return
+        with self._waiting:  # the other lane keeps writing meanwhile
+            while True:
+                with self._lock:
+                    if self._in_flight <= WRITE_BEHIND_BYTES or not self._ranges:
+                        return
+                    start, n, done = self._ranges.popleft()
+                    self._in_flight -= n if n >= _WRITE_BEHIND_MIN else 0
+                _sync_range(self._fd, start, n, _SYNC_WAIT)
+                if n >= _WRITE_BEHIND_MIN:
+                    try:
+                        os.posix_fadvise(self._fd, start, n, os.POSIX_FADV_DONTNEED)
+                    except OSError:  # advice only: a file system that does not take it changes nothing written
+                        pass
+                if done is not None:
+                    self._confirmed(done)
+
+    def flush(self) -> None:
+        """`fsync` the file, then confirm every range still in flight."""
+        with self._waiting:
+            os.fsync(self._fd)
+        with self._lock:
+            left, self._ranges, self._in_flight = list(self._ranges), deque(), 0
+        for _, _, done in left:
+            if done is not None:
+                self._confirmed(done)
 
 
 class ShardWriter:
@@ -120,11 +161,16 @@ class ShardWriter:
     A state machine: `new` -> `open` (header written, file sized) -> `closed`. Every write names its tensor and
     a position inside it; since the header fixes every offset, tensors may be written in any order and from
     several threads, but each takes exactly its declared bytes: one byte more is refused, one fewer fails `close`.
+
+    With a `manifest`, every write is a piece of the resume manifest, recorded by the writer itself and only once
+    its bytes are confirmed on disk: when the write-back of its range returned without error, or after the
+    shard's final `fsync`. The writer closes itself (that `fsync`) as soon as its last declared byte is written.
     """
 
-    def __init__(self, path: Path, shard: ShardPlan):
+    def __init__(self, path: Path, shard: ShardPlan, manifest=None):
         self.path = path
         self.shard = shard
+        self._manifest = manifest
         self.state = "new"
         self._fd: int | None = None
         self._copy_fd: int | None = None  # a second descriptor, whose file position in-kernel copies may move
@@ -137,6 +183,7 @@ class ShardWriter:
             position += t.nbytes
         self.file_size = position
         self._written = dict.fromkeys(self._offsets, 0)
+        self._finished = 0  # data bytes written (or credited), of file_size - len(header)
         self._lock = threading.Lock()
         self._behind: _WriteBehind | None = None
 
@@ -160,16 +207,31 @@ class ShardWriter:
                 os.ftruncate(self._fd, self.file_size)
         except OSError as exc:
             raise os_error(exc, self.path, "writing the header") from None
-        self._behind = _WriteBehind(self._fd)
+        self._behind = _WriteBehind(self._fd, self._record)
         self.state = "open"
+
+    def _record(self, piece) -> None:
+        self._manifest.record(piece)
+
+    def _piece(self, name: str, start: int, nbytes: int, crc: int):
+        if self._manifest is None:
+            return None
+        from .manifest import Piece
+
+        return Piece(self.shard.name, name, start, nbytes, crc)
 
     def credit(self, name: str, nbytes: int) -> None:
         """Count bytes of `name` that an earlier run wrote and that were checked, as written."""
         self._claim(name, 0, nbytes)
+        self._done(nbytes)
 
-    def crcs_at(self, name: str, start: int, nbytes: int) -> tuple[int, int]:
-        """The CRCs (`checksum.file_crcs`) of bytes of `name` as they are in the file."""
-        return file_crcs(self._fd, self._offsets[name][0] + start, nbytes)
+    def _done(self, nbytes: int) -> None:
+        """`nbytes` more data bytes are written; the write that completes the shard closes it."""
+        with self._lock:
+            self._finished += nbytes
+            complete = self._finished == self.file_size - len(self._header) and self.state == "open"
+        if complete and nbytes:
+            self.close()
 
     def _claim(self, name: str, start: int, nbytes: int) -> int:
         """Check a write of `nbytes` at `start` inside tensor `name`; returns its absolute file offset."""
@@ -189,11 +251,13 @@ class ShardWriter:
         """Write bytes (any buffer) of tensor `name` from byte `start` of the tensor."""
         view = memoryview(data).cast("B")
         offset = self._claim(name, start, len(view))
+        piece = self._piece(name, start, len(view), buffer_crc(view)) if self._manifest is not None else None
         try:
             _pwrite_all(self._fd, view, offset)
-            self._behind.written(offset, len(view))
+            self._behind.written(offset, len(view), piece)
         except OSError as exc:
             raise os_error(exc, self.path, f"writing {name}") from None
+        self._done(len(view))
 
     def write(self, name: str, data) -> None:
         """Append bytes to tensor `name` (for a writer fed by one thread, tensor by tensor)."""
@@ -212,19 +276,24 @@ class ShardWriter:
                 if n == 0:
                     raise WriteError(f"{self.path}: source ended while copying {name}")
                 done += n
-            self._behind.written(offset, nbytes)
+            piece = self._piece(name, start, nbytes, file_crc(self._fd, offset, nbytes)) if self._manifest is not None else None
+            self._behind.written(offset, nbytes, piece)
         except OSError as exc:
             raise os_error(exc, self.path, f"copying {name}") from None
+        self._done(nbytes)
 
     def close(self) -> None:
-        """Check that every declared byte was written, flush to disk and close."""
+        """Check that every declared byte was written, flush to disk (then record the pieces still in flight) and
+        close. A writer that closed itself once complete is left as it is."""
+        if self.state == "closed":
+            return
         self._expect("open")
         for name, (_, declared) in self._offsets.items():
             if self._written[name] != declared:
                 raise WriteError(f"{self.path}: closed before {name} was complete "
                                  f"({self._written[name]} of {declared} bytes)")
         try:
-            os.fsync(self._fd)
+            self._behind.flush()
         except OSError as exc:
             raise os_error(exc, self.path, "flushing to disk") from None
         finally:

@@ -1,6 +1,7 @@
 """Run `convert-fp8 ARGS` and SIGKILL the process at a chosen point, as a crash would.
 
     python tests/kill_after.py pieces N ARGS...    # after the N-th piece is recorded in the manifest
+    python tests/kill_after.py writes N ARGS...    # after the N-th piece is written (before it is on disk)
     python tests/kill_after.py finalize ARGS...    # when the last part starts to finalize
     python tests/kill_after.py interrupt N MARKER ARGS...
         # Ctrl-C (SIGINT) after the N-th piece; each piece is recorded slowly, so the run would go on for
@@ -28,6 +29,20 @@ if mode == "pieces":
             os.kill(os.getpid(), signal.SIGKILL)
 
     manifest.Manifest.record = record_then_maybe_die
+elif mode == "writes":
+    from converter.write import ShardWriter
+
+    limit = int(sys.argv[2])
+    args = sys.argv[3:]
+    count = [0]
+    for method in ("write_at", "copy_at"):
+        def write_then_maybe_die(self, *a, _real=getattr(ShardWriter, method)):
+            _real(self, *a)
+            count[0] += 1
+            if count[0] >= limit:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        setattr(ShardWriter, method, write_then_maybe_die)
 elif mode == "finalize":
     args = sys.argv[2:]
     real = convert.finalize_if_complete

@@ -9,28 +9,28 @@ import pytest
 
 from converter import arch, lanes, resume, write
 from converter.errors import PlanError, QuantizeError, WriteError
-from converter.manifest import Manifest
 from converter.stripes import Quantizer
 
 from .conftest import run_cli, tree_digest
 
 
 class Recorder:
-    """Counts manifest records, per lane, before and after a planted failure; each record takes `delay` s, so a
-    run that does not stop would go on well past the failure."""
+    """Counts written pieces (each write of a shard writer), per lane, before and after a planted failure; each
+    write takes `delay` s, so a run that does not stop would go on well past the failure."""
 
     def __init__(self, monkeypatch, delay: float):
         self.pieces, self.failed_at = [], None
         self.lock = threading.Lock()
-        record = Manifest.record
+        for method in ("write_at", "copy_at"):
+            real = getattr(write.ShardWriter, method)
 
-        def slow_record(manifest, piece):
-            time.sleep(delay)
-            record(manifest, piece)
-            with self.lock:
-                self.pieces.append((piece.tensor, self.failed_at is not None))
+            def slow(writer, name, *args, _real=real):
+                time.sleep(delay)
+                _real(writer, name, *args)
+                with self.lock:
+                    self.pieces.append((name, self.failed_at is not None))
 
-        monkeypatch.setattr(Manifest, "record", slow_record)
+            monkeypatch.setattr(write.ShardWriter, method, slow)
 
     def fail(self, error: Exception):
         with self.lock:

@@ -189,11 +189,22 @@ def test_a_failure_before_the_commit_leaves_the_repository_without_a_new_file(so
     assert not (tmp_path / "out" / PENDING_RECORD).exists()
 
 
-def test_a_dropped_upload_is_retried(source, tmp_path):
-    with UploadHub(drop_puts=1) as hub:
+def test_network_failures_are_retried_then_told_in_one_line(source, tmp_path):
+    """huggingface_hub tries an upload 6 times; convert-fp8 tries the whole pre-upload again after a wait. Past
+    those, one line says that the same command resumes the upload; the conversion is kept."""
+    with UploadHub(drop_puts=6) as hub:  # the client's 6 tries of the first shard fail; the retry goes through
         done = publish(hub, source, tmp_path / "out")
         assert done.returncode == 0, done.stderr
         assert len(hub.stored) == 4
+    with UploadHub(drop_puts=6) as hub:
+        done = publish(hub, source, tmp_path / "again", extra_env={"CONVERT_FP8_PUBLISH_RETRIES": "0"})
+        assert done.returncode == 1
+        assert hub.stored == [] and set(hub.files_at("acme/toy-FP8")) == {".gitattributes"}
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"convert-fp8: error: acme/toy-FP8: cannot reach the Hub at {hub.url} while uploading "
+        "model-00001-of-00004.safetensors, after 6 tries with backoff; the uploaded blobs stay on the Hub: rerun the same command "
+        "to resume the upload")
+    assert (tmp_path / "again" / PENDING_RECORD).is_file()
 
 
 @pytest.mark.parametrize("token, message", [
