@@ -63,7 +63,8 @@ def card_front_matter(source: dict, base_model_id: str | None) -> dict:
 
 
 def model_card(plan: Plan, base_model: str, repo_name: str, source_card: str | None = None,
-               base_model_id: str | None = None, commit: str | None = None) -> str:
+               base_model_id: str | None = None, commit: str | None = None,
+               requantized_from: str | None = None) -> str:
     """The README.md of the FP8 checkpoint.
 
     Args:
@@ -74,6 +75,7 @@ def model_card(plan: Plan, base_model: str, repo_name: str, source_card: str | N
         base_model_id (`str`, *optional*): the source's Hub id, written as `base_model` (left out when unknown:
             the Hub refuses a card whose `base_model` is not a model id).
         commit (`str`, *optional*): the Hub commit the source was read at.
+        requantized_from (`str`, *optional*): what the source is when it is an FP8 checkpoint itself, re-quantized.
     """
     import yaml
 
@@ -90,6 +92,11 @@ def model_card(plan: Plan, base_model: str, repo_name: str, source_card: str | N
     origin = f"`{base_model}`" + (f" at commit `{commit}`" if commit else "")
     warning = (f"\n> The source card's metadata could not be read ({unreadable}): copy its licence into the front "
                "matter above before publishing.\n" if unreadable else "")
+    if requantized_from:
+        warning += (f"\n> Re-quantized from an FP8 checkpoint, {origin}: {requantized_from}.\n> Its weights were "
+                    "decoded to BF16 (as `convert-fp8 dequantize` decodes them) and quantized again. This is a\n> "
+                    "lossy step on top of the source's own quantization: the values are not those a conversion of "
+                    "the\n> original BF16 weights gives.\n")
     return f"""---
 {front}---
 # {repo_name}

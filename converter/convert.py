@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import arch
+from . import arch, transcode
 from .configs import ConvertOptions
 from .dialects import writer_for
 from .errors import UsageError
 from .finalize import finalize_if_complete
-from .lanes import Progress, QuantizeLane, Stop, write_shards
+from .lanes import Progress, Stop, write_shards
 from .manifest import RUN_FILE, Manifest, read_run, run_identity, source_stamp
 from .plan import QUANTIZE, SCALE, Plan, ShardPlan, make_plan
 from .resume import claim_part, run_record, verified_pieces
@@ -50,6 +50,7 @@ def prepare(options: ConvertOptions, check_arch_now: bool = True) -> tuple[Sourc
         `(source, plan, notes)`; notes say what could not be checked.
     """
     source = load_source(options.src, options.dst, options.revision, options.low_disk, options.allow_external_links)
+    source = transcode.source_to_convert(source, options.scheme)  # an FP8 source: as dequantize would write it
     notes = []
     loader = None
     if options.arch_check:
@@ -59,13 +60,17 @@ def prepare(options: ConvertOptions, check_arch_now: bool = True) -> tuple[Sourc
             notes.append(f"architecture check skipped: {loader}; tensors are chosen by their names, dtypes and "
                          "shapes alone")
             loader = None
-    plan = make_plan(source, options.scheme, options.exclude_patterns, options.max_shard_size, loader)
+    plan = transcode.plan_for(make_plan(source, options.scheme, options.exclude_patterns, options.max_shard_size,
+                                        loader), source)
     preset_archs = options.preset.architectures
     archs = source.config.get("architectures") or []
     if preset_archs and not set(archs) & set(preset_archs):
         notes.append(f"preset {options.preset.name!r} is meant for {', '.join(preset_archs)}, not {archs}")
     if options.arch_check and check_arch_now:
         _note_once(notes, arch.cross_check(plan))
+    if transcode.requantized(source):
+        notes.append(f"the source is FP8 ({transcode.requantized(source)}): its weights are decoded as dequantize "
+                     "decodes them and quantized again, a lossy step")
     return source, plan, notes
 
 
@@ -151,7 +156,7 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     finalized = False
     try:
         done = verified_pieces(manifest, out.staging) if claimed.resumed else {}
-        resumed_bytes = write_shards(out, mine, source, QuantizeLane(source, quantizer), progress, manifest, done,
+        resumed_bytes = write_shards(out, mine, source, transcode.main_lane(source, quantizer), progress, manifest, done,
                                      claimed.resumed, stop, publish.shard_written if publish else None)
         manifest.close()
         if publish is not None:

@@ -36,12 +36,13 @@ def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, option
     os.close(lock)
     try:
         from .publish import source_origin
+        from .transcode import requantized
 
         hub_id, commit = source_origin(source)  # a Hub source, or a snapshot folder of the Hugging Face cache
         base = options.base_model or hub_id or source.root.resolve().name
         names = write_last_files(out, plan, source, lambda: model_card(
             plan, base_model=base, repo_name=f"{Path(base).name}-FP8", source_card=source_card(source),
-            base_model_id=options.base_model or hub_id, commit=commit))
+            base_model_id=options.base_model or hub_id, commit=commit, requantized_from=requantized(source)))
         check_written_headers(out.staging, plan)
         self_check(out.staging)
         out.commit(names)

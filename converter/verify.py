@@ -158,6 +158,10 @@ def verify(dst: Path, src: Path | None = None, progress: Callable[[int], None] |
     if src is not None:
         try:
             source = open_source(Path(src), allow_external_links=True)  # only its tensors are read
+            if "quantization_config" in source.config:  # an FP8 source: as the conversion read it
+                from .dialects.decoded import decoded_view
+
+                source = decoded_view(source)
         except ConvertError as exc:
             report.problems.append(Problem(f"source: {exc}"))
         if source is not None:
@@ -329,7 +333,7 @@ def _check_data(out: _Output, source: SourceIndex | None, fp8: dict[str, TensorI
     output = out.as_source()
     tensors = output.tensors
     suffix = writer.scale_name("")
-    with TensorReader(output) as reader, (TensorReader(source) if source else _Null()) as src_reader:
+    with TensorReader(output) as reader, (_source_reader(source) if source else _Null()) as src_reader:
         for name, info in tensors.items():
             report.tensors_checked += 1
             if name.endswith(suffix) and name[: -len(suffix)] in fp8:
@@ -344,6 +348,12 @@ def _check_data(out: _Output, source: SourceIndex | None, fp8: dict[str, TensorI
                 _check_copied(info, reader, source, src_reader, report)
             report.bytes_checked += info.nbytes
             progress(info.nbytes)
+
+
+def _source_reader(source: SourceIndex):
+    from .dialects.decoded import DecodedSource, DecodingReader
+
+    return DecodingReader(source) if isinstance(source, DecodedSource) else TensorReader(source)
 
 
 class _Null:
