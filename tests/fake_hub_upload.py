@@ -158,6 +158,9 @@ class UploadHub(FakeHub):
             return
         repo_id = f"{payload.get('organization') or 'tester'}/{payload['name']}"
         url = f"{self.url}/{repo_id}"
+        if repo_id.split("/")[0] not in ("tester", "acme"):  # the namespaces the token's account writes to
+            return self._error(handler, 403, "Forbidden", "You don't have the rights to create a model under "
+                               "this namespace", True)
         with self.lock:
             if repo_id in self.repos:
                 return self._json(handler, 409, {"error": "You already created this model repo", "url": url},

@@ -50,7 +50,7 @@ def source(tmp_path_factory) -> Path:
 
 
 def publish(hub: UploadHub, src: Path, dst: Path, *args: str, token: str | None = "hf_write", command=(),
-            wait: bool = True, extra_env: dict | None = None):
+            wait: bool = True, extra_env: dict | None = None, repo: str = "acme/toy-FP8"):
     """`convert-fp8 [COMMAND] --src SRC --dst DST --push-to-hub acme/toy-FP8 ARGS` in a process."""
     env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", CONVERT_FP8_NO_PROGRESS="1",
                HF_HOME=str(dst.parent / "hf-home"), HF_HUB_DISABLE_PROGRESS_BARS="1",
@@ -60,7 +60,7 @@ def publish(hub: UploadHub, src: Path, dst: Path, *args: str, token: str | None 
     if token:
         env["HF_TOKEN"] = token
     argv = [sys.executable, "-m", "converter.cli", *command, "--src", str(src), "--dst", str(dst),
-            "--push-to-hub", "acme/toy-FP8", "-q"]
+            "--push-to-hub", repo, "-q"]
     if not command:
         argv += ["--no-arch-check", "--max-shard-size", SHARD]
     argv += args
@@ -218,6 +218,16 @@ def test_network_failures_are_retried_then_told_in_one_line(source, tmp_path):
 def test_token_problems_are_one_line_before_anything_is_converted(source, tmp_path, token, message):
     with UploadHub() as hub:
         done = publish(hub, source, tmp_path / "out", token=token)
+    assert done.returncode == 1
+    assert done.stderr.strip() == message
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_write_access_to_the_namespace_is_one_line(source, tmp_path):
+    with UploadHub() as hub:
+        done = publish(hub, source, tmp_path / "out", repo="other/toy-FP8")
+    message = ("convert-fp8: error: other/toy-FP8: no write access (HTTP 403) while creating the repository: the "
+               "token's account cannot write to other")
     assert done.returncode == 1
     assert done.stderr.strip() == message
     assert not (tmp_path / "out").exists()
