@@ -48,7 +48,8 @@ def _publish_options(func):
 
 
 @click.group(invoke_without_command=True, epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--src", help="Source checkpoint: a folder (BF16, F16 or F32 safetensors) or a Hub repo id org/name.")
+@click.option("--src", help="Source checkpoint: a folder (BF16, F16 or F32 safetensors, or an FP8 checkpoint to "
+                             "re-quantize into another dialect) or a Hub repo id org/name.")
 @click.option("--revision", default=None, help="Hub sources: branch, tag or commit [main].")
 @click.option("--low-disk", is_flag=True, help="Hub sources: delete each downloaded shard once it is converted.")
 @click.option("--dst", type=click.Path(path_type=Path), help="Output folder for the FP8 checkpoint.")
@@ -315,7 +316,8 @@ Examples:
 
   convert-fp8 dequantize --src model-FP8 --dst model-F32 --dtype f32 --dry-run
 """)
-@click.option("--src", required=True, help="Block-FP8 checkpoint: a folder or a Hub repo id org/name.")
+@click.option("--src", required=True, help="FP8 checkpoint (transformers fp8 or compressed-tensors): a folder or a Hub "
+                                           "repo id org/name.")
 @click.option("--dst", required=True, type=click.Path(path_type=Path), help="Output folder for the checkpoint.")
 @click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), default="bf16", show_default=True,
               help="dtype of the dequantized weights.")

@@ -18,7 +18,16 @@ from .lanes import MainLane, QuantizeLane
 from .plan import COPY, QUANTIZE, Plan
 from .source import SourceIndex
 
-DECODE = "dequantize"  # a kept FP8 weight, written in BF16 (dequantize's action)
+DECODE = "dequantize"  # a kept FP8 weight, written in BF16 (dequantize's action, which `DequantizeLane` writes)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kept:
+    """What `DequantizeLane` reads of its plan: the FP8 weights with their scales, their reader, the dtype."""
+
+    pairs: dict
+    reader: object
+    dtype: str = DECODED_DTYPE
 
 
 def source_to_convert(source: SourceIndex, scheme) -> SourceIndex:
@@ -89,9 +98,7 @@ class TranscodeLane(MainLane):
         from .dequantize import DequantizeLane
 
         self.quantize = _DecodingQuantizeLane(source, quantizer)
-        kept = dataclasses.make_dataclass("KeptFP8", ["pairs", "reader", "dtype"])(source.pairs, source.reader,
-                                                                                   DECODED_DTYPE)
-        self.decode = DequantizeLane(kept, source.fp8)
+        self.decode = DequantizeLane(_Kept(source.pairs, source.reader), source.fp8)
 
     def items(self, writer, tensors) -> list[tuple]:
         return self.quantize.items(writer, tensors) + self.decode.items(writer, tensors)
