@@ -3,13 +3,14 @@ HF_TOKEN), shard by shard.
 
 The plan needs every shard's header: a shard already in the cache gives it from disk, others by two ranged reads
 of the remote file, so nothing large is fetched before the conversion starts. Shards are then downloaded as the
-conversion reaches them (the next one in the background); with `low_disk`, a shard this run downloaded is deleted
-from the cache once all its tensors are written.
+conversion reaches them (the next one in the background); with `low_disk`, a shard whose blob this run downloaded
+is deleted from the cache once all its tensors are written, unless another snapshot of the cache links to it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 import sys
@@ -42,7 +43,7 @@ class HubRepo:
         self.commit: str | None = None
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
-        self._downloaded: set[str] = set()  # shards this run fetched (only those are deleted with low_disk)
+        self._downloaded: set[str] = set()  # shards whose blob this run fetched (only those are deleted with low_disk)
         self._prefetching: set[str] = set()
         self._order: list[str] = []
         self._files: list[str] | None = None
@@ -213,9 +214,19 @@ class HubRepo:
             local = self.cached(shard)
             if local is not None:
                 return local
+            before = self._blobs()
             path = self.fetch(shard)
-            self._downloaded.add(shard)
+            if path.resolve().name not in before:  # not a blob an older revision already had, only linked
+                self._downloaded.add(shard)
             return path
+
+    def _blobs(self) -> set[str]:
+        """The names of the blobs the cache holds for this repository now."""
+        self.resolve()
+        try:
+            return set(os.listdir(self.snapshot.parent.parent / "blobs"))
+        except OSError:
+            return set()
 
     def prefetch_after(self, shard: str) -> None:
         """Start downloading the shard after `shard` in the background, if it is not local yet."""
@@ -256,19 +267,37 @@ class HubRepo:
         return self._files
 
     def release(self, shard: str) -> None:
-        """With low_disk, delete a shard this run downloaded (its cache blob and snapshot link)."""
+        """With low_disk, delete a shard whose blob this run downloaded: its snapshot link, and the blob unless a
+        link of another snapshot (another revision, another process) points to it."""
         if not self.low_disk or shard not in self._downloaded:
             return
         local = self.cached(shard)
         if local is None:
             return
         blob = local.resolve()
-        for path in (local, blob):
+        try:
+            local.unlink()
+        except FileNotFoundError:
+            pass
+        if not _linked_from(blob.parent.parent / "snapshots", blob):
             try:
-                path.unlink()
+                blob.unlink()
             except FileNotFoundError:
                 pass
         self._downloaded.discard(shard)
+
+
+def _linked_from(snapshots: Path, blob: Path) -> bool:
+    """Whether any file of the cache's snapshots resolves to `blob`."""
+    for root, _, files in os.walk(snapshots):
+        for name in files:
+            path = Path(root, name)
+            try:
+                if path.resolve() == blob:
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 def _is_network_error(exc: BaseException) -> bool:

@@ -269,6 +269,41 @@ def test_low_disk_deletes_only_what_this_run_downloaded(toy_src, tmp_path, monke
     assert not local.exists() and not blob.exists()
 
 
+def test_low_disk_keeps_the_blobs_an_older_revision_shares(toy_src, toy_reference, tmp_path):
+    """An older revision in the cache holds the same shards (same blobs): the new revision's download only links
+    them. After a --low-disk run every file of the older revision still resolves."""
+    import hashlib
+
+    from .fake_hub import FakeHub
+
+    cache = tmp_path / "hub"
+    hub_cache(cache, "acme/toy", toy_src, commit="1111111111111111111111111111111111111111")
+    repo_dir = cache / "models--acme--toy"
+    for blob in list((repo_dir / "blobs").iterdir()):  # named as huggingface_hub names them: by their sha256
+        named = blob.with_name(hashlib.sha256(blob.read_bytes()).hexdigest())
+        blob.rename(named)
+    old = repo_dir / "snapshots" / "1111111111111111111111111111111111111111"
+    for link in old.rglob("*"):
+        if link.is_symlink():
+            target = Path(os.readlink(link))
+            digest = hashlib.sha256((toy_src / link.relative_to(old)).read_bytes()).hexdigest()
+            link.unlink()
+            os.symlink(target.with_name(digest), link)
+    links = [p for p in old.rglob("*") if p.is_symlink()]
+    assert links and all(p.exists() for p in links)
+    with FakeHub("acme/toy", toy_src) as hub:
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(cache), CONVERT_FP8_NO_PROGRESS="1",
+                   HF_HUB_DISABLE_XET="1")
+        env.pop("HF_HUB_OFFLINE", None)
+        done = subprocess.run([sys.executable, "-m", "converter.cli", "--src", "acme/toy", "--dst",
+                               str(tmp_path / "out"), "--max-shard-size", "20MB", "--no-arch-check", "--low-disk"],
+                              capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p for p in links if not p.exists()] == []  # every file of the older revision still resolves
+    got, want = tree_digest(tmp_path / "out"), tree_digest(toy_reference)
+    assert {k: v for k, v in got.items() if k != "README.md"} == {k: v for k, v in want.items() if k != "README.md"}
+
+
 def test_hub_download_shard_by_shard_with_low_disk(toy_src, toy_reference, tmp_path):
     """Online, against a local stand-in for the Hub: headers by ranged reads before any shard is downloaded,
     shards fetched as the conversion reaches them, and with --low-disk none of them left in the cache."""
