@@ -181,9 +181,10 @@ def _changed_source_file(found: dict, record: dict) -> str | None:
 
 
 class PartLock:
-    """`part-I-of-N.lock` in the staging folder, holding host and pid: a second process converting the same part
-    on the same host is refused (its writes would race the first's); a lock whose process is gone is taken over.
-    Hosts cannot see each other's processes: a lock from another host is reported and taken over."""
+    """`part-I-of-N.lock` in the staging folder, holding host, boot id and pid: a second process converting the
+    same part on the same host is refused (its writes would race the first's); a lock whose process is gone is
+    taken over, and so is one written before the machine last started (its pid may since name an unrelated
+    process). Hosts cannot see each other's processes: a lock from another host is reported and taken over."""
 
     def __init__(self, staging: Path, part: tuple[int, int]):
         self.path = staging / f"part-{part[0]}-of-{part[1]}.lock"
@@ -191,27 +192,36 @@ class PartLock:
 
     def acquire(self) -> str | None:
         """Take the lock; returns a note when another host's lock was taken over."""
-        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        me = {"host": socket.gethostname(), "boot": BOOT_ID, "pid": os.getpid()}
         note = None
         try:
             held = json.loads(self.path.read_text())
         except (OSError, ValueError):
             held = None
-        if held and held.get("host") == me["host"] and held.get("pid") != me["pid"] and _alive(held.get("pid")):
+        if not isinstance(held, dict):
+            held = None
+        same_boot = held is not None and (held.get("boot") is None or me["boot"] is None or held["boot"] == me["boot"])
+        if (held and held.get("host") == me["host"] and same_boot and held.get("pid") != me["pid"]
+                and _alive(held.get("pid"))):
             i, n = self.part
             raise UsageError(f"{self.path.parent.parent}: process {held['pid']} on this host is already converting "
                              f"part {i}/{n} into it; wait for it or stop it first")
         if held and held.get("host") != me["host"]:
             note = f"took over part {self.part[0]}/{self.part[1]} from host {held.get('host')}, pid {held.get('pid')}"
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(me))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps(me))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise os_error(exc, self.path, "locking the part") from None
         return note
 
     def release(self) -> None:
+        """Remove the lock; a lock that cannot be removed (a file system turned read-only) is left: the next run
+        takes over a lock whose process is gone."""
         try:
             self.path.unlink()
-        except FileNotFoundError:
+        except OSError:
             pass
 
 

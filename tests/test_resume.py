@@ -342,9 +342,16 @@ def test_a_second_process_on_the_same_part_is_refused(toy_src, tmp_path):
         result = run_cli(*args)
         assert result.exit_code == 2
         assert f"process {sleeper.pid} on this host is already converting part 1/1 into it" in result.stderr
+        # the same pid written before the machine last started names an unrelated process now: taken over
+        lock.write_text(json.dumps({"host": socket.gethostname(), "boot": "an-earlier-boot", "pid": sleeper.pid}))
+        result = run_cli(*args)
+        assert result.exit_code == 0, result.output
+        assert "resumed: kept" in result.output
     finally:
         sleeper.kill()
         sleeper.wait()
+    shutil.rmtree(dst)
+    killed_run(*args)
     result = run_cli(*args)  # the holder is gone: the lock is taken over and the run resumes
     assert result.exit_code == 0, result.output
     assert "resumed: kept" in result.output
