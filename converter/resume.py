@@ -34,7 +34,7 @@ def run_record(options: ConvertOptions, identity: str, stamp: dict) -> dict:
         "src": source_name(options.src),
         "revision": options.revision,
         "options": {
-            "preset": options.preset.origin or options.preset.name,
+            "preset": _preset_reference(options.preset),
             "exclude": list(options.extra_excludes),
             "block_size": options.block_size,
             "max_shard_size": options.max_shard_size,
@@ -46,6 +46,16 @@ def run_record(options: ConvertOptions, identity: str, stamp: dict) -> dict:
             "scale_fmt": options.scale_fmt,
         },
     }
+
+
+def _preset_reference(preset) -> str:
+    """How `finalize` finds the preset again: its name, or a preset file's absolute path (a relative one would
+    name another file, or none, from another folder); the run's identity shows whether it changed since."""
+    origin = preset.origin or preset.name
+    path = Path(origin)
+    if path.suffix == ".json" and path.is_file():
+        return str(path.resolve())
+    return origin
 
 
 @dataclass

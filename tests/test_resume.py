@@ -201,6 +201,28 @@ def test_finalize_after_the_last_part_died(toy_src, toy_reference, tmp_path):
     assert tree_digest(dst) == tree_digest(toy_reference)
 
 
+def test_finalize_after_the_last_part_died_with_a_relative_preset_file(toy_src, toy_reference, tmp_path):
+    """`--config ./mypreset.json` given in one folder; `finalize` run from another finds the same preset."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "mypreset.json").write_text(json.dumps({"block_size": 64, "modules_to_not_convert": []}))
+    dst = tmp_path / "out"
+    common = ("--src", toy_src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check",
+              "--config", "./mypreset.json")
+    env = dict(os.environ, CONVERT_FP8_NO_PROGRESS="1")
+    part = subprocess.run([sys.executable, "-m", "converter.cli", *map(str, common), "--part", "1/2"],
+                          cwd=tmp_path / "here", env=env, capture_output=True, text=True)
+    assert part.returncode == 0, part.stderr
+    died = subprocess.run([sys.executable, str(HERE / "kill_after.py"), "finalize", *map(str, common), "--part",
+                           "2/2"], cwd=tmp_path / "here", env=env, capture_output=True, text=True)
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    result = run_cli("finalize", "--dst", dst)  # from the tests' folder
+    assert result.exit_code == 0, result.output
+    reference = tmp_path / "reference"
+    result = run_cli(*common[:3], reference, *common[4:-1], tmp_path / "here" / "mypreset.json")
+    assert result.exit_code == 0, result.output
+    assert tree_digest(dst) == tree_digest(reference)
+
+
 def test_bad_part_argument(toy_src, tmp_path):
     result = run_cli("--src", toy_src, "--dst", tmp_path / "o", "--part", "4/3")
     assert result.exit_code == 2 and "expected I/N with 1 <= I <= N" in result.output
