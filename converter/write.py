@@ -403,10 +403,14 @@ class OutputDir:
     def path(self, relative: str) -> Path:
         """Staging path for an output file (parent folders created)."""
         path = self.staging / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise os_error(exc, path.parent, "creating an output folder") from None
         return path
 
     def write_text(self, relative: str, text: str) -> None:
+        """Write a staged file and flush it to disk."""
         path = self.path(relative)
         try:
             with open(path, "w") as f:
@@ -417,17 +421,30 @@ class OutputDir:
             raise os_error(exc, path, f"writing {relative}") from None
 
     def copy_file(self, src: Path, relative: str) -> None:
+        """Copy a file of the source into the staged output and flush it to disk."""
         path = self.path(relative)
+        try:
+            with open(src, "rb") as f:
+                os.fstat(f.fileno())
+        except OSError as exc:
+            raise SourceError(f"{src}: cannot read this file of the source: {_reason(exc)}") from None
         try:
             shutil.copyfile(src, path)
             shutil.copymode(src, path)
+            _fsync(path)
         except OSError as exc:
             raise os_error(exc, path, f"copying {relative}") from None
 
     def commit(self, names: list[str]) -> None:
         """Move the staged output entries `names` into `<dst>` (shards first, `config.json` last), then remove
-        the staging folder with its run records."""
+        the staging folder with its run records. Every staged folder is flushed to disk before the moves, and
+        `<dst>` and its parent after them: once this returns, a power cut leaves the output as it is now."""
         try:
+            for name in names:  # the entries of staged sub-folders (`1_Pooling/`), which move as a whole
+                top = self.staging / name
+                if top.is_dir() and not top.is_symlink():
+                    for folder in [top, *(p for p in top.rglob("*") if p.is_dir() and not p.is_symlink())]:
+                        _fsync_dir(folder)
             if self.overwrite:
                 for entry in self.dst.iterdir():
                     if entry.name != STAGING_NAME:
@@ -438,6 +455,7 @@ class OutputDir:
             for name in order:
                 os.replace(self.staging / name, self.dst / name)
             _fsync_dir(self.dst)
+            _fsync_dir(self.dst.absolute().parent)
             shutil.rmtree(self.staging)
         except OSError as exc:
             raise os_error(exc, self.dst, "moving the finished output into place") from None
@@ -460,6 +478,14 @@ def _existing_parent(path: Path) -> Path:
 
 
 def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
