@@ -342,7 +342,11 @@ def _other_files(src: Path, weight_files: set[str],
                  allow_external_links: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
     relative = []
     chains = {str(src): (src.resolve(),)}  # the real folders above each walked folder, to stop at link loops
-    for root, dirs, files in os.walk(src, followlinks=True):
+
+    def unreadable(exc: OSError):  # a folder left out would be missing from the output, silently
+        raise SourceError(f"{exc.filename}: cannot read this folder of the source: {_reason(exc)}")
+
+    for root, dirs, files in os.walk(src, followlinks=True, onerror=unreadable):
         chain = chains.pop(root)
         kept = []
         for d in sorted(dirs):
@@ -357,10 +361,26 @@ def _other_files(src: Path, weight_files: set[str],
         rel_root = Path(root).relative_to(src)
         relative += [(rel_root / name).as_posix() for name in sorted(files)]
     copy, skipped = classify_files(relative, weight_files)
-    if not allow_external_links:
-        for rel in copy:
+    for rel in copy:
+        if not allow_external_links:
             _check_link(src, rel)
+        _check_readable(src / rel)
     return copy, skipped
+
+
+def _check_readable(path: Path) -> None:
+    """A file to copy that cannot be read is an error before anything is written, not after every shard."""
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read this file of the source: {_reason(exc)}") from None
+
+
+def _reason(exc: OSError) -> str:
+    """An OS error's reason as a message goes on: `permission denied`, `input/output error`."""
+    text = exc.strerror or str(exc)
+    return text[:1].lower() + text[1:]
 
 
 def _inside(real: Path, src: Path) -> bool:
