@@ -116,8 +116,9 @@ def _block(text: str | None) -> int | None:
         raise click.BadParameter(
             f"{text}: non-square blocks are refused: transformers' FP8 loaders and vLLM's kernels take square "
             "weight blocks; give one number", param_hint="--block-size")
-    if len(sizes) > 2 or sizes[0] <= 0 or sizes[0] % 16:
-        raise click.BadParameter(f"{text}: expected a positive multiple of 16 (64 or 128)", param_hint="--block-size")
+    if len(sizes) > 2 or sizes[0] not in (64, 128):
+        raise click.BadParameter(f"{text}: expected 64 or 128, the block edges transformers' and vLLM's FP8 kernels "
+                                 "take", param_hint="--block-size")
     return sizes[0]
 
 
@@ -489,6 +490,16 @@ def _run(debug: bool, func, **kwargs):
         click.echo("convert-fp8: interrupted; the same command resumes the conversion (--overwrite with other "
                    "options discards it)", err=True)
         sys.exit(130)
+    except BrokenPipeError:  # the reader of stdout went away (`| head -1`): stop quietly, as `cat` would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + 13)
+    except OSError as exc:
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"convert-fp8: error: {where}{(exc.strerror or str(exc)).lower()} (run with --debug for the "
+                   "traceback)", err=True)
+        sys.exit(1)
     except Exception as exc:  # noqa: BLE001 - the one place unknown errors become one line
         if debug:
             raise

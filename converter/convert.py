@@ -163,7 +163,7 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
             publish.shards_written(out.staging, mine)
         if arch_check is not None:
             _note_once(notes, arch_check.result())
-        (out.staging / f"part-{i}-of-{n}.done").write_text(identity + "\n")
+        out.write_text(f"part-{i}-of-{n}.done", identity + "\n")
         claimed.lock.release()
         finalized = finalize_if_complete(out, plan, source, options, notes)
     except KeyboardInterrupt:

@@ -47,7 +47,10 @@ def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, option
         self_check(out.staging)
         out.commit(names)
     except BaseException:
-        (out.staging / "finalize.lock").unlink(missing_ok=True)
+        try:
+            (out.staging / "finalize.lock").unlink(missing_ok=True)
+        except OSError:  # the disk that failed the run: its error is the one to report
+            pass
         raise
     return True
 

@@ -137,6 +137,8 @@ def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, m
                 kept += main_lane.run(others, stop, advance, done, finished)
             except BaseException as exc:
                 stop.fail(exc)
+                if stop.error is not exc and not isinstance(exc, KeyboardInterrupt):
+                    raise stop.error from None  # the first failure (the copy lane's disk full), not its echo here
                 raise
             kept += copying.result()
         stop.raise_if_failed()  # a lane that saw the signal returned early: its shards are incomplete

@@ -161,10 +161,13 @@ def claim_run(staging: Path, record: dict, overwrite: bool) -> bool:
             shutil.rmtree(staging)
             staging.mkdir()
             continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise os_error(exc, path, "writing the run record") from None
         return False
     raise UsageError(f"{staging}: another process keeps replacing the run record")
 

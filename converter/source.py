@@ -6,6 +6,7 @@ shard, so memory never depends on the size of the model or of its shards.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -526,11 +527,24 @@ class TensorReader:
         target = memoryview(buffer)[from_ - window_start:end - window_start]
         got = 0
         while from_ + got < offset + length:
-            n = os.preadv(direct, [target[got:]], from_ + got)
+            try:
+                n = os.preadv(direct, [target[got:]], from_ + got)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                    raise self._read_error(exc, info) from None
+                # opened with O_DIRECT, yet the read refused (some FUSE and network file systems): through the
+                # page cache from here on
+                os.close(direct)
+                self._direct_fd = -1
+                self._read_all(fd, view[done:], offset + done, info)
+                return view
             if n == 0:
                 raise SourceError(f"{self._source.root / info.shard}: truncated while reading {info.name}")
             got += n
         return view
+
+    def _read_error(self, exc: OSError, info: TensorInfo) -> SourceError:
+        return SourceError(f"{self._source.root / info.shard}: {_reason(exc)} while reading {info.name}")
 
     @staticmethod
     def _read_cached(fd: int, view: memoryview, offset: int) -> int:
@@ -543,7 +557,10 @@ class TensorReader:
     def _read_all(self, fd: int, view: memoryview, offset: int, info: TensorInfo) -> None:
         done = 0
         while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
+            try:
+                n = os.preadv(fd, [view[done:]], offset + done)
+            except OSError as exc:
+                raise self._read_error(exc, info) from None
             if n == 0:
                 raise SourceError(f"{self._source.root / info.shard}: truncated while reading {info.name}")
             done += n

@@ -36,6 +36,9 @@ class Quantizer:
             raise UsageError(dialect.unavailable())
         if kind == "auto":
             kind = "numba" if device == "cpu" and quantize_fast.available() and dialect.fused_kernel else "torch"
+        if kind == "numba" and device != "cpu":
+            raise UsageError(f"--quantizer numba runs on the CPU; --device {device} applies to --quantizer torch "
+                             "(or auto)")
         if kind == "numba" and not dialect.fused_kernel:
             raise UsageError(f"--quantizer numba: the fused kernel computes transformers' float32 scales only, not "
                              f"{dialect.label}; use --quantizer torch (or auto)")

@@ -361,6 +361,9 @@ class OutputDir:
         """Refuse a `--dst` that is a file, or holds files of its own without `--overwrite`."""
         if self.dst.exists() and not self.dst.is_dir():
             raise UsageError(f"{self.dst}: --dst exists and is not a folder")
+        above = _existing_parent(self.dst)
+        if not self.dst.exists() and not above.is_dir():
+            raise UsageError(f"{self.dst}: --dst lies under {above}, which is a file, not a folder")
         if self.dst.is_dir() and not self.overwrite:
             own = sorted(p.name for p in self.dst.iterdir() if p.name != STAGING_NAME)
             if own:
