@@ -163,7 +163,7 @@ def test_permission_denied(gemma_src, tmp_path):
 
 def test_unknown_preset_and_bad_size(gemma_src, tmp_path):
     result = run_cli("--src", gemma_src, "--dst", tmp_path / "d", "--config", "nope")
-    assert result.exit_code == 1 and "no preset named 'nope'; available: default, gemma-4-26b-a4b-it, gemma-4-31b-it, gemma-4-e2b-it" in result.stderr
+    assert result.exit_code == 1 and "no preset named 'nope'; available: deepseek-v3, default, gemma-4-26b-a4b-it, gemma-4-31b-it, gemma-4-e2b-it, gemma-4-e4b-it, glm4-moe, llama, mixtral, qwen3-moe" in result.stderr
     result = run_cli("--src", gemma_src, "--dst", tmp_path / "d", "--max-shard-size", "lots")
     assert result.exit_code == 2 and "not a size: 'lots'" in result.stderr
 
