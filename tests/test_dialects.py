@@ -718,6 +718,8 @@ def test_edge_values_match_llm_compressor(llmc_python, tmp_path, args, scheme):
     (("--format", "compressed-tensors", "--scheme", "fp8-dynamic"),
      "14 FP8 modules: all kept as the checkpoint's FP8 weights and scales"),
     (("--scale-fmt", "ue8m0"), "14 FP8 modules: all dequantized from their FP8 blocks and scales"),
+    (("--format", "compressed-tensors", "--scheme", "mxfp8"),
+     "14 FP8 modules: all kept as the checkpoint's FP8 weights and scales"),
 ])
 def test_validate_passes_in_every_dialect(tmp_path, args, path):
     from converter.validate import validate
