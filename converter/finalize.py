@@ -3,13 +3,13 @@ written, the staged output checked, and everything moved into place."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
 from .card import model_card
 from .configs import CARD_NAME, CONFIG_NAME, INDEX_NAME, ConvertOptions
 from .errors import WriteError
+from .manifest import take_lock
 from .plan import Plan
 from .source import SourceIndex, read_header, source_card
 from .write import OutputDir, config_json, index_json
@@ -28,12 +28,9 @@ def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, option
         notes.append(f"waiting for part(s) {', '.join(f'{k}/{n}' for k in missing)}; the last part to finish, or "
                      f"`convert-fp8 finalize --dst {options.dst}`, completes the checkpoint")
         return False
-    try:
-        lock = os.open(out.staging / "finalize.lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    except (FileExistsError, FileNotFoundError):  # FileNotFoundError: it finished and removed the staging folder
+    if not take_lock(out.staging / "finalize.lock"):  # or it finished and removed the staging folder
         notes.append("another part is completing the checkpoint")
         return False
-    os.close(lock)
     try:
         from .publish import source_origin
         from .transcode import requantized

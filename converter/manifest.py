@@ -228,6 +228,43 @@ class PartLock:
             pass
 
 
+def take_lock(path: Path) -> bool:
+    """Create the lock file `path` holding this process (host, boot id, pid), atomically with its content.
+    Returns False when another live process holds it, or its folder is gone. A lock whose holder is gone (a
+    process of this host that no longer runs, of an earlier boot, or an empty lock of an earlier version) is taken
+    over: a run killed while it held the lock would otherwise block every later one."""
+    me = {"host": socket.gethostname(), "boot": BOOT_ID, "pid": os.getpid()}
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(me))
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise os_error(exc, path, "taking the lock") from None
+    try:
+        for _ in range(2):
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                try:
+                    held = json.loads(path.read_text())
+                except FileNotFoundError:
+                    continue
+                except (OSError, ValueError):
+                    held = None
+                if isinstance(held, dict) and held.get("host") != me["host"]:
+                    return False  # another host's process: it cannot be seen from here
+                if isinstance(held, dict) and held.get("boot") in (None, me["boot"]) and _alive(held.get("pid")):
+                    return False
+                path.unlink(missing_ok=True)
+            except FileNotFoundError:
+                return False
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _alive(pid) -> bool:
     try:
         os.kill(int(pid), 0)

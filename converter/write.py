@@ -19,6 +19,7 @@ from .errors import SourceError, UsageError, WriteError
 from .plan import Plan, ShardPlan
 
 STAGING_NAME = ".convert-fp8.partial"
+_MOVING_NAME = "moving.json"  # in the staging folder while its output is moved into place
 _COPY_CHUNK = 16 * 2**20
 
 
@@ -365,7 +366,8 @@ class OutputDir:
         if not self.dst.exists() and not above.is_dir():
             raise UsageError(f"{self.dst}: --dst lies under {above}, which is a file, not a folder")
         if self.dst.is_dir() and not self.overwrite:
-            own = sorted(p.name for p in self.dst.iterdir() if p.name != STAGING_NAME)
+            moving = set(self._moving())  # moved into place by a run killed while it did so: its own files
+            own = sorted(p.name for p in self.dst.iterdir() if p.name != STAGING_NAME and p.name not in moving)
             if own:
                 raise UsageError(
                     f"{self.dst}: --dst already holds {len(own)} file(s) ({own[0]}, ...); pass --overwrite to replace them"
@@ -438,11 +440,27 @@ class OutputDir:
         except OSError as exc:
             raise os_error(exc, path, f"copying {relative}") from None
 
+    def _moving(self) -> list[str]:
+        """The entries an interrupted `commit` was moving into place (none when no commit began)."""
+        try:
+            names = json.loads((self.staging / _MOVING_NAME).read_text())
+        except (OSError, ValueError):
+            return []
+        return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
     def commit(self, names: list[str]) -> None:
         """Move the staged output entries `names` into `<dst>` (shards first, `config.json` last), then remove
         the staging folder with its run records. Every staged folder is flushed to disk before the moves, and
         `<dst>` and its parent after them: once this returns, a power cut leaves the output as it is now."""
         try:
+            # what is about to move: a run killed during the moves leaves these in <dst>, and a rerun of the same
+            # command takes them for its own output, not the user's files
+            marker = self.staging / _MOVING_NAME
+            with open(marker, "w") as f:
+                json.dump(sorted(names), f)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(self.staging)
             for name in names:  # the entries of staged sub-folders (`1_Pooling/`), which move as a whole
                 top = self.staging / name
                 if top.is_dir() and not top.is_symlink():

@@ -3,6 +3,7 @@
     python tests/kill_after.py pieces N ARGS...    # after the N-th piece is recorded in the manifest
     python tests/kill_after.py writes N ARGS...    # after the N-th piece is written (before it is on disk)
     python tests/kill_after.py finalize ARGS...    # when the last part starts to finalize
+    python tests/kill_after.py moving N ARGS...    # after N entries of the finished output were moved into place
     python tests/kill_after.py interrupt N MARKER ARGS...
         # Ctrl-C (SIGINT) after the N-th piece; each piece is recorded slowly, so the run would go on for
         # seconds; MARKER is written with the time of the signal
@@ -43,6 +44,22 @@ elif mode == "writes":
                 os.kill(os.getpid(), signal.SIGKILL)
 
         setattr(ShardWriter, method, write_then_maybe_die)
+elif mode == "moving":
+    from converter import write
+
+    limit = int(sys.argv[2])
+    args = sys.argv[3:]
+    count = [0]
+    real_replace = os.replace
+
+    def replace_then_maybe_die(src, dst, *a, **k):
+        real_replace(src, dst, *a, **k)
+        if write.STAGING_NAME in str(src) and write.STAGING_NAME not in str(dst):
+            count[0] += 1
+            if count[0] >= limit:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    write.os.replace = replace_then_maybe_die
 elif mode == "finalize":
     args = sys.argv[2:]
     real = convert.finalize_if_complete

@@ -223,6 +223,18 @@ def test_finalize_after_the_last_part_died_with_a_relative_preset_file(toy_src, 
     assert tree_digest(dst) == tree_digest(reference)
 
 
+def test_killed_while_moving_the_output_into_place_then_the_same_command(toy_src, toy_reference, tmp_path):
+    """Killed after some finished files were moved into DST: the same command takes them for its own output (not
+    files of the user's to refuse) and ends with the same bytes; so does a run killed holding the finalize lock."""
+    dst = tmp_path / "out"
+    args = ("--src", toy_src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    killed_run(*args, mode=("moving", "2"))
+    assert (dst / ".convert-fp8.partial" / "finalize.lock").exists() and not (dst / "config.json").exists()
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and tree_digest(dst) == tree_digest(toy_reference)
+
+
 def test_bad_part_argument(toy_src, tmp_path):
     result = run_cli("--src", toy_src, "--dst", tmp_path / "o", "--part", "4/3")
     assert result.exit_code == 2 and "expected I/N with 1 <= I <= N" in result.output
