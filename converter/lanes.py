@@ -102,6 +102,8 @@ def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, m
     units: dict[str, int] = {}  # output shard -> its work items (copies, main-lane items) not finished yet
     for writer, *_ in copies + others:
         units[writer.shard.name] = units.get(writer.shard.name, 0) + 1
+    if closed is not None:  # small copies first: a shard is then complete once the main lane is past it, not
+        copies.sort(key=lambda item: item[1].nbytes)  # only after a large copy of an earlier shard (an embedding)
 
     def advance(nbytes: int) -> None:
         with lock:
@@ -202,37 +204,49 @@ class QuantizeLane(MainLane):
         return TensorReader(self.source)
 
     def run(self, items: list[tuple], stop: Stop, advance: Progress, done: dict, finished: Callable) -> int:
-        """Read, quantize and write the FP8 weights, each stripe with its scale rows; each stripe's write overlaps
-        the next stripe's quantization (at most one write in flight, so the quantizer's two output buffers are
-        never overwritten early)."""
+        """Read, quantize and write the FP8 weights, each stripe with its scale rows, as one stream of stripes
+        across weights; each stripe's write overlaps the next stripe's quantization (at most one write in flight,
+        so the quantizer's two output buffers are never overwritten early)."""
         source, quantizer = self.source, self.quantizer
         kept = 0
+        weights, keys, left = [], [], []  # per item: (info, skip), its stripes' manifest keys, stripes to write
+        for writer, weight, scale in items:
+            info = source.tensors[weight.source]
+            rows, cols = matrix_shape(info.shape)
+            row_bytes, step = cols * DTYPE_SIZES[info.dtype], quantizer.stripe_rows(info)
+            keys.append({first: stripe_keys(writer.shard.name, weight, scale, cols, quantizer.block, first)
+                         for first in range(0, rows, step)})
+            kept_rows = {first for first, (fp8_key, _) in keys[-1].items() if fp8_key in done}
+            for first in kept_rows:  # `done` holds only whole stripes (see usable_stripe_pieces)
+                n = (min(rows, first + step) - first) * row_bytes
+                kept += n
+                advance(n)
+            weights.append((info, kept_rows.__contains__))
+            left.append(len(keys[-1]) - len(kept_rows))
+        for k in (k for k, n in enumerate(left) if n == 0):
+            finished(items[k][1])
+
+        def written(k: int) -> None:
+            left[k] -= 1
+            if left[k] == 0:
+                finished(items[k][1])
+
         with self.open_reader() as reader, ThreadPoolExecutor(1, thread_name_prefix="convert-fp8-write") as io:
-            for writer, weight, scale in items:
-                info = source.tensors[weight.source]
-                rows, cols = matrix_shape(info.shape)
-                row_bytes, step = cols * DTYPE_SIZES[info.dtype], quantizer.stripe_rows(info)
-                keys = {first: stripe_keys(writer.shard.name, weight, scale, cols, quantizer.block, first)
-                        for first in range(0, rows, step)}
-                kept_rows = [first for first, (fp8_key, scale_key) in keys.items() if fp8_key in done]
-                for first in kept_rows:  # `done` holds only whole stripes (see usable_stripe_pieces)
-                    n = (min(rows, first + step) - first) * row_bytes
-                    kept += n
-                    advance(n)
-                writing = None
-                for first, fp8, scale_inv, nbytes in quantizer.stripes(info, reader,
-                                                                       skip=set(kept_rows).__contains__):
-                    if stop.is_set():
-                        return kept
-                    if writing is not None:
-                        writing.result()
-                    (_, _, start), (_, _, scale_start) = keys[first]
-                    writing = io.submit(_write_stripe, writer, weight.name, scale.name, start, fp8, scale_start,
-                                        scale_inv)
-                    advance(nbytes)
+            writing = None  # (future, item index) of the write in flight
+            for k, first, fp8, scale_inv, nbytes in quantizer.stripes_of(weights, reader):
                 if writing is not None:
-                    writing.result()
-                finished(weight)
+                    writing[0].result()
+                    written(writing[1])
+                if stop.is_set():  # looked at after the wait, which a failure elsewhere may have outlasted
+                    return kept
+                writer, weight, scale = items[k]
+                (_, _, start), (_, _, scale_start) = keys[k][first]
+                writing = (io.submit(_write_stripe, writer, weight.name, scale.name, start, fp8, scale_start,
+                                     scale_inv), k)
+                advance(nbytes)
+            if writing is not None:
+                writing[0].result()
+                written(writing[1])
         return kept
 
 

@@ -63,35 +63,46 @@ class Quantizer:
         return max(self.block, STRIPE_BYTES // (row_bytes * self.block) * self.block)
 
     def stripes(self, info, reader: TensorReader, skip=lambda first: False):
-        """Yield `(first row, fp8 bytes, scale_inv, source bytes)` for successive stripes of whole tile rows,
-        leaving out those whose first row `skip` accepts (already written by an earlier run).
+        """Yield `(first row, fp8 bytes, scale_inv, source bytes)` for successive stripes of whole tile rows of one
+        weight, leaving out those whose first row `skip` accepts (already written by an earlier run).
 
         The FP8 bytes live in one of two buffers, used in turn: write them before asking for the stripe after next.
         """
-        rows, cols = matrix_shape(info.shape)
-        row_bytes = cols * DTYPE_SIZES[info.dtype]
-        step = self.stripe_rows(info)
-        starts = [first for first in range(0, rows, step) if not skip(first)]
-        if not starts:
+        for _, first, fp8, scale_inv, nbytes in self.stripes_of([(info, skip)], reader):
+            yield first, fp8, scale_inv, nbytes
+
+    def stripes_of(self, weights: list, reader: TensorReader):
+        """`stripes` over several weights `[(info, skip)]` in turn, as one stream: `(index in weights, first row,
+        fp8 bytes, scale_inv, source bytes)`. The next stripe is read while this one is quantized across weight
+        boundaries too, so a checkpoint of many small weights (3 MiB per-expert Linears: one stripe each) pays no
+        read latency per weight."""
+        work = []  # (weight index, info, first row, rows, row bytes, cols)
+        for k, (info, skip) in enumerate(weights):
+            rows, cols = matrix_shape(info.shape)
+            step = self.stripe_rows(info)
+            row_bytes = cols * DTYPE_SIZES[info.dtype]
+            work += [(k, info, first, min(rows, first + step) - first, row_bytes, cols)
+                     for first in range(0, rows, step) if not skip(first)]
+        if not work:
             return
-        reader.fd_for(info)  # open the shard here, not in the reading thread
-        buffers = [self._buffer(i, step * row_bytes + 2 * DIRECT_ALIGN) for i in (0, 1)]
-        outs = [self._buffer(i, step * cols) for i in (2, 3)]  # one being written while the other is filled
+        read_bytes = max(n * row_bytes for _, _, _, n, row_bytes, _ in work)
+        buffers = [self._buffer(i, read_bytes + 2 * DIRECT_ALIGN) for i in (0, 1)]
+        outs = [self._buffer(i, max(n * cols for *_, n, _, cols in work)) for i in (2, 3)]
 
         def read(i):
-            first = starts[i]
-            return reader.read_stripe(info, first * row_bytes, (min(rows, first + step) - first) * row_bytes,
-                                      buffers[i % 2])
+            _, info, first, n, row_bytes, _ = work[i]
+            return reader.read_stripe(info, first * row_bytes, n * row_bytes, buffers[i % 2])
 
+        reader.fd_for(work[0][1])  # shards are opened here, not in the reading thread
         pending = self._pool.submit(read, 0)
-        for i, first in enumerate(starts):
+        for i, (k, info, first, n, row_bytes, cols) in enumerate(work):
             raw = pending.result()
-            if i + 1 < len(starts):
+            if i + 1 < len(work):
+                reader.fd_for(work[i + 1][1])
                 pending = self._pool.submit(read, i + 1)
-            n = min(rows, first + step) - first
             out = outs[i % 2][: n * cols].reshape(n, cols)
             fp8, scale_inv = self._quantize(raw, info, n, cols, first, out)
-            yield first, fp8, scale_inv, n * row_bytes
+            yield k, first, fp8, scale_inv, n * row_bytes
 
     def _buffer(self, slot: int, nbytes: int) -> np.ndarray:
         """A byte buffer kept across stripes and tensors, grown when needed; page-aligned for direct reads."""

@@ -88,15 +88,16 @@ def test_a_failing_quantize_lane_stops_the_copy_lane(toy_src, tmp_path, monkeypa
     monkeypatch.setattr(lanes, "COPY_BUFFER_BYTES", 2**16)
     monkeypatch.setattr(resume, "COPY_BUFFER_BYTES", 2**16)
     recorder = Recorder(monkeypatch, delay=0.01)
-    stripes = Quantizer.stripes
+    stripes_of = Quantizer.stripes_of
 
-    def failing_stripes(quantizer, info, reader, skip):
+    def failing_stripes(quantizer, weights, reader):
         while len(recorder.pieces) < 3:
             time.sleep(0.005)
+        info = weights[0][0]
         recorder.fail(QuantizeError(f"tensor {info.name} in shard {info.shard} holds NaN or Inf (planted)"))
-        yield from stripes(quantizer, info, reader, skip)
+        yield from stripes_of(quantizer, weights, reader)
 
-    monkeypatch.setattr(Quantizer, "stripes", failing_stripes)
+    monkeypatch.setattr(Quantizer, "stripes_of", failing_stripes)
     dst = tmp_path / "out"
     result = run_cli("--src", toy_src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
     assert result.exit_code == 1 and "holds NaN or Inf (planted)" in result.stderr
