@@ -104,6 +104,8 @@ def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, m
         units[writer.shard.name] = units.get(writer.shard.name, 0) + 1
     if closed is not None:  # small copies first: a shard is then complete once the main lane is past it, not
         copies.sort(key=lambda item: item[1].nbytes)  # only after a large copy of an earlier shard (an embedding)
+    if closed is not None:  # small copies first: a shard is then complete once the main lane is past it, not
+        copies.sort(key=lambda item: item[1].nbytes)  # only after a large copy of an earlier shard (an embedding)
 
     def advance(nbytes: int) -> None:
         with lock:

@@ -105,7 +105,8 @@ class Publisher:
         self.shards_sent = 0
         self._announced: set[str] = set()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="convert-fp8-upload")
+        # two shards at a time: one is hashed (LFS path) while the other's bytes go up
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="convert-fp8-upload")
         self._jobs: list[Future] = []
         self.error: PublishError | None = None
         self.head: str | None = None  # the branch's commit when the run began
@@ -175,6 +176,7 @@ class Publisher:
             if shard.name in self._announced:
                 return
             self._announced.add(shard.name)
+        log.debug("%s written: queued for upload", shard.name)
         self._jobs.append(self._pool.submit(self._upload, Path(path), shard))
 
     def shards_written(self, staging: Path, shards: list[ShardPlan]) -> None:
@@ -191,8 +193,10 @@ class Publisher:
         if self.error is not None:  # one failure stops the uploads; the conversion goes on and is kept
             return
         try:
+            started = time.monotonic()
             _check_shard(path, shard)
             self._send(path, shard.name)
+            log.debug("%s uploaded in %.1f s", shard.name, time.monotonic() - started)
         except PublishError as exc:
             self.error = exc
         except ConvertError as exc:

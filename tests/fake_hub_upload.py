@@ -6,13 +6,15 @@
 - `GET /api/models/{repo}/tree/{rev}` (recursive listing, with `lfs` {oid (sha256), size} for LFS files),
 - `POST /api/models/{repo}/preupload/{rev}` (upload mode: `lfs` for weights and files over 10 MB),
 - `POST /{repo}.git/info/lfs/objects/batch` (an upload action only for objects the store lacks),
-- `PUT /lfs-upload/{oid}` (the sha256 and size checked while reading; `upload_rate` bytes/s caps it),
+- `PUT /lfs-upload/{oid}` (the sha256 and size checked while reading; `upload_rate` bytes/s caps all uploads
+  together),
   `POST /lfs-verify/{oid}`, `POST /api/validate-yaml`,
 - `POST /api/models/{repo}/commit/{rev}` (ndjson; every `lfsFile` must name a stored object of its size; a
   `parentCommit` other than the branch's head is refused with 412).
 
 LFS objects are kept as sha256 -> size only (the bytes are hashed as they arrive, then dropped), so the bench
-can push gigabytes through it. Faults: `drop_puts` drops that many upload connections half-way;
+can push gigabytes through it. Faults: `drop_puts` drops that many upload connections of the first object
+uploaded half-way (its later tries, and other objects, go through);
 `hold_after` (with `held`, an Event) blocks every upload after that many stored objects until `release` is set,
 then drops it unless `abandon_held` is False (a killed client's upload);
 `quota` (bytes) makes the batch endpoint answer a quota error past it; `fail_commit` is a status the commit
@@ -51,6 +53,8 @@ class UploadHub(FakeHub):
         self.stored: list[str] = []
         self.commits: list[dict] = []
         self.lock = threading.Lock()
+        self._free_at = 0.0  # when the capped uplink is free again
+        self._dropping: str | None = None  # the object whose uploads `drop_puts` drops
 
     # --- routing ----------------------------------------------------------------------------------------------
 
@@ -246,11 +250,12 @@ class UploadHub(FakeHub):
             if self.abandon_held:  # its client was killed meanwhile: the body never arrives whole
                 handler.close_connection = True
                 return
-        digest, size, started = hashlib.sha256(), 0, time.monotonic()
+        digest, size = hashlib.sha256(), 0
         chunked = handler.headers.get("Transfer-Encoding", "").lower() == "chunked"
         pieces = self._chunks(handler) if chunked else self._fixed(handler)
         with self.lock:
-            drop = self.drop_puts > 0
+            self._dropping = self._dropping or oid
+            drop = self.drop_puts > 0 and oid == self._dropping
             self.drop_puts -= drop
         for piece in pieces:
             if self.check_sha:
@@ -260,8 +265,10 @@ class UploadHub(FakeHub):
                 handler.close_connection = True
                 handler.connection.shutdown(2)
                 return
-            if self.upload_rate:
-                ahead = size / self.upload_rate - (time.monotonic() - started)
+            if self.upload_rate:  # one budget for all connections, as one uplink
+                with self.lock:
+                    self._free_at = max(self._free_at, time.monotonic()) + len(piece) / self.upload_rate
+                    ahead = self._free_at - time.monotonic()
                 if ahead > 0:
                     time.sleep(ahead)
         if self.check_sha and digest.hexdigest() != oid:
