@@ -58,6 +58,9 @@ def load_preset(name_or_path: str) -> Preset:
     unknown = set(data) - _KNOWN_KEYS
     if unknown:
         raise PlanError(f"preset {path}: unknown keys {sorted(unknown)}; known: {sorted(_KNOWN_KEYS)}")
+    if data.get("block_size", DEFAULT_BLOCK_SIZE) not in (64, 128):
+        raise PlanError(f"preset {path}: block_size {data['block_size']!r}: expected 64 or 128, the block edges "
+                        "transformers' and vLLM's FP8 kernels take")
     return Preset(
         name=path.name.removesuffix(".json"),
         modules_to_not_convert=tuple(str(p) for p in data.get("modules_to_not_convert", [])),

@@ -399,6 +399,13 @@ def test_options_the_tool_would_not_honour_are_refused(toy_src, tmp_path, args, 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_preset_with_a_block_size_the_kernels_do_not_take_is_refused(toy_src, tmp_path):
+    (tmp_path / "odd.json").write_text('{"block_size": 48, "modules_to_not_convert": []}')
+    result = run_cli("--src", toy_src, "--dst", tmp_path / "out", *ARGS, "--config", tmp_path / "odd.json")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "block_size 48: expected 64 or 128" in result.stderr and not (tmp_path / "out").exists()
+
+
 def test_a_dst_under_a_file_is_one_line(toy_src, tmp_path):
     (tmp_path / "afile").write_text("x")
     result = run_cli("--src", toy_src, "--dst", tmp_path / "afile" / "x", *ARGS)
