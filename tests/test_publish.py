@@ -77,8 +77,9 @@ def local_files(dst: Path) -> dict:
 
 def test_a_conversion_is_published_whole_in_one_commit(source, tmp_path):
     with UploadHub() as hub:
-        done = publish(hub, source, tmp_path / "out", "--commit-message", "FP8 of toy")
+        done = publish(hub, source, tmp_path / "out", "--commit-message", "FP8 of toy", "--private")
         assert done.returncode == 0, done.stderr
+        assert hub.repos["acme/toy-FP8"]["private"]
         files = hub.files_at("acme/toy-FP8")
         commits = [c for c in hub.commits if c["message"] != "initial commit"]
     local = local_files(tmp_path / "out")
