@@ -2,30 +2,34 @@
 
 Each piece gets a CRC32 of all its bytes, and a rerun reads every byte of a piece it keeps: a piece is recorded
 only once its bytes were confirmed on disk, but a power cut, a disk that lost a write, or anything else that
-changed the staged file since shows anywhere in a piece, not only at its ends. zlib's CRC32 runs at several GB/s
-and releases the GIL; the rerun's cost is reading back what it keeps.
+changed the staged file since shows anywhere in a piece, not only at its ends. The CRC is CRC-32C, computed by the
+CPU's own instruction (SSE 4.2, ARMv8 CRC) at about 11 GB/s: zlib's CRC32, at 2.8 GB/s on an AVX2 machine, was a
+sixth of a per-expert MoE conversion's CPU. The rerun's cost is reading back what it keeps.
 """
 
 from __future__ import annotations
 
 import os
-import zlib
+
+from crc32c import crc32c
 
 READ_CHUNK = 2**20  # a piece is read back in chunks of this, so checking it needs no piece-sized buffer
 
 
 def buffer_crc(data) -> int:
-    """CRC32 of every byte of a buffer."""
-    return zlib.crc32(memoryview(data).cast("B"))
+    """CRC-32C of every byte of a buffer."""
+    return crc32c(memoryview(data).cast("B"))
 
 
 def file_crc(fd: int, offset: int, length: int) -> int:
-    """CRC32 of `length` bytes of a file from `offset`; a file shorter than that gives a different CRC."""
+    """CRC-32C of `length` bytes of a file from `offset`; a file shorter than that gives a different CRC."""
     crc, done = 0, 0
+    chunk = bytearray(min(READ_CHUNK, length))  # one buffer for the whole range: no fresh pages per chunk
+    view = memoryview(chunk)
     while done < length:
-        chunk = os.pread(fd, min(READ_CHUNK, length - done), offset + done)
-        if not chunk:
+        n = os.preadv(fd, [view[: min(READ_CHUNK, length - done)]], offset + done)
+        if not n:
             break
-        crc = zlib.crc32(chunk, crc)
-        done += len(chunk)
+        crc = crc32c(view[:n], crc)
+        done += n
     return crc

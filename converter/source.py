@@ -442,6 +442,46 @@ def source_card(source: SourceIndex) -> str | None:
 
 
 DIRECT_ALIGN = 4096  # file offset, length and buffer alignment that O_DIRECT reads need on every file system
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _libc_cachestat():
+    """The `cachestat` system call (Linux 6.5+, number 451 on every architecture), or None."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+    class Range(ctypes.Structure):
+        _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+    class Stat(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_uint64) for name in
+                    ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+    def cachestat(fd: int, offset: int, length: int) -> int | None:
+        stat = Stat()
+        if libc.syscall(451, fd, ctypes.byref(Range(offset, length)), ctypes.byref(stat), 0) != 0:
+            return None
+        return stat.nr_cache
+
+    return cachestat
+
+
+_cachestat = _libc_cachestat()
+
+
+def cached_pages(fd: int, offset: int, length: int) -> int | None:
+    """Pages of a file range in the page cache, without reading anything; None where the kernel cannot say."""
+    global _cachestat
+    if _cachestat is None:
+        return None
+    pages = _cachestat(fd, offset, length)
+    if pages is None:  # ENOSYS (a kernel before 6.5) or a file system without it: stop asking
+        _cachestat = None
+    return pages
 
 
 def aligned_buffer(nbytes: int) -> np.ndarray:
@@ -517,7 +557,12 @@ class TensorReader:
         window_start = offset - offset % DIRECT_ALIGN  # buffer[i] holds the file's byte window_start + i
         head = offset - window_start
         view = memoryview(buffer)[head:head + length]
-        done = self._read_cached(fd, view, offset)
+        # Even a read that must not wait starts the kernel's readahead where it finds a page missing (up to
+        # read_ahead_kb, 8 MiB on some disks): pages the direct read then reads again, and that the next stripe
+        # copies out of the cache. So the cache is asked first, and used only when it holds the whole range.
+        pages = cached_pages(fd, offset, length)
+        whole = -(-(offset + length) // PAGE_SIZE) - offset // PAGE_SIZE
+        done = self._read_cached(fd, view, offset) if pages is None or pages >= whole else 0
         direct = self._direct_for(info) if done < length else -1
         if direct < 0:  # O_DIRECT refused here (tmpfs, some FUSE file systems): the page cache it is
             self._read_all(fd, view[done:], offset + done, info)
