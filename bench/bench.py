@@ -167,14 +167,21 @@ def real_mix(args, rows: list) -> dict | None:
     copy_out, disk_out = args.dir / "cp-real-mix", args.dir / "out-real-mix"
     cp_runs, conv_runs = copy_then_convert(src, copy_out, disk_out, args.reps)
     shutil.rmtree(disk_out, ignore_errors=True)
+    copy_and_convert_rows(rows, f"{args.mix_layers}-layer slice ({src_bytes / 1e9:.1f} GB)", src_bytes, cp_runs,
+                          conv_runs)
+    return {"bytes": src_bytes, "convert": min(w for w, _ in conv_runs), "cp": min(w for w, _ in cp_runs)}
+
+
+def copy_and_convert_rows(rows: list, label: str, src_bytes: int, cp_runs: list, conv_runs: list) -> None:
+    """Two table rows: `cp -r` and the conversion of one slice, cold and synced, each run's wall time and CPU
+    seconds per GB, and each conversion's time and CPU as a ratio to the copy it alternated with."""
     gb = src_bytes / 1e9
-    label = f"{args.mix_layers}-layer slice ({gb:.1f} GB)"
     rows.append((f"cp -r, {label}, cold, synced", " / ".join(f"{w:.1f} s" for w, _ in cp_runs),
                  " / ".join(f"{c / gb:.2f}" for _, c in cp_runs) + " CPU-s per GB"))
     rows.append((f"convert, {label}, cold, synced", " / ".join(f"{w:.1f} s" for w, _ in conv_runs),
                  " / ".join(f"{c / gb:.2f}" for _, c in conv_runs) + " CPU-s per GB; "
-                 + " / ".join(f"{cw / pw:.2f}x" for (cw, _), (pw, _) in zip(conv_runs, cp_runs)) + " the copy of its pair"))
-    return {"bytes": src_bytes, "convert": min(w for w, _ in conv_runs), "cp": min(w for w, _ in cp_runs)}
+                 + " / ".join(f"{cw / pw:.2f}x" for (cw, _), (pw, _) in zip(conv_runs, cp_runs)) + " the copy's time; "
+                 + " / ".join(f"{cc / pc:.2f}x" for (_, cc), (_, pc) in zip(conv_runs, cp_runs)) + " its CPU"))
 
 
 def moe_slice(args, rows: list) -> None:
@@ -188,14 +195,8 @@ def moe_slice(args, rows: list) -> None:
     copy_out, disk_out = args.dir / "cp-qwen3-moe", args.dir / "out-qwen3-moe"
     cp_runs, conv_runs = copy_then_convert(src, copy_out, disk_out, args.reps)
     shutil.rmtree(disk_out, ignore_errors=True)
-    gb = src_bytes / 1e9
-    label = f"Qwen3-30B-A3B-shaped slice, {args.moe_layers} layers ({gb:.1f} GB)"
-    rows.append((f"cp -r, {label}, cold, synced", " / ".join(f"{w:.1f} s" for w, _ in cp_runs),
-                 " / ".join(f"{c / gb:.2f}" for _, c in cp_runs) + " CPU-s per GB"))
-    rows.append((f"convert, {label}, cold, synced", " / ".join(f"{w:.1f} s" for w, _ in conv_runs),
-                 " / ".join(f"{c / gb:.2f}" for _, c in conv_runs) + " CPU-s per GB; "
-                 + " / ".join(f"{cw / pw:.2f}x" for (cw, _), (pw, _) in zip(conv_runs, cp_runs)) + " the copy's time; "
-                 + " / ".join(f"{cc / pc:.2f}x" for (_, cc), (_, pc) in zip(conv_runs, cp_runs)) + " its CPU"))
+    copy_and_convert_rows(rows, f"Qwen3-30B-A3B-shaped slice, {args.moe_layers} layers ({src_bytes / 1e9:.1f} GB)",
+                          src_bytes, cp_runs, conv_runs)
 
 
 def cpu_features() -> str:

@@ -26,16 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.bench import drop_caches  # noqa: E402
 from tests.fake_hub_upload import UploadHub  # noqa: E402
-
-
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def disk_write_rate(folder: Path, nbytes: int = 2 * 2**30) -> float:

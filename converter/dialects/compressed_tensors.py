@@ -70,6 +70,22 @@ def _activation_args(strategy: str, group_size: int | None, scale_dtype: str | N
             "symmetric": True, "type": "float", "zp_dtype": None}
 
 
+def _quantization_config(group: str, fmt: str, weights: dict, activations: dict | None, ignore: list[str]) -> dict:
+    """The `quantization_config` of one config group, as compressed-tensors serializes it (key order included)."""
+    return {
+        "config_groups": {group: {"format": fmt, "input_activations": activations, "output_activations": None,
+                                  "targets": ["Linear"], "weights": weights}},
+        "format": fmt,
+        "global_compression_ratio": None,
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "transform_config": {},
+        "version": COMPRESSED_TENSORS_VERSION,
+    }
+
+
 def _weight_args(strategy: str, block: list[int] | None, group_size: int | None = None,
                  scale_dtype: str | None = None) -> dict:
     return {"actorder": None, "block_structure": block, "dynamic": False, "group_size": group_size, "num_bits": 8,
@@ -218,18 +234,7 @@ class CompressedTensorsWriter:
             weights = _weight_args("channel", None)
             activations = _activation_args("token", None)
         name = SCHEME_NAMES[self.scheme] if not self.blocked or self.block_size == REFERENCE_BLOCK else "config_group_0"
-        return {
-            "config_groups": {name: {"format": "float-quantized", "input_activations": activations,
-                                     "output_activations": None, "targets": ["Linear"], "weights": weights}},
-            "format": "float-quantized",
-            "global_compression_ratio": None,
-            "ignore": list(ignore),
-            "kv_cache_scheme": None,
-            "quant_method": "compressed-tensors",
-            "quantization_status": "compressed",
-            "transform_config": {},
-            "version": COMPRESSED_TENSORS_VERSION,
-        }
+        return _quantization_config(name, "float-quantized", weights, activations, ignore)
 
     @staticmethod
     def exclusions(qc: dict) -> list[str]:
@@ -414,19 +419,7 @@ class MXWriter(CompressedTensorsWriter):
         """The `quantization_config` that `model_free_ptq` writes for MXFP8 / MXFP8A16 and `ignore`."""
         activations = (_activation_args("group", MX_GROUP, "torch.uint8") if self.scheme == "mxfp8" else None)
         weights = _weight_args("group", None, MX_GROUP, "torch.uint8")
-        return {
-            "config_groups": {MX_SCHEME_NAMES[self.scheme]: {
-                "format": MX_FORMAT, "input_activations": activations, "output_activations": None,
-                "targets": ["Linear"], "weights": weights}},
-            "format": MX_FORMAT,
-            "global_compression_ratio": None,
-            "ignore": list(ignore),
-            "kv_cache_scheme": None,
-            "quant_method": "compressed-tensors",
-            "quantization_status": "compressed",
-            "transform_config": {},
-            "version": COMPRESSED_TENSORS_VERSION,
-        }
+        return _quantization_config(MX_SCHEME_NAMES[self.scheme], MX_FORMAT, weights, activations, ignore)
 
     @classmethod
     def from_group(cls, qc: dict, group: dict, weights: dict, problems: list[str]):
