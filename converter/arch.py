@@ -118,14 +118,25 @@ def _meta_model(config: dict):
         cfg = transformers.AutoConfig.for_model(**clean)
         with torch.device("meta"):
             return model_class._from_config(cfg), None
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        return None, f"transformers cannot build {archs[0]} from this config ({type(exc).__name__}: {exc})"
+    except Exception as exc:  # noqa: BLE001 - any config transformers refuses: the name rules decide
+        first = (str(exc).splitlines() or [""])[0]
+        return None, f"transformers cannot build {archs[0]} from this config ({type(exc).__name__}: {first})"
 
 
 def _placement(config: dict, names: list[str]) -> dict:
     model, why = _meta_model(config)
     if model is None:
         return {"unknown": why, "cacheable": why != "transformers is not installed"}
+    try:
+        return _place(model, config, names)
+    except Exception as exc:  # noqa: BLE001 - a model transformers builds but cannot place: the name rules decide
+        arch = (config.get("architectures") or ["the model"])[0]
+        first = (str(exc).splitlines() or [""])[0]
+        return {"unknown": f"transformers cannot place the tensors of {arch} ({type(exc).__name__}: {first})",
+                "cacheable": False}
+
+
+def _place(model, config: dict, names: list[str]) -> dict:
     import torch
     from transformers import FineGrainedFP8Config
     from transformers.conversion_mapping import get_model_conversion_mapping

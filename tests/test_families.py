@@ -213,3 +213,21 @@ def test_moe_presets_on_their_structure(preset, model_type, kept, tmp_path):
         assert s["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"].shape == (192, 256)  # 128 + 64 rows
     else:
         assert qc["modules_to_not_convert"] == kept
+
+
+def test_a_model_transformers_cannot_place_falls_back_to_the_name_rules(tmp_path, monkeypatch):
+    src = save_family("qwen3_moe", tmp_path / "q")
+
+    def fails(*args):
+        raise RuntimeError("meta tensors went astray\nsecond line")
+
+    monkeypatch.setattr(arch, "_place", fails)
+    result = run_cli("--src", src, "--dst", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert notes == ["note: architecture check skipped: transformers cannot place the tensors of Qwen3MoeForCausalLM "
+                     "(RuntimeError: meta tensors went astray); tensors are chosen by their names, dtypes and "
+                     "shapes alone"]
+    _, o = load_all(tmp_path / "o")
+    assert o["model.layers.0.mlp.gate.weight"].dtype == torch.bfloat16
+    assert o["model.layers.0.mlp.experts.1.up_proj.weight"].dtype == torch.float8_e4m3fn
