@@ -1,6 +1,6 @@
 """CRCs of written pieces: what the resume manifest records, and checks again before a rerun keeps a piece.
 
-Each piece gets a CRC32 of all its bytes, and a rerun reads every byte of a piece it keeps: a piece is recorded
+Each piece gets a CRC-32C of all its bytes, and a rerun reads every byte of a piece it keeps: a piece is recorded
 only once its bytes were confirmed on disk, but a power cut, a disk that lost a write, or anything else that
 changed the staged file since shows anywhere in a piece, not only at its ends. The CRC is CRC-32C, computed by the
 CPU's own instruction (SSE 4.2, ARMv8 CRC) at about 11 GB/s: zlib's CRC32, at 2.8 GB/s on an AVX2 machine, was a

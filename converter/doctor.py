@@ -19,7 +19,7 @@ from . import __version__
 
 NOT_INSTALLED = "not installed"
 # distribution names, in the order printed
-PACKAGES = ("torch", "transformers", "safetensors", "huggingface_hub", "numba", "triton", "kernels", "numpy",
+PACKAGES = ("torch", "transformers", "safetensors", "huggingface_hub", "numba", "triton", "kernels", "numpy", "crc32c",
             "compressed-tensors")
 # /proc/cpuinfo flags that decide how fast the kernels run: x86's vector extensions ("flags"), Arm's ("Features")
 X86_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",

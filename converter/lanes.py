@@ -104,7 +104,9 @@ def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, m
     for writer, *_ in copies + others:
         units[writer.shard.name] = units.get(writer.shard.name, 0) + 1
     if closed is not None:  # small copies first: a shard is then complete once the main lane is past it, not
-        copies.sort(key=lambda item: item[1].nbytes)  # only after a large copy of an earlier shard (an embedding)
+        # only after a large copy of an earlier shard (an embedding); within each source shard, so the reader does
+        # not hop between shards (a Hub source would download them all at once)
+        copies.sort(key=lambda item: (source.tensors[item[1].source].shard, item[1].nbytes))
 
     def advance(nbytes: int) -> None:
         with lock:

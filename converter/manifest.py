@@ -1,7 +1,7 @@
 """Progress that survives a killed run: the run's identity, and a manifest of the pieces already written.
 
 Every piece (a 16 MiB chunk of a copied tensor, a stripe of an FP8 weight, the scale rows of that stripe) is
-appended to the manifest, with a CRC32 of all its bytes, by the shard's writer once its bytes are confirmed on
+appended to the manifest, with a CRC-32C of all its bytes, by the shard's writer once its bytes are confirmed on
 disk (see `write.ShardWriter`): a piece whose write-back failed is never recorded. A new run with the same
 identity reads back every byte of each recorded piece and keeps those that still match, and writes the rest: the
 header-first layout fixes every piece's place, so a partly written shard is continued, not restarted. The CRC
@@ -66,7 +66,7 @@ def run_identity(source, plan, stamp: dict | None = None) -> str:
 
 @dataclass(frozen=True)
 class Piece:
-    """A written range of one tensor, with the CRC32 of all its bytes. `sample` and `boot` are read from the
+    """A written range of one tensor, with the CRC-32C of all its bytes. `sample` and `boot` are read from the
     manifests of earlier versions (a CRC of the piece's ends, and the boot it was written in) and not used: every
     byte of a kept piece is checked."""
 

@@ -289,6 +289,8 @@ def _kind(info: TensorInfo, routers: set[str], loader) -> tuple[str, str]:
     if loader is None:
         return kind, reason
     role = loader.role(info.name)
+    if role == "unexpected":  # the loader drops it (DeepSeek-V3's MTP layer); servers that load it go by names
+        return kind, reason
     if role == "fp8" and kind == "other" and info.dtype in _FLOAT_DTYPES and len(info.shape) in (2, 3):
         return ("linear" if len(info.shape) == 2 else "experts"), f"loaded as FP8 by transformers ({reason})"
     if role != "fp8" and kind in ("linear", "experts"):
@@ -332,7 +334,8 @@ def _experts_fates(source: SourceIndex, dialect, kinds: dict, patterns) -> dict[
         elif kind == "kept":
             why = reason
         elif dialect.unfit(info.shape):
-            why = f"expert tensor {info.name.removeprefix(group + '.')} {dialect.unfit(info.shape).removeprefix('shape ')}"
+            shape = dialect.unfit(info.shape).removeprefix("shape ")
+            why = f"expert tensor {info.name.removeprefix(group + '.')} {shape}"
         elif info.dtype not in QUANTIZABLE_DTYPES:
             why = f"dtype {info.dtype} is not quantized (only {', '.join(QUANTIZABLE_DTYPES)})"
         fates[group] = fates.get(group) or why

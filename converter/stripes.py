@@ -95,14 +95,17 @@ class Quantizer:
 
         reader.fd_for(work[0][1])  # shards are opened here, not in the reading thread
         pending = self._pool.submit(read, 0)
-        for i, (k, info, first, n, row_bytes, cols) in enumerate(work):
-            raw = pending.result()
-            if i + 1 < len(work):
-                reader.fd_for(work[i + 1][1])
-                pending = self._pool.submit(read, i + 1)
-            out = outs[i % 2][: n * cols].reshape(n, cols)
-            fp8, scale_inv = self._quantize(raw, info, n, cols, first, out)
-            yield k, first, fp8, scale_inv, n * row_bytes
+        try:
+            for i, (k, info, first, n, row_bytes, cols) in enumerate(work):
+                raw = pending.result()
+                if i + 1 < len(work):
+                    reader.fd_for(work[i + 1][1])
+                    pending = self._pool.submit(read, i + 1)
+                out = outs[i % 2][: n * cols].reshape(n, cols)
+                fp8, scale_inv = self._quantize(raw, info, n, cols, first, out)
+                yield k, first, fp8, scale_inv, n * row_bytes
+        finally:  # a lane that stops early: the read ahead must be over before its reader closes the files
+            pending.cancel() or pending.exception()
 
     def _buffer(self, slot: int, nbytes: int) -> np.ndarray:
         """A byte buffer kept across stripes and tensors, grown when needed; page-aligned for direct reads."""

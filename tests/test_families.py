@@ -231,3 +231,19 @@ def test_a_model_transformers_cannot_place_falls_back_to_the_name_rules(tmp_path
     _, o = load_all(tmp_path / "o")
     assert o["model.layers.0.mlp.gate.weight"].dtype == torch.bfloat16
     assert o["model.layers.0.mlp.experts.1.up_proj.weight"].dtype == torch.float8_e4m3fn
+
+
+def test_layers_the_loader_drops_are_quantized_by_name(tmp_path):
+    """DeepSeek-V3 checkpoints carry a multi-token-prediction layer past num_hidden_layers, which transformers
+    drops as unexpected and servers load: its Linears are quantized by the name rules, its router kept."""
+    src = _deepseek(tmp_path)
+    config = read_json(src / "config.json")
+    config["num_hidden_layers"] = 1  # layer 1 is now the extra layer
+    (src / "config.json").write_text(json.dumps(config))
+    dst = tmp_path / "o"
+    result = run_cli("--src", src, "--dst", dst)
+    assert result.exit_code == 0, result.output
+    _, o = load_all(dst)
+    assert o["model.layers.1.mlp.experts.7.down_proj.weight"].dtype == torch.float8_e4m3fn
+    assert o["model.layers.1.self_attn.q_b_proj.weight"].dtype == torch.float8_e4m3fn
+    assert o[ROUTER + ".weight"].dtype == torch.bfloat16
