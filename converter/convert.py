@@ -142,8 +142,9 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     if on_start:
         on_start(part_source_bytes)
     quantizer = Quantizer(plan.dialect, options.quantizer, options.device)
-    # The transformers cross-check mostly waits on importing transformers (about 2 s): it runs beside the
-    # writing; its failure stops the lanes at once and removes what this run wrote before anything is moved.
+    # The cross-check builds the model on the meta device and places every output tensor (seconds on a large
+    # model the first time; cached after): it runs beside the writing; its failure stops the lanes at once and
+    # removes what this run wrote before anything is moved.
     stop = Stop()
     arch_check = _Background(arch.cross_check, plan, on_error=stop.fail) if options.arch_check else None
     stamp = source_stamp(source)

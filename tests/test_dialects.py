@@ -60,6 +60,25 @@ def load_with_info(path: Path):
     return model.eval(), {k: v for k, v in info.items() if v}
 
 
+def assert_loads_our_bytes_with_close_logits(dst, src, ours: dict):
+    """transformers (with compressed-tensors) loads `dst` with no missing or unexpected key, keeps the compressed
+    weights and scales as stored (it runs compressed-tensors' quantize-dequantize, activations included, at run
+    time), and its logits are within cosine 0.99 of the BF16 source's. Returns (those logits, the source's)."""
+    import transformers
+
+    model, info = load_with_info(dst)
+    assert info == {}
+    up = model.model.layers[1].mlp.up_proj
+    assert as_bytes(up.weight) == as_bytes(ours["model.layers.1.mlp.up_proj.weight"])
+    assert as_bytes(up.weight_scale) == as_bytes(ours["model.layers.1.mlp.up_proj.weight_scale"])
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        got, want = model(ids).logits.float(), ref(ids).logits.float()
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
+    return got, want
+
+
 def tricky_weight(dtype, rows=320, cols=448, seed=1):
     """Random values with an all-zero tile, an outlier, a float32-subnormal tile and values a few ulps above
     powers of two (where torch's log2 rounds to a whole number)."""
@@ -205,20 +224,7 @@ def test_compressed_tensors_block_config_load_and_logits(tmp_path):
     assert ours["model.layers.0.mlp.gate_proj.weight_scale"].shape == (2, 1)  # 200 rows: a partial block
     assert ours["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
     assert verify(dst, src).ok
-    model, info = load_with_info(dst)
-    assert info == {}
-    # transformers keeps the compressed weights and scales as they are stored (and runs compressed-tensors'
-    # quantize-dequantize, activations included, at run time): they are our bytes
-    up = model.model.layers[1].mlp.up_proj
-    assert as_bytes(up.weight) == as_bytes(ours["model.layers.1.mlp.up_proj.weight"])
-    assert as_bytes(up.weight_scale) == as_bytes(ours["model.layers.1.mlp.up_proj.weight_scale"])
-    import transformers
-
-    ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
-    ids = torch.tensor([[1, 2, 3, 4, 5]])
-    with torch.no_grad():
-        got, want = model(ids).logits.float(), ref(ids).logits.float()
-    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
+    got, want = assert_loads_our_bytes_with_close_logits(dst, src, ours)
     assert not torch.equal(got, want)
 
 
@@ -446,8 +452,6 @@ def test_mx_formula_bytes_match_compressed_tensors(dtype, scheme):
 
 @pytest.mark.parametrize("scheme,acts", [("mxfp8", True), ("mxfp8a16", False)])
 def test_mx_conversion_config_verify_load_and_logits(tmp_path, scheme, acts):
-    import transformers
-
     src = tiny_llama(tmp_path / "llama", intermediate_size=200)  # down_proj 128x200: 200 is not a multiple of 32
     dst = convert(src, tmp_path / "out", "--format", "compressed-tensors", "--scheme", scheme)
     qc = json.loads((dst / "config.json").read_text())["quantization_config"]
@@ -466,16 +470,7 @@ def test_mx_conversion_config_verify_load_and_logits(tmp_path, scheme, acts):
     report = verify(dst, src)
     assert report.ok, [str(p) for p in report.problems]
     assert report.fp8_tensors == 12
-    model, info = load_with_info(dst)
-    assert info == {}
-    up = model.model.layers[1].mlp.up_proj
-    assert as_bytes(up.weight) == as_bytes(ours["model.layers.1.mlp.up_proj.weight"])
-    assert as_bytes(up.weight_scale) == as_bytes(ours["model.layers.1.mlp.up_proj.weight_scale"])
-    ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
-    ids = torch.tensor([[1, 2, 3, 4, 5]])
-    with torch.no_grad():
-        got, want = model(ids).logits.float(), ref(ids).logits.float()
-    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
+    assert_loads_our_bytes_with_close_logits(dst, src, ours)
     card = (dst / "README.md").read_text()
     assert "MXFP8 (microscaling, one power-of-two scale per 32 columns) version of" in card
     assert f"byte-identical to llm-compressor's `model_free_ptq` (llmcompressor 0.14.0.1, scheme\n  {name})" in card

@@ -303,6 +303,16 @@ def test_low_disk_deletes_only_what_this_run_downloaded(toy_src, tmp_path, monke
     assert not local.exists() and not blob.exists()
 
 
+def low_disk_run(hub, cache: Path, dst: Path) -> subprocess.CompletedProcess:
+    """`convert-fp8 --src acme/toy --low-disk` against the stand-in Hub `hub`, with `cache` as the Hub cache."""
+    env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(cache), CONVERT_FP8_NO_PROGRESS="1",
+               HF_HUB_DISABLE_XET="1")
+    env.pop("HF_HUB_OFFLINE", None)
+    return subprocess.run([sys.executable, "-m", "converter.cli", "--src", "acme/toy", "--dst", str(dst),
+                           "--max-shard-size", "20MB", "--no-arch-check", "--low-disk"],
+                          capture_output=True, text=True, env=env)
+
+
 def test_low_disk_keeps_the_blobs_an_older_revision_shares(toy_src, toy_reference, tmp_path):
     """An older revision in the cache holds the same shards (same blobs): the new revision's download only links
     them. After a --low-disk run every file of the older revision still resolves."""
@@ -326,12 +336,7 @@ def test_low_disk_keeps_the_blobs_an_older_revision_shares(toy_src, toy_referenc
     links = [p for p in old.rglob("*") if p.is_symlink()]
     assert links and all(p.exists() for p in links)
     with FakeHub("acme/toy", toy_src) as hub:
-        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(cache), CONVERT_FP8_NO_PROGRESS="1",
-                   HF_HUB_DISABLE_XET="1")
-        env.pop("HF_HUB_OFFLINE", None)
-        done = subprocess.run([sys.executable, "-m", "converter.cli", "--src", "acme/toy", "--dst",
-                               str(tmp_path / "out"), "--max-shard-size", "20MB", "--no-arch-check", "--low-disk"],
-                              capture_output=True, text=True, env=env)
+        done = low_disk_run(hub, cache, tmp_path / "out")
     assert done.returncode == 0, done.stderr[-3000:]
     assert [p for p in links if not p.exists()] == []  # every file of the older revision still resolves
     got, want = tree_digest(tmp_path / "out"), tree_digest(toy_reference)
@@ -345,12 +350,7 @@ def test_hub_download_shard_by_shard_with_low_disk(toy_src, toy_reference, tmp_p
 
     cache = tmp_path / "hub"
     with FakeHub("acme/toy", toy_src) as hub:
-        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(cache), CONVERT_FP8_NO_PROGRESS="1",
-                   HF_HUB_DISABLE_XET="1")
-        env.pop("HF_HUB_OFFLINE", None)
-        done = subprocess.run([sys.executable, "-m", "converter.cli", "--src", "acme/toy", "--dst",
-                               str(tmp_path / "out"), "--max-shard-size", "20MB", "--no-arch-check", "--low-disk"],
-                              capture_output=True, text=True, env=env)
+        done = low_disk_run(hub, cache, tmp_path / "out")
         requests = list(hub.requests)
     assert done.returncode == 0, done.stderr[-3000:]
     got, want = tree_digest(tmp_path / "out"), tree_digest(toy_reference)
