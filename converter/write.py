@@ -477,9 +477,18 @@ class OutputDir:
                 os.replace(self.staging / name, self.dst / name)
             _fsync_dir(self.dst)
             _fsync_dir(self.dst.absolute().parent)
-            shutil.rmtree(self.staging)
+            self._remove_staging(marker)
         except OSError as exc:
             raise os_error(exc, self.dst, "moving the finished output into place") from None
+
+    def _remove_staging(self, marker: Path) -> None:
+        """Remove the staging folder, its `moving` marker last: a run killed while removing it leaves the marker,
+        so the same command still takes the moved files for its own and completes the output again."""
+        for entry in self.staging.iterdir():
+            if entry != marker:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        marker.unlink()
+        self.staging.rmdir()
 
     def abort(self) -> None:
         """Remove everything this run wrote."""

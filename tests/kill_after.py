@@ -4,6 +4,7 @@
     python tests/kill_after.py writes N ARGS...    # after the N-th piece is written (before it is on disk)
     python tests/kill_after.py finalize ARGS...    # when the last part starts to finalize
     python tests/kill_after.py moving N ARGS...    # after N entries of the finished output were moved into place
+    python tests/kill_after.py cleanup ARGS...     # all moved, after the first file of the staging folder is removed
     python tests/kill_after.py interrupt N MARKER ARGS...
         # Ctrl-C (SIGINT) after the N-th piece; each piece is recorded slowly, so the run would go on for
         # seconds; MARKER is written with the time of the signal
@@ -60,6 +61,25 @@ elif mode == "moving":
                 os.kill(os.getpid(), signal.SIGKILL)
 
     write.os.replace = replace_then_maybe_die
+elif mode == "cleanup":
+    from converter import write
+
+    args = sys.argv[2:]
+    moved = [False]
+    real_replace, real_unlink = os.replace, os.unlink
+
+    def replace_and_note(src, dst, *a, **k):
+        real_replace(src, dst, *a, **k)
+        if write.STAGING_NAME in str(src) and write.STAGING_NAME not in str(dst):
+            moved[0] = True
+
+    def unlink_then_die(path, *a, **k):
+        real_unlink(path, *a, **k)
+        if moved[0] and write.STAGING_NAME in str(path):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    write.os.replace = replace_and_note
+    write.os.unlink = unlink_then_die
 elif mode == "finalize":
     args = sys.argv[2:]
     real = convert.finalize_if_complete

@@ -235,6 +235,18 @@ def test_killed_while_moving_the_output_into_place_then_the_same_command(toy_src
     assert "wrote" in result.output and tree_digest(dst) == tree_digest(toy_reference)
 
 
+def test_killed_while_removing_the_staging_folder_then_the_same_command(toy_src, toy_reference, tmp_path):
+    """Killed after the whole output was moved into place, while its staging folder was being removed: the marker
+    of the moves goes last, so the same command still knows the files for its own and completes the output."""
+    dst = tmp_path / "out"
+    args = ("--src", toy_src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
+    killed_run(*args, mode=("cleanup",))
+    assert (dst / ".convert-fp8.partial" / "moving.json").exists() and (dst / "config.json").exists()
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and tree_digest(dst) == tree_digest(toy_reference)
+
+
 def test_bad_part_argument(toy_src, tmp_path):
     result = run_cli("--src", toy_src, "--dst", tmp_path / "o", "--part", "4/3")
     assert result.exit_code == 2 and "expected I/N with 1 <= I <= N" in result.output
