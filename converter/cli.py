@@ -88,6 +88,9 @@ def _publish_options(func):
               help="Convert only the I-th of N fixed subsets of the output shards (for N machines or jobs).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only errors and the final line.")
 @click.option("--debug", is_flag=True, envvar="CONVERT_FP8_DEBUG", help="Show tracebacks of errors.")
+@click.option("--no-keep-output", is_flag=True,
+              help="--push-to-hub: remove each shard once uploaded, to publish a model larger than the disk (with "
+                   "--low-disk); --dst keeps the other files.")
 @_publish_options
 @click.version_option(__version__, prog_name="convert-fp8")
 @click.pass_context
@@ -135,12 +138,15 @@ def _part(text: str | None) -> tuple[int, int]:
 
 
 def _convert(src, dst, preset_name, exclude, no_arch_check, part, dry_run, quiet, push_to_hub, private, hub_branch,
-             commit_message, **options):
+             commit_message, no_keep_output, **options):
     from .convert import convert, prepare
+    from .errors import UsageError
     from .hub import looks_like_repo_id
     from .plan import describe_plan
     from .presets import load_preset
 
+    if no_keep_output and not push_to_hub:
+        raise UsageError("--no-keep-output removes each shard once it is uploaded: it needs --push-to-hub ORG/NAME")
     _check_dialect(options)
     options = ConvertOptions(
         src=src if looks_like_repo_id(src) else Path(src), dst=dst, preset=load_preset(preset_name),
@@ -157,7 +163,8 @@ def _convert(src, dst, preset_name, exclude, no_arch_check, part, dry_run, quiet
     if push_to_hub:
         return _publish(lambda publish: _with_progress_bar(lambda *a, **k: convert(*a, **k, publish=publish),
                                                            options, "convert", quiet),
-                        options, push_to_hub, private, hub_branch, commit_message, quiet, part)
+                        options, push_to_hub, private, hub_branch, commit_message, quiet, part,
+                        keep_output=not no_keep_output)
     summary = _with_progress_bar(convert, options, "convert", quiet)
     status = None if summary.finalized else summary.notes.pop()  # who completes the checkpoint
     if not quiet:
@@ -168,7 +175,8 @@ def _convert(src, dst, preset_name, exclude, no_arch_check, part, dry_run, quiet
         click.echo(f"part {part[0]}/{part[1]} of {summary.dst} done; {status}")
 
 
-def _publish(run, options, repo_id, private, branch, message, quiet, part=(1, 1), describe=None) -> None:
+def _publish(run, options, repo_id, private, branch, message, quiet, part=(1, 1), describe=None,
+             keep_output=True) -> None:
     """Convert (or dequantize) and publish; print the summary, what was published and where."""
     import dataclasses
     import json
@@ -181,14 +189,15 @@ def _publish(run, options, repo_id, private, branch, message, quiet, part=(1, 1)
                          "finalize`, then publish")
     fields = {k: v for k, v in dataclasses.asdict(options).items() if k not in ("overwrite",)}
     identity = json.loads(json.dumps({"command": type(options).__name__, **fields}, default=str, sort_keys=True))
-    target = PublishOptions(repo_id, private, branch, message, options.overwrite)
+    target = PublishOptions(repo_id, private, branch, message, options.overwrite, keep_output)
     summary, result = run_and_publish(run, options.dst, target, identity)
     if summary is not None and not quiet:
         (describe or _print_summary)(summary)
     elif summary is None:
         click.echo(f"{options.dst}: the output was already complete; only its commit was left to make")
     click.echo(f"published {result.files} files of {options.dst} to {target.where} in one commit "
-               f"({result.oid[:12]}; {result.shards_sent} shard(s) pre-uploaded by this run): {result.url}")
+               f"({result.oid[:12]}; {result.shards_sent} shard(s) pre-uploaded by this run): {result.url}"
+               + ("" if result.kept else "; shards not kept locally (--no-keep-output)"))
 
 
 def _check_dialect(options: dict) -> None:

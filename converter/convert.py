@@ -136,7 +136,8 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     out.check()
     mine = part_shards(plan, options.part)
     extra = sum((source.root / f).stat().st_size for f in plan.files_to_copy if (source.root / f).is_file())
-    out.check_space(sum(s.nbytes for s in mine) + extra + 2**20, already=out.staged_bytes([s.name for s in mine]))
+    shard_bytes = publish.disk_needed(mine) if publish is not None else sum(s.nbytes for s in mine)
+    out.check_space(shard_bytes + extra + 2**20, already=out.staged_bytes([s.name for s in mine]))
     progress = progress or (lambda n: None)
     part_source_bytes = sum(source.tensors[t.source].nbytes for s in mine for t in s.tensors if t.action != SCALE)
     if on_start:
@@ -157,16 +158,23 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     finalized = False
     try:
         done = verified_pieces(manifest, out.staging) if claimed.resumed else {}
-        resumed_bytes = write_shards(out, mine, source, transcode.main_lane(source, quantizer), progress, manifest, done,
-                                     claimed.resumed, stop, publish.shard_written if publish else None)
+        # shards an earlier run of this conversion uploaded and removed (--no-keep-output) are done
+        gone = publish.resume(identity, done, mine, out.staging) if publish is not None else set()
+        gone_bytes = sum(source.tensors[t.source].nbytes for s in mine if s.name in gone for t in s.tensors
+                         if t.action != SCALE)
+        progress(gone_bytes)
+        resumed_bytes = gone_bytes + write_shards(
+            out, [s for s in mine if s.name not in gone], source, transcode.main_lane(source, quantizer), progress,
+            manifest, done, claimed.resumed, stop, publish.shard_written if publish else None)
         manifest.close()
         if publish is not None:
-            publish.shards_written(out.staging, mine)
+            publish.shards_written(out.staging, [s for s in mine if s.name not in gone])
+            gone = {name for name, blob in publish.uploaded.items() if blob.get("removed")}
         if arch_check is not None:
             _note_once(notes, arch_check.result())
         out.write_text(f"part-{i}-of-{n}.done", identity + "\n")
         claimed.lock.release()
-        finalized = finalize_if_complete(out, plan, source, options, notes)
+        finalized = finalize_if_complete(out, plan, source, options, notes, removed=gone)
     except KeyboardInterrupt:
         claimed.release()
         raise

@@ -4,7 +4,7 @@ written, the staged output checked, and everything moved into place."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 from .card import model_card
 from .configs import CARD_NAME, CONFIG_NAME, INDEX_NAME, ConvertOptions
@@ -16,9 +16,12 @@ from .write import OutputDir, config_json, index_json
 
 
 def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, options: ConvertOptions,
-                         notes: list[str]) -> bool:
+                         notes: list[str], removed: Collection[str] = ()) -> bool:
     """When every part has finished, write the index, other files, model card and config (last), check the
-    staged output and move it into place. Exactly one process does it (a lock file decides)."""
+    staged output and move it into place. Exactly one process does it (a lock file decides).
+
+    `removed` shards were uploaded to the Hub and removed (`--no-keep-output`): their headers were checked against
+    the plan, and their scales, before the upload; the self-check takes their headers from the plan."""
     n = options.part[1]
     missing = [k for k in range(1, n + 1) if not (out.staging / f"part-{k}-of-{n}.done").exists()]
     if missing and not out.staging.exists():  # another part finalized (and removed the staging folder) meanwhile
@@ -40,8 +43,14 @@ def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, option
         names = write_last_files(out, plan, source, lambda: model_card(
             plan, base_model=base, repo_name=f"{Path(base).name}-FP8", source_card=source_card(source),
             base_model_id=options.base_model or hub_id, commit=commit, requantized_from=requantized(source)))
-        check_written_headers(out.staging, plan)
-        self_check(out.staging)
+        check_written_headers(out.staging, plan, skip=removed)
+        self_check(out.staging, {s.name: planned_header(out.staging / s.name, s) for s in plan.shards
+                                 if s.name in removed})
+        from .publish import PENDING_RECORD
+
+        names = [n for n in names if n not in removed]
+        if (out.staging / PENDING_RECORD).is_file():  # what its commit needs moves into place with the output
+            names.append(PENDING_RECORD)
         out.commit(names)
     except BaseException:
         try:
@@ -70,19 +79,29 @@ def write_last_files(out: OutputDir, plan, source: SourceIndex, card: Callable[[
     return names + sorted({Path(f).parts[0] for f in plan.files_to_copy})
 
 
-def self_check(folder: Path) -> None:
+def self_check(folder: Path, absent: dict | None = None) -> None:
     """The cheap structural checks of `verify` (config, index, headers, scale pairs and values, the FP8 set
-    against the exclusions) on the staged output, before it is moved into place."""
+    against the exclusions) on the staged output, before it is moved into place. `absent` holds the headers of
+    shards no longer on disk (their scale values are not read)."""
     from .verify import verify
 
-    report = verify(folder, arch_check=False, data=False)
+    report = verify(folder, arch_check=False, data=False, absent=absent)
     if not report.ok:
         raise WriteError(f"{folder}: the written output fails its own check: {report.problems[0]}")
 
 
-def check_written_headers(folder: Path, plan: Plan) -> None:
+def planned_header(path: Path, shard):
+    """The header a shard of the plan has, as `read_header` would give it, without the file."""
+    from .source import parse_header_bytes
+    from .write import shard_header
+
+    raw = shard_header(shard)
+    return parse_header_bytes(path, raw[8:], len(raw) - 8, len(raw) + shard.nbytes)
+
+
+def check_written_headers(folder: Path, plan: Plan, skip: Collection[str] = ()) -> None:
     """Re-read every written shard's header and compare it with the plan: names, dtypes, shapes, file sizes."""
-    for shard in plan.shards:
+    for shard in (s for s in plan.shards if s.name not in skip):
         header = read_header(folder / shard.name)
         got = [(t.name, t.dtype, t.shape) for t in header.tensors.values()]
         want = [(t.name, t.dtype, tuple(t.shape)) for t in shard.tensors]

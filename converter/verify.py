@@ -86,8 +86,9 @@ class VerifyReport:
 class _Output:
     """The output folder as read for verification: config, index and every readable shard header."""
 
-    def __init__(self, folder: Path, report: VerifyReport):
+    def __init__(self, folder: Path, report: VerifyReport, absent: dict[str, ShardHeader] | None = None):
         self.folder = folder
+        self.absent = absent or {}  # shard -> header, for shards not on disk (uploaded and removed)
         self.config: dict | None = None
         self.weight_map: dict[str, str] = {}
         self.headers: dict[str, ShardHeader] = {}
@@ -107,6 +108,9 @@ class _Output:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 problems.append(Problem(f"{INDEX_NAME} cannot be read: {exc}"))
         for shard in [SINGLE_FILE_NAME] if single_file else sorted(set(self.weight_map.values())):
+            if shard in self.absent:
+                self.headers[shard] = self.absent[shard]
+                continue
             try:
                 self.headers[shard] = read_header(folder / shard)
             except ConvertError as exc:
@@ -122,13 +126,13 @@ class _Output:
 
     def as_source(self) -> SourceIndex:
         """A `SourceIndex` over the readable shards, so the source reader serves the output too."""
-        tensors = self.tensors
+        tensors = {n: t for n, t in self.tensors.items() if t.shard not in self.absent}
         return SourceIndex(root=self.folder, config=self.config or {}, tensors=tensors,
-                           shards=tuple(self.headers), files_to_copy=())
+                           shards=tuple(s for s in self.headers if s not in self.absent), files_to_copy=())
 
 
 def verify(dst: Path, src: Path | None = None, progress: Callable[[int], None] | None = None,
-           arch_check: bool = True, data: bool = True) -> VerifyReport:
+           arch_check: bool = True, data: bool = True, absent: dict[str, ShardHeader] | None = None) -> VerifyReport:
     """Check a converted checkpoint; with `src`, against its source too.
 
     Args:
@@ -137,6 +141,8 @@ def verify(dst: Path, src: Path | None = None, progress: Callable[[int], None] |
         progress (`Callable[[int], None]`, *optional*): called with output bytes checked.
         arch_check (`bool`, defaults to `True`): compare the FP8 set with transformers' own (when installed).
         data (`bool`, defaults to `True`): read tensor data; `False` checks structure and scales only.
+        absent (`dict`, *optional*): headers of shards that are not on disk (the converter's self-check of an
+            output whose shards were uploaded and removed); their data and scales are not read.
 
     Returns:
         `VerifyReport`; `report.ok` only when every check held.
@@ -146,7 +152,7 @@ def verify(dst: Path, src: Path | None = None, progress: Callable[[int], None] |
     if not dst.is_dir():
         report.problems.append(Problem(f"{dst}: output folder not found"))
         return report
-    out = _Output(dst, report)
+    out = _Output(dst, report, absent)
     progress = progress or (lambda n: None)
     writer = _check_config(out, report)  # the output's dialect, from its quantization_config
     _check_index(out, report)
@@ -178,7 +184,7 @@ def _check_scales(out: _Output, fp8: dict[str, TensorInfo], report: VerifyReport
     with TensorReader(out.as_source()) as reader:
         for name in fp8:
             info = tensors.get(writer.scale_name(name))
-            if info is None or not writer.accepts_scale_dtype(info.dtype):
+            if info is None or not writer.accepts_scale_dtype(info.dtype) or info.shard in out.absent:
                 continue
             # expert scales are [experts, rows, cols]: look at them as the 2-D grid of tiles they cut
             scale = decode_scale_bytes(reader.read(info), info.dtype).reshape(-1, info.shape[-1])

@@ -4,7 +4,9 @@
 - `POST /api/repos/create` (409 with the URL when it exists; a new repository holds `.gitattributes`),
 - `POST /api/models/{repo}/branch/{branch}`, `GET /api/models/{repo}[/revision/{rev}]` (head commit, files),
 - `GET /api/models/{repo}/tree/{rev}` (recursive listing, with `lfs` {oid (sha256), size} for LFS files),
-- `POST /api/models/{repo}/preupload/{rev}` (upload mode: `lfs` for weights and files over 10 MB),
+- `POST /api/models/{repo}/preupload/{rev}` (upload mode: `lfs` for weights and files over 10 MB; `lfs_suffixes`
+  names what a weight is, `()` for a repository whose `.gitattributes` keeps small weights in git; `preuploaded`
+  lists every path asked about, once per request),
 - `POST /{repo}.git/info/lfs/objects/batch` (an upload action only for objects the store lacks),
 - `PUT /lfs-upload/{oid}` (the sha256 and size checked while reading; `upload_rate` bytes/s caps all uploads
   together),
@@ -41,13 +43,15 @@ _LFS = (".safetensors", ".bin", ".pth", ".pt", ".gguf")
 class UploadHub(FakeHub):
     def __init__(self, tokens: dict | None = None, upload_rate: float | None = None, drop_puts: int = 0,
                  hold_after: int | None = None, quota: int | None = None, fail_commit: int | None = None,
-                 source: tuple[str, Path] | None = None, abandon_held: bool = True, check_sha: bool = True):
+                 source: tuple[str, Path] | None = None, abandon_held: bool = True, check_sha: bool = True,
+                 lfs_suffixes: tuple[str, ...] = _LFS):
         repo_id, folder = source or ("acme/source", Path("/nonexistent"))
         super().__init__(repo_id, folder)
         self.tokens = {"hf_write": "write", "hf_read": "read"} if tokens is None else tokens
         self.upload_rate, self.drop_puts, self.quota, self.fail_commit = upload_rate, drop_puts, quota, fail_commit
         self.hold_after, self.held, self.release = hold_after, threading.Event(), threading.Event()
-        self.abandon_held, self.check_sha = abandon_held, check_sha
+        self.abandon_held, self.check_sha, self.lfs_suffixes = abandon_held, check_sha, lfs_suffixes
+        self.preuploaded: list[str] = []
         self.repos: dict[str, dict] = {}
         self.objects: dict[str, int] = {}  # sha256 -> size
         self.stored: list[str] = []
@@ -217,8 +221,10 @@ class UploadHub(FakeHub):
         payload = json.loads(self._body(handler))
         if not self._writer(handler) or self._repo(handler, repo_id) is None:
             return
+        self.preuploaded += [f["path"] for f in payload["files"]]
+        lfs = self.lfs_suffixes
         files = [{"path": f["path"], "shouldIgnore": False, "oid": None,
-                  "uploadMode": "lfs" if f["path"].endswith(_LFS) or f["size"] > 10 * 2**20 else "regular"}
+                  "uploadMode": "lfs" if (lfs and f["path"].endswith(lfs)) or f["size"] > 10 * 2**20 else "regular"}
                  for f in payload["files"]]
         return self._json(handler, 200, {"files": files, "commitOid": self._head(self.repos[repo_id], revision)})
 
