@@ -84,11 +84,11 @@ elif mode == "finalize":
     args = sys.argv[2:]
     real = convert.finalize_if_complete
 
-    def die_when_complete(out, plan, source, options, notes):
+    def die_when_complete(out, plan, source, options, notes, **more):
         n = options.part[1]
         if all((out.staging / f"part-{k}-of-{n}.done").exists() for k in range(1, n + 1)):
             os.kill(os.getpid(), signal.SIGKILL)
-        return real(out, plan, source, options, notes)
+        return real(out, plan, source, options, notes, **more)
 
     convert.finalize_if_complete = die_when_complete
 elif mode == "interrupt":
