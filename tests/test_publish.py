@@ -1,5 +1,6 @@
 """`--push-to-hub`: the real huggingface_hub client against the stand-in Hub's upload endpoints
-(`fake_hub_upload.UploadHub`), through the LFS path (HF_HUB_DISABLE_XET=1: the stand-in does not serve Xet).
+(`fake_hub_upload.UploadHub`), through the LFS path (HF_HUB_DISABLE_XET=1: the stand-in does not serve Xet); one
+test has the stand-in keep small shards in git, the path of a repository whose `.gitattributes` says so.
 
 Each conversion runs in a process, as a user runs it: the token comes from HF_TOKEN, the Hub from HF_ENDPOINT."""
 
