@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 FP8_DTYPE_NAME = "F8_E4M3"
@@ -70,6 +71,16 @@ CT_SCHEMES = ("fp8-block", "fp8-dynamic", "mxfp8", "mxfp8a16")  # compressed-ten
 # output channel), MXFP8 and MXFP8A16 (a power-of-two scale per 32 columns)
 SCALE_FORMATS = ("float", "ue8m0")  # transformers fp8: float32 or power-of-two (F8_E8M0) inverse scales
 CT_DEFAULT_BLOCK_SIZE = 128  # llm-compressor's FP8_BLOCK
+
+
+class FusedKernel(NamedTuple):
+    """The numba kernel that computes a dialect's bytes (`quantize_fast`): its scale rule, the weight rows and
+    columns one scale covers (columns 0: the whole row), and a table the rule reads, if any."""
+
+    rule: str
+    rows: int
+    cols: int
+    aux: Any = None
 
 
 @dataclass(frozen=True)

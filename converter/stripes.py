@@ -1,9 +1,9 @@
 """Reading a weight in stripes of whole tile rows and quantizing them: the quantize stage's driver.
 
 `Quantizer` reads the next stripe in a background thread while the current one is quantized, into buffers kept
-across stripes, and dispatches to the fused numba kernel or to the output dialect's own torch formula
-(`converter.dialects`): the kernel where it gives that dialect's bytes (transformers' float32 scales), the
-formula everywhere else.
+across stripes, and dispatches to the fused numba kernel of the output dialect's scale rule (its `fused_kernel`)
+or to the dialect's own torch formula (`converter.dialects`): the kernel wherever it gives that dialect's bytes
+(every dialect, for the source dtypes `quantize_fast.RULE_DTYPES` names), the formula everywhere else.
 """
 
 from __future__ import annotations
@@ -26,22 +26,23 @@ class Quantizer:
     """Quantizes a 2-D source weight stripe by stripe, reading the next stripe while the current one is quantized.
 
     `dialect` is the output dialect's writer (its `quantize` formula, `rows_per_scale`, `fused_kernel`). `kind`
-    is "numba" (the fused CPU kernel), "torch" (the dialect's formula, on `device`) or "auto" (numba when
-    installed, the device is the CPU and the kernel computes this dialect's bytes). Every kind writes the same
-    bytes.
+    is "numba" (the fused CPU kernel, and the formula for source dtypes the kernel does not compute), "torch" (the
+    dialect's formula, on `device`) or "auto" (numba when installed and the device is the CPU). Every kind writes
+    the same bytes.
     """
 
     def __init__(self, dialect, kind: str = "auto", device: str = "cpu"):
         if dialect.unavailable():
             raise UsageError(dialect.unavailable())
+        kernel = dialect.fused_kernel
         if kind == "auto":
-            kind = "numba" if device == "cpu" and quantize_fast.available() and dialect.fused_kernel else "torch"
+            kind = "numba" if device == "cpu" and quantize_fast.available() and kernel is not None else "torch"
         if kind == "numba" and device != "cpu":
             raise UsageError(f"--quantizer numba runs on the CPU; --device {device} applies to --quantizer torch "
                              "(or auto)")
-        if kind == "numba" and not dialect.fused_kernel:
-            raise UsageError(f"--quantizer numba: the fused kernel computes transformers' float32 scales only, not "
-                             f"{dialect.label}; use --quantizer torch (or auto)")
+        if kind == "numba" and kernel is None:
+            raise UsageError(f"--quantizer numba: this torch's formula for {dialect.label} has no fused kernel "
+                             "that matches it; use --quantizer torch (or auto)")
         if kind == "numba" and not quantize_fast.available():
             raise UsageError("--quantizer numba: numba is not installed (pip install numba)")
         if device == "cuda":
@@ -49,7 +50,7 @@ class Quantizer:
 
             if not torch.cuda.is_available():
                 raise UsageError("--device cuda: torch sees no CUDA device")
-        self.dialect, self.kind, self.device = dialect, kind, device
+        self.dialect, self.kind, self.device, self.kernel = dialect, kind, device, kernel
         self.block = dialect.rows_per_scale  # weight rows per row of scales; stripes start on multiples of it
         self._buffers: dict[int, np.ndarray] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-fp8-read")
@@ -115,15 +116,17 @@ class Quantizer:
         return buf[:nbytes]
 
     def _quantize(self, raw: memoryview, info, rows: int, cols: int, first: int, out: np.ndarray):
-        block = self.block
-        if self.kind == "numba":
-            scale_inv = np.empty((rows // block, cols // block), np.float32)
-            status, row = quantize_fast.quantize_into(np.frombuffer(raw, np.uint8), info.dtype, out, scale_inv, block)
+        kernel = self.kernel
+        if self.kind == "numba" and quantize_fast.handles(kernel.rule, info.dtype):
+            scales = np.empty((-(-rows // kernel.rows), cols // (kernel.cols or cols)),
+                              quantize_fast.scale_dtype(kernel.rule, info.dtype))
+            status, row = quantize_fast.quantize_rule_into(kernel.rule, np.frombuffer(raw, np.uint8), info.dtype, out,
+                                                           scales, kernel.rows, kernel.cols, kernel.aux)
             if status != quantize_fast.OK:
                 what = ("holds NaN or Inf" if status == quantize_fast.NON_FINITE else
                         "has a tile of float32-subnormal values whose scale overflows")
                 raise _non_finite(info, what, first + row)
-            return out, scale_inv
+            return out, scales
         import torch
 
         from .quantize import TORCH_DTYPES, NonFiniteError

@@ -760,11 +760,19 @@ def test_non_finite_source_is_refused_in_every_dialect(tmp_path, args, row):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_fused_kernel_is_refused_where_it_does_not_give_the_dialect_s_bytes(tmp_path):
+def test_the_fused_kernel_is_refused_where_it_would_not_give_the_dialect_s_bytes(tmp_path, monkeypatch):
+    """A torch whose log2 the ue8m0 kernel cannot follow (no table): --quantizer numba is refused, auto runs the
+    formula."""
+    from converter.dialects import transformers_fp8
+
+    monkeypatch.setattr(transformers_fp8, "ue8m0_table", lambda: None)
     src = tiny_llama(tmp_path / "llama", intermediate_size=256)
     result = run_cli("--src", src, "--dst", tmp_path / "out", "--scale-fmt", "ue8m0", "--quantizer", "numba")
     assert result.exit_code == 2
-    assert "--quantizer numba: the fused kernel computes transformers' float32 scales only" in result.output
+    assert "--quantizer numba: this torch's formula for transformers fp8 (quant_method fp8), 64x64 blocks, " \
+           "power-of-two UE8M0 scales (F8_E8M0) has no fused kernel that matches it" in result.output
+    result = run_cli("--src", src, "--dst", tmp_path / "auto", "--scale-fmt", "ue8m0")
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.slow

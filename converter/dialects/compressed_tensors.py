@@ -103,7 +103,6 @@ class CompressedTensorsWriter:
     quant_method = "compressed-tensors"
     weight_dtype = WEIGHT_DTYPE
     experts = False
-    fused_kernel = False
     scale_fmt = None
 
     def __post_init__(self):
@@ -117,6 +116,13 @@ class CompressedTensorsWriter:
     @property
     def rows_per_scale(self) -> int:
         return self.block_size if self.blocked else 1
+
+    @property
+    def fused_kernel(self):
+        """The numba kernel that gives this dialect's bytes (`configs.FusedKernel`): BF16 and F32 weights."""
+        from ..configs import FusedKernel
+
+        return FusedKernel("ct", self.block_size, self.block_size) if self.blocked else FusedKernel("ct", 1, 0)
 
     @property
     def label(self) -> str:
@@ -354,6 +360,12 @@ class MXWriter(CompressedTensorsWriter):
     @property
     def group_columns(self) -> int:
         return MX_GROUP
+
+    @property
+    def fused_kernel(self):
+        from ..configs import FusedKernel
+
+        return FusedKernel("mx", 1, MX_GROUP)
 
     @property
     def label(self) -> str:

@@ -9,6 +9,7 @@ tensor's are `<tensor>_scale_inv`, `[experts, ceil(rows/bm), ceil(cols/bn)]`, wi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -204,9 +205,15 @@ class TransformersFP8Writer:
         return self.block_size
 
     @property
-    def fused_kernel(self) -> bool:
-        """Whether the numba kernel (float32 scales only) gives this dialect's bytes."""
-        return self.scale_fmt == "float"
+    def fused_kernel(self):
+        """The numba kernel that gives this dialect's bytes (`configs.FusedKernel`), or None."""
+        from ..configs import FusedKernel
+
+        b = self.block_size
+        if self.scale_fmt == "float":
+            return FusedKernel("float", b, b)
+        table = ue8m0_table()
+        return None if table is None else FusedKernel("ue8m0", b, b, table)
 
     @property
     def label(self) -> str:
@@ -338,6 +345,32 @@ class TransformersFP8Writer:
             if not isinstance(qc.get(key, []), list):
                 problems.append(f"quantization_config.{key} is not a list")
         return cls(block[0], fmt), problems
+
+
+@functools.lru_cache(maxsize=None)
+def ue8m0_table():
+    """What `quantize_tiles`' power of two does to each float32 inverse scale, for the numba kernel: per biased
+    exponent `e`, how many mantissas from 0 up keep `2 ** (e - 127)` (torch's float32 log2 returns a whole number a
+    few ulps above a power of two; 23 at most on x86), every other mantissa rounding up to `2 ** (e - 126)`.
+
+    Read from this torch's own `log2`, `ceil` and `pow`, so the kernel follows whatever they compute here. None when
+    they are not so ordered (the kernel then cannot match them, and the torch formula runs).
+    """
+    import torch
+
+    n = 4096  # mantissas looked at above each power of two and below the next
+    exponents = torch.arange(1, 255, dtype=torch.int64)[:, None]
+    mantissas = torch.cat([torch.arange(n), torch.arange((1 << 23) - n, 1 << 23)])
+    values = ((exponents << 23) + mantissas).to(torch.int32).view(torch.float32)
+    got = (torch.pow(2.0, torch.ceil(torch.log2(values))).view(torch.int32) >> 23) - exponents.to(torch.int32)
+    low, high = got[:, :n], got[:, n:]
+    kept = (low == 0).sum(dim=1)
+    prefix = torch.arange(n)[None, :] < kept[:, None]
+    if not (torch.where(prefix, low == 0, low == 1).all() and (high == 1).all() and (kept > 0).all()):
+        return None
+    table = np.zeros(256, np.uint32)
+    table[1:255] = kept.numpy()
+    return table
 
 
 def quantize_tiles(weight, block: int, scale_fmt: str = "float"):
