@@ -137,7 +137,8 @@ if numba is not None:
 
     @_inline
     def _over_bf16(x, s):  # pragma: no cover - compiled
-        # torch divides BF16 in float32 and rounds the quotient to BF16 before the clamp and the cast
+        # torch divides BF16 in float32 and rounds the quotient to BF16 before the clamp and the cast (a product
+        # with the reciprocal, corrected at the midpoints, measured slower than the division on AVX2)
         return _e4m3(_clamp(_bf16(x / s)))
 
     # -- the scale rules: the float32 bits of a finite amax -> (status, stored scale, factor for the element op)
@@ -194,23 +195,18 @@ if numba is not None:
         return _mx(u32(p >> u32(23)))
 
 
-def _rule(rule: str, shift: int):
-    """(scale function, element operation) of a rule for a source of this width."""
-    if rule == FLOAT:
-        return _scale_float, _times
-    if rule == UE8M0:
-        return _scale_ue8m0, _times
-    if rule == CT:
-        return (_scale_ct_bf16, _over_bf16) if shift == 16 else (_scale_ct_f32, _over)
-    if rule == MX:
-        return (_scale_mx_bf16 if shift == 16 else _scale_mx_f32), _times
-    raise ValueError(f"no kernel for scale rule {rule!r}")
+# A rule's scale function and element operation, by number: the kernel's closure holds only numbers, because numba
+# keys its disk cache on the closure's pickled contents, and a pickled jitted function is new in every process.
+_RULE_IDS = {FLOAT: 0, UE8M0: 1, CT: 2, MX: 3}
+TIMES, OVER, OVER_BF16 = 0, 1, 2
 
 
 def _make_kernel(rule: str, shift: int, rows_per_scale: int, cols_per_scale: int):
     """A kernel for sources whose element bits, shifted left by `shift`, are float32 bits (BF16: 16, F32: 0), with
     one scale per `rows_per_scale` x `cols_per_scale` (0: the whole row) of the weight."""
-    scale_of, element = _rule(rule, shift)
+    RULE = _RULE_IDS[rule]
+    ELEMENT = (OVER_BF16 if shift == 16 else OVER) if rule == CT else TIMES
+    BF16_SOURCE = shift == 16
     SHIFT, BR, BC = u32(shift), rows_per_scale, cols_per_scale
     SRC = np.uint16 if shift == 16 else np.uint32  # the source's element bits
     SRC_ABS = SRC(0x7FFF) if shift == 16 else SRC(0x7FFFFFFF)
@@ -242,10 +238,26 @@ def _make_kernel(rule: str, shift: int, rows_per_scale: int, cols_per_scale: int
                 amax_bits = u32(u32(m) << SHIFT)
                 worst = amax_bits if amax_bits > worst else worst
                 # computed for NaN and Inf too (harmless, and refused below): a branch out of this loop costs MX,
-                # with its many short groups, half its speed
-                st, stored, f = scale_of(amax_bits, aux)
+                # with its many short groups, half its speed. The rule is a constant: LLVM keeps only its branch.
+                if RULE == 0:
+                    st, stored_f32, f = _scale_float(amax_bits, aux)
+                    scales[tr, t] = stored_f32
+                elif RULE == 1:
+                    st, stored_e8m0, f = _scale_ue8m0(amax_bits, aux)
+                    scales[tr, t] = stored_e8m0
+                elif RULE == 2 and BF16_SOURCE:
+                    st, stored_bf16, f = _scale_ct_bf16(amax_bits, aux)
+                    scales[tr, t] = stored_bf16
+                elif RULE == 2:
+                    st, stored_ct32, f = _scale_ct_f32(amax_bits, aux)
+                    scales[tr, t] = stored_ct32
+                elif BF16_SOURCE:
+                    st, stored_mx, f = _scale_mx_bf16(amax_bits, aux)
+                    scales[tr, t] = stored_mx
+                else:
+                    st, stored_mx32, f = _scale_mx_f32(amax_bits, aux)
+                    scales[tr, t] = stored_mx32
                 flagged = st if flagged == OK else flagged
-                scales[tr, t] = stored
                 factor[t] = f
             status[tr] = NON_FINITE if worst >= INF_BITS else flagged
             if status[tr] != OK:
@@ -257,7 +269,13 @@ def _make_kernel(rule: str, shift: int, rows_per_scale: int, cols_per_scale: int
                     # wrap-around per element, which kept AVX2 from storing the bytes as a vector
                     src, dst = bits[r, t * bc:t * bc + bc], out[r, t * bc:t * bc + bc]
                     for j in range(bc):
-                        dst[j] = element(_as_float(u32(u32(src[j]) << SHIFT)), f)
+                        x = _as_float(u32(u32(src[j]) << SHIFT))
+                        if ELEMENT == TIMES:
+                            dst[j] = _times(x, f)
+                        elif ELEMENT == OVER:
+                            dst[j] = _over(x, f)
+                        else:
+                            dst[j] = _over_bf16(x, f)
         return status
 
     # One name per variant gives each its own on-disk cache index: variants sharing one index can be mixed up

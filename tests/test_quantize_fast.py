@@ -137,6 +137,21 @@ def test_a_cache_file_that_cannot_be_written_compiles_for_the_run(fresh_kernels,
     assert len(notes) == 1 and "quantize_tiles_shift16_block64" in notes[0] and "Permission denied" in notes[0]
 
 
+def test_every_kernel_has_the_same_disk_cache_key_in_every_process():
+    """numba keys its disk cache on the kernel's pickled closure: a jitted function in it pickles differently in
+    every process, and each run would compile its kernel again (seconds, and 200 MiB of LLVM)."""
+    import subprocess
+    import sys
+
+    script = ("import hashlib; from numba.core.serialize import dumps; from converter import quantize_fast as q; "
+              "print([hashlib.sha256(dumps(tuple(c.cell_contents for c in q._make_kernel(*key).__closure__)))"
+              ".hexdigest()[:12] for key in [('float', 16, 64, 64), ('ue8m0', 0, 128, 128), ('ct', 16, 128, 128), "
+              "('ct', 0, 1, 0), ('mx', 16, 1, 32)]])")
+    keys = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)]
+    assert keys[0] == keys[1] and keys[0].count("'") == 10
+
+
 @pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
 def test_openmp_threads_sleep_between_kernel_calls_unless_told_otherwise(given, expected):
     import os
