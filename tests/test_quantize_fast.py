@@ -348,6 +348,25 @@ def test_ue8m0_table_reads_torch_s_log2():
     assert got.tolist() == [2.0**100, 2.0**101]
 
 
+def test_the_ue8m0_table_is_kept_so_that_later_runs_load_no_torch(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys; from converter.dialects.transformers_fp8 import TransformersFP8Writer, ue8m0_table; "
+              "assert TransformersFP8Writer(64, 'ue8m0').unavailable() is None; "
+              "print(ue8m0_table().tolist(), 'torch' in sys.modules)")
+    env = dict(os.environ, CONVERT_FP8_CACHE_DIR=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+            .stdout.split("] ") for _ in range(2)]
+    assert [loaded for _, loaded in runs] == ["True\n", "False\n"]  # read from torch once, then from the file
+    assert runs[0][0] == runs[1][0] and runs[0][0].startswith("[0, ")
+    kept, = tmp_path.glob("ue8m0-log2-*.npy")
+    kept.write_bytes(b"not a table")  # a damaged file is read from torch again
+    again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert again.stdout.split("] ") == [runs[0][0], "True\n"]
+
+
 @pytest.mark.parametrize("dialect", DIALECTS)
 def test_numba_and_torch_quantizers_write_the_same_files_in_every_dialect(tmp_path, dialect):
     scheme = SCHEMES[dialect]

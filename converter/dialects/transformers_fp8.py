@@ -239,10 +239,19 @@ class TransformersFP8Writer:
         """Why this torch cannot compute the dialect, or None."""
         if self.scale_fmt != "ue8m0":
             return None
-        import torch  # only here: importing it costs every conversion about a second
+        import sys
 
-        if not hasattr(torch, "float8_e8m0fnu"):
-            return f"--scale-fmt ue8m0 needs torch 2.7 or newer (torch.float8_e8m0fnu); this is torch {torch.__version__}"
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            version, e8m0 = torch.__version__, hasattr(torch, "float8_e8m0fnu")
+        else:  # its version says, without importing it: a second and 200 MiB a kernel conversion does not need
+            import importlib.metadata
+            import re
+
+            version = importlib.metadata.version("torch")
+            e8m0 = tuple(int(n) for n in re.findall(r"\d+", version)[:2]) >= (2, 7)
+        if not e8m0:
+            return f"--scale-fmt ue8m0 needs torch 2.7 or newer (torch.float8_e8m0fnu); this is torch {version}"
         return None
 
     @property
@@ -353,9 +362,58 @@ def ue8m0_table():
     exponent `e`, how many mantissas from 0 up keep `2 ** (e - 127)` (torch's float32 log2 returns a whole number a
     few ulps above a power of two; 23 at most on x86), every other mantissa rounding up to `2 ** (e - 126)`.
 
-    Read from this torch's own `log2`, `ceil` and `pow`, so the kernel follows whatever they compute here. None when
-    they are not so ordered (the kernel then cannot match them, and the torch formula runs).
+    Read from this torch's own `log2`, `ceil` and `pow`, so the kernel follows whatever they compute here, and kept
+    in the cache folder per torch version and CPU vector capability (what picks torch's log2): a conversion that
+    finds it loads no torch (200 MiB). None when torch's values are not so ordered (the kernel then cannot match
+    them, and the torch formula runs).
     """
+    import hashlib
+    import os
+
+    from ..arch import cache_dir
+
+    key = hashlib.sha256(repr(_log2_identity()).encode()).hexdigest()[:16]
+    path = cache_dir() / f"ue8m0-log2-{key}.npy"
+    try:
+        table = np.load(path, allow_pickle=False)
+        if table.shape == (256,) and table.dtype == np.uint32:
+            return table
+    except (OSError, ValueError):
+        pass
+    table = _read_ue8m0_table()
+    if table is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+            with open(partial, "wb") as f:
+                np.save(f, table, allow_pickle=False)
+            os.replace(partial, path)
+        except OSError:  # an unwritable cache: read from torch again next time
+            pass
+    return table
+
+
+def _log2_identity() -> tuple:
+    """What decides torch's float32 log2 on this machine: its version, the architecture and the vector
+    capability ATen dispatches to (its ATEN_CPU_CAPABILITY override included)."""
+    import importlib.metadata
+    import os
+    import platform
+
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features"))).split())
+    except (OSError, StopIteration):
+        flags = set()
+    capability = ("avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else
+                  "avx2" if {"avx2", "fma"} <= flags else "default")
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        version = __import__("torch").__version__
+    return version, platform.machine(), capability, os.environ.get("ATEN_CPU_CAPABILITY", "")
+
+
+def _read_ue8m0_table():
     import torch
 
     n = 4096  # mantissas looked at above each power of two and below the next
