@@ -61,7 +61,11 @@ def test_scale_doubled(gemma_src, dst):
     assert f"tensor {SCALE} in {shard.name}: weight_scale_inv differs from the re-quantized source, first at tile (0, 0)" in out
 
 
-def test_scale_nan(gemma_src, dst):
+@pytest.mark.parametrize("chunk", [2**20, 1])
+def test_scale_nan(gemma_src, dst, monkeypatch, chunk):
+    from converter import verify as verify_module
+
+    monkeypatch.setattr(verify_module, "SCALE_CHECK_BYTES", chunk)  # 1: a row of scales at a time
     patch(dst, SCALE, lambda t: t[1].fill_(float("nan")))
     out = problems_of(gemma_src, dst)
     assert f"tensor {SCALE}" in out and "2 scale(s) not finite and positive, first at tile (1, 0): nan" in out
