@@ -31,7 +31,7 @@ from .lanes import MainLane, Progress, Stop, write_shards
 from .manifest import run_identity, source_stamp
 from .plan import COPY, ShardedOutput, ShardPlan, TensorPlan, assign_shards
 from .resume import claim_part, source_name, verified_pieces
-from .source import SINGLE_FILE_NAME, SourceIndex, TensorReader, source_card
+from .source import DIRECT_ALIGN, SINGLE_FILE_NAME, SourceIndex, TensorReader, aligned_buffer, source_card
 from .write import OutputDir, ShardWriter
 
 DEQUANTIZE = "dequantize"
@@ -356,64 +356,66 @@ def _stripe_start(tensor: TensorPlan, first_row: int) -> int:
 
 class _Dequantizer:
     """Reads stripes of E4M3 codes and dequantizes them, each into two buffers kept across stripes and used in
-    turn: numba table lookups where numba is installed, the torch formula otherwise (same bytes)."""
+    turn: numba table lookups where numba is installed (no torch then), the torch formula otherwise (same
+    bytes)."""
 
     def __init__(self, dtype: str):
         import numpy as np
-        import torch
 
         from . import dequantize_fast
 
         self.fast = dequantize_fast if dequantize_fast.available() else None
-        self.torch_dtype = getattr(torch, _TORCH_DTYPE_NAMES[dtype])
+        self.dtype = dtype
         self.bits = {2: np.uint16, 4: np.uint32}[DTYPE_SIZES[dtype]]
         self._codes = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
         self._outs = [np.empty(0, self.bits), np.empty(0, self.bits)]
 
     def read(self, reader: TensorReader, info, first: int, rows: int, slot: int):
-        """Rows `[first, first + rows)` of an FP8 weight's matrix view, in codes buffer `slot`."""
+        """Rows `[first, first + rows)` of an FP8 weight's matrix view, read into codes buffer `slot` (straight
+        from the disk where the page cache does not hold them)."""
         import numpy as np
 
         cols = info.shape[-1]
-        if len(self._codes[slot]) < rows * cols:
-            self._codes[slot] = np.empty(rows * cols, np.uint8)
-        codes = self._codes[slot][: rows * cols]
-        reader.read_into(info, first * cols, memoryview(codes))
-        return codes.reshape(rows, cols)
+        if len(self._codes[slot]) < rows * cols + 2 * DIRECT_ALIGN:
+            self._codes[slot] = aligned_buffer(rows * cols + 2 * DIRECT_ALIGN)
+        view = reader.read_stripe(info, first * cols, rows * cols, self._codes[slot])
+        return np.frombuffer(view, np.uint8).reshape(rows, cols)
 
     def dequantize(self, codes, scale_inv, block: tuple[int, int], slot: int):
         """The stripe's output bits, in output buffer `slot` (numba) or a new array (torch)."""
         import numpy as np
-        import torch
 
         rows, cols = codes.shape
         if self.fast is None:
+            import torch
+
             fp8 = torch.from_numpy(codes).view(torch.float8_e4m3fn)
-            return dequantize_rows(fp8, scale_inv, block, self.torch_dtype).view(torch.uint8).numpy()
-        if len(self._outs[slot]) < rows * cols:
-            self._outs[slot] = np.empty(rows * cols, self.bits)
+            dtype = getattr(torch, _TORCH_DTYPE_NAMES[self.dtype])
+            return dequantize_rows(fp8, torch.from_numpy(scale_inv), block, dtype).view(torch.uint8).numpy()
+        if len(self._outs[slot]) < rows * cols:  # page-aligned, so that the writer can send it with O_DIRECT
+            self._outs[slot] = aligned_buffer(rows * cols * np.dtype(self.bits).itemsize).view(self.bits)
         out = self._outs[slot][: rows * cols].reshape(rows, cols)
-        self.fast.dequantize_into(codes, scale_inv, block, self.torch_dtype, out)
+        self.fast.dequantize_into(codes, scale_inv, block, self.dtype, out)
         return out
 
 
 def _read_scales(reader: TensorReader, pair: ScaledWeight, plan: DequantPlan, source: SourceIndex):
-    """A weight's inverse scales as a float32 matrix (experts' grids stacked), checked finite.
+    """A weight's inverse scales as a float32 numpy matrix (experts' grids stacked), checked finite.
 
     Raises:
         SourceError: a scale is NaN or infinite, naming the tensor and the block.
     """
-    import torch
+    import numpy as np
 
     info = pair.scale
-    scales = plan.reader.scales_from_bytes(reader.read(info), info.dtype).view(-1, info.shape[-1])
-    bad = ~torch.isfinite(scales)
-    if bad.any():
-        row, col = (int(i) for i in bad.nonzero()[0])
+    scales = plan.reader.scales_from_bytes(reader.read(info), info.dtype).reshape(-1, info.shape[-1])
+    bad = np.argwhere(~np.isfinite(scales))
+    if len(bad):
+        row, col = (int(i) for i in bad[0])
         *lead, grid_rows, _ = info.shape
         at = f"expert {row // grid_rows}, block ({row % grid_rows}, {col})" if lead else f"block ({row}, {col})"
         raise SourceError(f"{source.name or source.root}/{info.shard}: scale {info.name} is "
-                          f"{scales[row, col].item()} at {at}; the checkpoint is damaged")
+                          f"{float(scales[row, col])} at {at}; the checkpoint is damaged")
     return scales
 
 

@@ -14,7 +14,7 @@ from .configs import DTYPE_SIZES, matrix_shape
 from .manifest import Manifest
 from .plan import COPY, QUANTIZE, ShardPlan, TensorPlan
 from .resume import COPY_BUFFER_BYTES, stripe_keys, usable_copy_pieces, usable_stripe_pieces
-from .source import SourceIndex, TensorReader
+from .source import DIRECT_ALIGN, SourceIndex, TensorReader, aligned_buffer
 from .stripes import Quantizer
 from .write import OutputDir, ShardWriter
 
@@ -170,7 +170,16 @@ def _failing_to(stop: Stop, lane, *args):
 
 
 def _copy_lane(copies, source: SourceIndex, stop: Stop, advance: Progress, done: dict, finished: Callable) -> int:
+    """Copy the tensors kept as they are, in pieces of COPY_BUFFER_BYTES.
+
+    A piece the writer can send with O_DIRECT (a tensor of whole pages, see `write.data_order`: an embedding, a
+    copied matrix) is read straight from the disk into one buffer, moved to a page-aligned one and written from
+    there: two transfers the CPU does not touch and one copy in memory, where the kernel's in-file copy
+    (`copy_file_range`) goes through the page cache on both sides and is then read back for its checksum. Other
+    pieces are copied in the kernel.
+    """
     buffer = bytearray(COPY_BUFFER_BYTES)
+    read_buffer = aligned_out = None
     kept = 0
     with TensorReader(source) as reader:
         for writer, t in copies:
@@ -184,7 +193,15 @@ def _copy_lane(copies, source: SourceIndex, stop: Stop, advance: Progress, done:
                     kept += n
                     advance(n)
                     continue
-                writer.copy_at(t.name, start, reader.fd_for(info), info.offset + start, n, buffer)
+                if writer.takes_direct(t.name, start, n):
+                    if read_buffer is None:
+                        read_buffer = aligned_buffer(COPY_BUFFER_BYTES + 2 * DIRECT_ALIGN)
+                        aligned_out = aligned_buffer(COPY_BUFFER_BYTES)
+                    data = np.frombuffer(reader.read_stripe(info, start, n, read_buffer), np.uint8)
+                    np.copyto(aligned_out[:n], data)
+                    writer.write_at(t.name, start, aligned_out[:n], "copying")
+                else:
+                    writer.copy_at(t.name, start, reader.fd_for(info), info.offset + start, n, buffer)
                 advance(n)
             finished(t)
     return kept

@@ -255,7 +255,10 @@ def open_source(src: Path, allow_external_links: bool = False) -> SourceIndex:
     tensors: dict[str, TensorInfo] = {}
     for shard in shards:
         header = read_header(src / shard)
-        for info in sorted(header.tensors.values(), key=lambda t: t.offset):
+        # in the header's order: the order safetensors writes the data in, and the plan order of a checkpoint this
+        # tool wrote (whose data lies in `write.data_order`), so that converting a dequantized output plans as the
+        # first conversion did
+        for info in header.tensors.values():
             if weight_map is not None and weight_map.get(info.name) != shard:
                 if info.name not in weight_map:
                     warnings.append(f"{shard}: tensor {info.name} is not in the index; it is left out, as loaders do")
@@ -304,7 +307,7 @@ def open_hub_source(repo: ShardProvider) -> SourceIndex:
     tensors: dict[str, TensorInfo] = {}
     for shard in shards:
         header = repo.header(shard)
-        for info in sorted(header.tensors.values(), key=lambda t: t.offset):
+        for info in header.tensors.values():  # in the header's order, as `open_source` reads them
             if weight_map is None or weight_map.get(info.name) == shard:
                 tensors[info.name] = TensorInfo(info.name, info.dtype, info.shape, shard, info.offset, info.nbytes)
     copy, skipped = classify_files(repo.other_files(), set(shards) | {INDEX_NAME})

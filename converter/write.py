@@ -17,25 +17,43 @@ from .checksum import buffer_crc, file_crc
 from .configs import CONFIG_NAME, INDEX_NAME
 from .errors import SourceError, UsageError, WriteError
 from .plan import Plan, ShardPlan
+from .source import DIRECT_ALIGN
 
 STAGING_NAME = ".convert-fp8.partial"
 _MOVING_NAME = "moving.json"  # in the staging folder while its output is moved into place
 _COPY_CHUNK = 16 * 2**20
 
 
+def data_order(shard: ShardPlan) -> list:
+    """The shard's tensors in the order their bytes lie in the file: those whose size is a multiple of
+    DIRECT_ALIGN first (every FP8 weight of 64x64 or 128x128 tiles, most copied matrices), each in plan order.
+
+    After a header padded to DIRECT_ALIGN, each of those then starts DIRECT_ALIGN-aligned, and so does every
+    stripe of whole tile rows written into it: the writer sends such stripes to the disk with O_DIRECT, sparing
+    the copy into the page cache. A tensor's place in the file changes nothing a reader sees (safetensors finds
+    tensors by name); the order is a function of the plan alone, so reruns and parts agree on every offset.
+    """
+    return ([t for t in shard.tensors if t.nbytes % DIRECT_ALIGN == 0]
+            + [t for t in shard.tensors if t.nbytes % DIRECT_ALIGN])
+
+
 def shard_header(shard: ShardPlan) -> bytes:
     """The complete safetensors header of a shard (length prefix included), from its plan alone.
 
-    Tensors appear in plan order with consecutive offsets; the JSON is padded with spaces so that the data
-    starts 8-byte aligned, as safetensors itself does.
+    The JSON lists the tensors in plan order (the order a reader of this checkpoint meets them in), their bytes
+    lie in `data_order` with consecutive offsets (safetensors sorts entries by offset before it checks that they
+    tile the data); the JSON is padded with spaces (which safetensors itself pads with, to 8 bytes) so that the
+    data starts DIRECT_ALIGN-aligned.
     """
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for t in shard.tensors:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+    offsets, offset = {}, 0
+    for t in data_order(shard):
+        offsets[t.name] = [offset, offset + t.nbytes]
         offset += t.nbytes
+    header: dict = {"__metadata__": {"format": "pt"}}
+    for t in shard.tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": offsets[t.name]}
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 8)
+    raw += b" " * (-(8 + len(raw)) % DIRECT_ALIGN)
     return struct.pack("<Q", len(raw)) + raw
 
 
@@ -179,7 +197,7 @@ class ShardWriter:
         self._header = shard_header(shard)
         self._offsets: dict[str, tuple[int, int]] = {}  # name -> (absolute offset, nbytes)
         position = len(self._header)
-        for t in shard.tensors:
+        for t in data_order(shard):
             self._offsets[t.name] = (position, t.nbytes)
             position += t.nbytes
         self.file_size = position
@@ -187,6 +205,7 @@ class ShardWriter:
         self._finished = 0  # data bytes written (or credited), of file_size - len(header)
         self._lock = threading.Lock()
         self._behind: _WriteBehind | None = None
+        self._direct_fd: int | None = None  # the shard opened with O_DIRECT; -1 where the file system refuses it
 
     def _expect(self, state: str) -> None:
         if self.state != state:
@@ -248,17 +267,59 @@ class ShardWriter:
             self._written[name] += nbytes
         return offset + start
 
-    def write_at(self, name: str, start: int, data) -> None:
-        """Write bytes (any buffer) of tensor `name` from byte `start` of the tensor."""
+    def write_at(self, name: str, start: int, data, doing: str = "writing") -> None:
+        """Write bytes (any buffer) of tensor `name` from byte `start` of the tensor (`doing` names the action in
+        an error: "copying" for a tensor kept as it is).
+
+        A large write whose file offset, length and buffer are all DIRECT_ALIGN-aligned (a stripe of whole tile
+        rows from the quantize lane, see `data_order`) goes straight to the disk with O_DIRECT: no copy into the
+        page cache, no write-back to start and wait for later, and its piece is recorded as soon as the write
+        returns, since its bytes are then on the disk. Any other write goes through the page cache.
+        """
         view = memoryview(data).cast("B")
         offset = self._claim(name, start, len(view))
         piece = self._piece(name, start, len(view), buffer_crc(view)) if self._manifest is not None else None
         try:
-            _pwrite_all(self._fd, view, offset)
-            self._behind.written(offset, len(view), piece)
+            if not self._write_direct(view, offset):
+                _pwrite_all(self._fd, view, offset)
+                self._behind.written(offset, len(view), piece)
+            elif piece is not None:
+                self._record(piece)
         except OSError as exc:
-            raise os_error(exc, self.path, f"writing {name}") from None
+            raise os_error(exc, self.path, f"{doing} {name}") from None
         self._done(len(view))
+
+    def takes_direct(self, name: str, start: int, nbytes: int) -> bool:
+        """Whether a write of `nbytes` at `start` of tensor `name`, from a page-aligned buffer, would go to the
+        disk with O_DIRECT (as far as is known before trying)."""
+        offset = self._offsets[name][0] + start
+        return nbytes >= _WRITE_BEHIND_MIN and (offset | nbytes) % DIRECT_ALIGN == 0 and self._direct_fd != -1
+
+    def _write_direct(self, view: memoryview, offset: int) -> bool:
+        """Write `view` at `offset` with O_DIRECT when everything is aligned and the file system takes it;
+        False (nothing written) otherwise."""
+        if (len(view) < _WRITE_BEHIND_MIN or (offset | len(view)) % DIRECT_ALIGN
+                or _address(view) % DIRECT_ALIGN or self._direct_fd == -1):
+            return False
+        if self._direct_fd is None:
+            try:
+                self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+            except (OSError, AttributeError):  # tmpfs before Linux 6.6, some FUSE file systems; no O_DIRECT
+                self._direct_fd = -1
+                return False
+        done = 0
+        while done < len(view):
+            try:
+                done += os.pwrite(self._direct_fd, view[done:], offset + done)
+            except OSError as exc:
+                # opened with O_DIRECT, yet the write refused (some network file systems): nothing of this range
+                # reached the file, which the page cache now takes, as every later write does
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP) or done:
+                    raise
+                os.close(self._direct_fd)
+                self._direct_fd = -1
+                return False
+        return True
 
     def write(self, name: str, data) -> None:
         """Append bytes to tensor `name` (for a writer fed by one thread, tensor by tensor)."""
@@ -302,11 +363,20 @@ class ShardWriter:
         self.state = "closed"
 
     def abort(self) -> None:
-        for fd in (self._fd, self._copy_fd):
-            if fd is not None:
+        for fd in (self._fd, self._copy_fd, self._direct_fd):
+            if fd is not None and fd >= 0:
                 os.close(fd)
-        self._fd = self._copy_fd = None
+        self._fd = self._copy_fd = self._direct_fd = None
         self.state = "aborted" if self.state != "closed" else self.state
+
+
+def _address(view: memoryview) -> int:
+    """The memory address of a buffer's first byte."""
+    import ctypes
+
+    if view.readonly:  # ctypes maps only writable buffers; a read-only one is copied into the page cache
+        return 1
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:

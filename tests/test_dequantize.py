@@ -420,12 +420,47 @@ def test_lookup_tables_give_the_torch_formula_on_every_code_and_extreme_scales()
     codes = torch.arange(256, dtype=torch.uint8).repeat(200, 1)[:, torch.randperm(256)].contiguous()  # NaN codes too
     scales = torch.exp2(torch.randint(-149, 128, (4, 3)).float()) * (1 + torch.rand(4, 3))
     scales[0, 0], scales[1, 1], scales[2, 2] = float("inf"), 0.0, torch.finfo(torch.float32).max
-    for dtype, bits, np_bits in [(torch.bfloat16, torch.uint16, np.uint16), (torch.float16, torch.uint16, np.uint16),
-                                 (torch.float32, torch.uint32, np.uint32)]:
+    for name, dtype, bits, np_bits in [("BF16", torch.bfloat16, torch.uint16, np.uint16),
+                                       ("F16", torch.float16, torch.uint16, np.uint16),
+                                       ("F32", torch.float32, torch.uint32, np.uint32)]:
         ref = dq.dequantize_rows(codes.view(torch.float8_e4m3fn), scales, (64, 100), dtype).view(bits).numpy()
         out = np.empty((200, 256), np_bits)
-        dequantize_into(codes.numpy(), scales, (64, 100), dtype, out)  # blocks cut short in both directions
-        assert (out == ref).all(), dtype
+        dequantize_into(codes.numpy(), scales.numpy(), (64, 100), name, out)  # blocks cut short both ways
+        assert (out == ref).all(), name
+
+
+def test_numpy_tables_decode_e4m3_and_round_as_torch_does():
+    """The tables are built without torch: every E4M3 code's float32 bits, and the rounding of float32 values
+    (NaN, infinities, ties, F16 overflow and subnormals) to BF16 and F16 bits, equal torch's."""
+    import numpy as np
+
+    from converter.dequantize_fast import e4m3_values, float32_to_bits
+
+    theirs = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+    assert (e4m3_values().view(np.uint32) == theirs.view(torch.int32).numpy().view(np.uint32)).all()
+    bits = torch.randint(0, 2**32, (1 << 20,), dtype=torch.int64).to(torch.uint32)
+    edges = torch.tensor([0x7FC00000, 0xFFC00000, 0x7F800001, 0x7F800000, 0xFF800000, 0x3F808000, 0x3F818000,
+                          0x477FF000, 0x477FE000, 0x33000000, 0x00000001, 0x80000000], dtype=torch.int64).to(torch.uint32)
+    values = torch.cat([bits, edges]).view(torch.float32)
+    for name, dtype, as_bits in [("BF16", torch.bfloat16, torch.uint16), ("F16", torch.float16, torch.uint16)]:
+        ours = float32_to_bits(values.numpy(), name)
+        assert (ours == values.to(dtype).view(as_bits).numpy()).all(), name
+
+
+def test_dequantize_runs_without_torch_and_gives_the_same_bytes(gemma_dst, gemma_bf16, tmp_path):
+    """With numba, a dequantization needs no torch (whose import alone is about 220 MB of resident memory): run
+    with `import torch` made to fail, it writes the bytes of the torch-checked output."""
+    import subprocess
+    import sys
+
+    dst = tmp_path / "o"
+    code = ("import sys; sys.modules['torch'] = None; from converter.cli import main; "
+            "sys.argv = ['convert-fp8', *sys.argv[1:]]; main()")
+    done = subprocess.run([sys.executable, "-c", code, "dequantize", "--src", str(gemma_dst), "--dst", str(dst),
+                           "--max-shard-size", "300KB", "-q"], capture_output=True, text=True,
+                          env=dict(os.environ, CONVERT_FP8_NO_PROGRESS="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert tree_digest(dst) == tree_digest(gemma_bf16)
 
 
 @pytest.mark.parametrize("qc,message", [

@@ -102,3 +102,123 @@ def test_large_writes_go_to_disk_behind_the_writer_and_leave_the_page_cache(tmp_
     assert advice == [(base + k * mib, mib, os.POSIX_FADV_DONTNEED) for k in range(5)]
     data = (tmp_path / "s.safetensors").read_bytes()
     assert data[base:base + 8 * mib] == b"".join(pieces) and data[-100:] == b"\1" * 100
+
+
+def aligned_tile_rows(rows: int, cols: int, value: int):
+    """A page-aligned uint8 buffer, as the quantize lane hands the writer a stripe of FP8 tile rows."""
+    from converter.source import aligned_buffer
+
+    buf = aligned_buffer(rows * cols).reshape(rows, cols)
+    buf[:] = value
+    return buf
+
+
+def mixed_shard():
+    """A shard as a conversion plans it: FP8 weights of whole 64x64 tiles, each followed by its small scale,
+    and a norm."""
+    return ShardPlan("s.safetensors", (
+        TensorPlan("norm", "norm", COPY, "BF16", (100,), "r"),
+        TensorPlan("w1", "w1", COPY, "F8_E4M3", (512, 4096), "r"),
+        TensorPlan("w1_scale_inv", "w1_scale_inv", COPY, "F32", (8, 64), "r"),
+        TensorPlan("w2", "w2", COPY, "F8_E4M3", (256, 4096), "r"),
+        TensorPlan("w2_scale_inv", "w2_scale_inv", COPY, "F32", (4, 64), "r"),
+    ))
+
+
+def test_tile_aligned_tensors_lie_first_at_page_boundaries_and_the_header_keeps_plan_order(tmp_path):
+    import json
+    import struct
+
+    plan = mixed_shard()
+    header = shard_header(plan)
+    assert len(header) % 4096 == 0
+    entries = json.loads(header[8:])
+    entries.pop("__metadata__")
+    assert list(entries) == ["norm", "w1", "w1_scale_inv", "w2", "w2_scale_inv"]  # the plan's order
+    offsets = {name: e["data_offsets"] for name, e in entries.items()}
+    # the 4 KiB-multiple tensors first (w1_scale_inv is 2048 bytes, norm 200), each then page-aligned in the file
+    assert offsets["w1"] == [0, 2 * 2**20] and offsets["w2"] == [2 * 2**20, 3 * 2**20]
+    mib = 2**20
+    assert offsets["norm"] == [3 * mib, 3 * mib + 200]  # then the others, in plan order
+    assert offsets["w1_scale_inv"] == [3 * mib + 200, 3 * mib + 2248]
+    assert offsets["w2_scale_inv"] == [3 * mib + 2248, 3 * mib + 3272]
+    path = tmp_path / "s.safetensors"
+    writer = ShardWriter(path, plan)
+    writer.open()
+    values = {"norm": torch.arange(100, dtype=torch.bfloat16), "w1_scale_inv": torch.rand(8, 64),
+              "w2_scale_inv": torch.rand(4, 64)}
+    for name, t in values.items():
+        writer.write_at(name, 0, t.view(torch.uint8).numpy())
+    writer.write_at("w1", 0, aligned_tile_rows(256, 4096, 1))  # two stripes of four tile rows
+    writer.write_at("w1", 2**20, aligned_tile_rows(256, 4096, 2))
+    writer.write_at("w2", 0, aligned_tile_rows(256, 4096, 3))
+    writer.close()
+    (length,) = struct.unpack("<Q", path.read_bytes()[:8])
+    assert (8 + length) % 4096 == 0
+    with safe_open(path, "pt") as f:  # safetensors' own reader: entries sorted by offset tile the data
+        assert sorted(f.keys()) == sorted(entries)
+        for name, t in values.items():
+            assert torch.equal(f.get_tensor(name), t)
+        w1 = f.get_tensor("w1").view(torch.uint8)
+        assert (w1[:256] == 1).all() and (w1[256:] == 2).all() and (f.get_tensor("w2").view(torch.uint8) == 3).all()
+
+
+def test_aligned_stripes_go_to_the_disk_directly_others_through_the_page_cache(tmp_path):
+    """An aligned stripe is written with O_DIRECT: none of its pages is left in the page cache (a read that must
+    not wait finds nothing); an unaligned write (a scale) is cached as usual."""
+    plan = mixed_shard()
+    path = tmp_path / "s.safetensors"
+    writer = ShardWriter(path, plan)
+    writer.open()
+    writer.write_at("w1", 0, aligned_tile_rows(512, 4096, 7))
+    writer.write_at("w1_scale_inv", 0, torch.ones(8, 64).numpy())
+    if writer._direct_fd == -1:
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
+    base = len(shard_header(plan))
+    probe = bytearray(4096)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):  # not in the page cache: it went to the disk
+            os.preadv(fd, [probe], base, os.RWF_NOWAIT)
+        assert os.preadv(fd, [probe], base + 3 * 2**20, os.RWF_NOWAIT) == 3272  # the scale's page is cached
+    finally:
+        os.close(fd)
+    writer.abort()
+
+
+def test_a_file_system_refusing_direct_writes_gets_the_same_bytes_through_the_page_cache(tmp_path, monkeypatch):
+    import errno
+
+    import converter.write as write
+
+    def written(folder, refuse_at: str | None) -> bytes:
+        real_open, real_pwrite = os.open, os.pwrite
+
+        def refusing_open(path, flags, *a):
+            if refuse_at == "open" and flags & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(path, flags, *a)
+
+        def refusing_pwrite(fd, data, offset):
+            if refuse_at == "write" and fd == writer._direct_fd:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(write.os, "open", refusing_open)
+        monkeypatch.setattr(write.os, "pwrite", refusing_pwrite)
+        folder.mkdir()
+        writer = ShardWriter(folder / "s.safetensors", mixed_shard())
+        writer.open()
+        writer.write_at("w1", 0, aligned_tile_rows(512, 4096, 5))
+        writer.write_at("w2", 0, aligned_tile_rows(256, 4096, 6))
+        assert (writer._direct_fd == -1) == (refuse_at is not None)
+        for name, shape in [("norm", (100,)), ("w1_scale_inv", (8, 64)), ("w2_scale_inv", (4, 64))]:
+            writer.write_at(name, 0, torch.full(shape, 0.5).to(torch.float32 if "scale" in name else torch.bfloat16)
+                            .view(torch.uint8).numpy())
+        assert writer.state == "closed"  # by its last write
+        monkeypatch.undo()
+        return (folder / "s.safetensors").read_bytes()
+
+    direct = written(tmp_path / "direct", None)
+    assert written(tmp_path / "no-open", "open") == direct
+    assert written(tmp_path / "no-write", "write") == direct

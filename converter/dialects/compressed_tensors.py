@@ -584,9 +584,10 @@ class CompressedTensorsReader:
     values_text = "the values compressed-tensors computes when it decompresses the checkpoint"
 
     def scales_from_bytes(self, data, dtype: str):
-        from .transformers_fp8 import scale_bytes_to_float32
+        """A scale tensor's bytes as flat float32 values (numpy), as compressed-tensors widens them."""
+        from .transformers_fp8 import decode_scale_bytes
 
-        return scale_bytes_to_float32(data, dtype)
+        return decode_scale_bytes(data, dtype)
 
     @staticmethod
     def scale_name(weight) -> str:

@@ -169,7 +169,8 @@ class DecodingReader:
             return self._scales[1]
         info = pair.scale
         width = info.shape[-1] if info.shape else 1
-        scales = self.source.reader.scales_from_bytes(self._inner.read(info), info.dtype).view(-1, width)
+        values = self.source.reader.scales_from_bytes(self._inner.read(info), info.dtype)
+        scales = torch.from_numpy(values).view(-1, width)
         bad = ~torch.isfinite(scales)
         if bad.any():
             row, col = (int(i) for i in bad.nonzero()[0])

@@ -65,8 +65,9 @@ class TransformersFP8Reader:
         return f"transformers fp8, E4M3 weights, {bm}x{bn} blocks, {self.scale_fmt} scales"
 
     @staticmethod
-    def scales_from_bytes(data, dtype: str):
-        return scale_bytes_to_float32(data, dtype)
+    def scales_from_bytes(data, dtype: str) -> np.ndarray:
+        """A scale tensor's bytes as flat float32 values, as transformers' `Fp8Dequantize` reads them."""
+        return decode_scale_bytes(data, dtype)
 
     @staticmethod
     def dropped(tensors: dict) -> set[str]:
