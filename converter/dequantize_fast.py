@@ -8,7 +8,8 @@ block's table, rows in parallel threads with the GIL released. Building the tabl
 The tables are computed with numpy, not torch, so that a dequantization imports no torch (about 220 MB of resident
 memory): each step is the one torch takes, bit for bit, NaN included: E4M3 decoded as c10's
 `fp8e4m3fn_to_fp32_value`, a float32 product, then BF16 rounded to nearest even with every NaN as 0xFFFF (torch's
-vectorized cast), F16 as numpy's IEEE cast with NaNs quieted (as F16C converts). Without numba, `available()` is False and callers
+vectorized cast on x86; E4M3's NaN codes never come out of quantization), F16 as numpy's IEEE cast with NaNs
+quieted (as F16C converts). Without numba, `available()` is False and callers
 use the torch formula.
 """
 

@@ -17,7 +17,7 @@ from .checksum import buffer_crc, file_crc
 from .configs import CONFIG_NAME, INDEX_NAME
 from .errors import SourceError, UsageError, WriteError
 from .plan import Plan, ShardPlan
-from .source import DIRECT_ALIGN
+from .source import DIRECT_ALIGN, PAGE_SIZE
 
 STAGING_NAME = ".convert-fp8.partial"
 _MOVING_NAME = "moving.json"  # in the staging folder while its output is moved into place
@@ -84,6 +84,9 @@ def _reason(exc: OSError) -> str:
     return text[:1].lower() + text[1:]
 
 
+# O_DIRECT writes cover whole pages of the page cache, so that no page holds both direct and buffered bytes
+# (on kernels of 16 or 64 KiB pages fewer writes qualify; the file layout, 4 KiB-aligned, is the same everywhere)
+_DIRECT_UNIT = max(DIRECT_ALIGN, PAGE_SIZE)
 WRITE_BEHIND_BYTES = 256 * 2**20  # written bytes of a shard left to the page cache before the oldest must be on disk
 _WRITE_BEHIND_MIN = 2**20  # smaller writes (scales, norms) are not pushed to the disk as they come
 
@@ -205,7 +208,8 @@ class ShardWriter:
         self._finished = 0  # data bytes written (or credited), of file_size - len(header)
         self._lock = threading.Lock()
         self._behind: _WriteBehind | None = None
-        self._direct_fd: int | None = None  # the shard opened with O_DIRECT; -1 where the file system refuses it
+        self._direct_fd: int | None = None  # the shard opened with O_DIRECT, once open; None where refused
+        self.writes_direct = False  # whether aligned writes go with O_DIRECT (False once the file system refused)
 
     def _expect(self, state: str) -> None:
         if self.state != state:
@@ -227,6 +231,11 @@ class ShardWriter:
                 os.ftruncate(self._fd, self.file_size)
         except OSError as exc:
             raise os_error(exc, self.path, "writing the header") from None
+        try:  # opened here, before the lanes' threads share the writer
+            self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+            self.writes_direct = True
+        except (OSError, AttributeError):  # tmpfs before Linux 6.6, some FUSE file systems; no O_DIRECT anywhere
+            self._direct_fd, self.writes_direct = None, False
         self._behind = _WriteBehind(self._fd, self._record)
         self.state = "open"
 
@@ -271,10 +280,12 @@ class ShardWriter:
         """Write bytes (any buffer) of tensor `name` from byte `start` of the tensor (`doing` names the action in
         an error: "copying" for a tensor kept as it is).
 
-        A large write whose file offset, length and buffer are all DIRECT_ALIGN-aligned (a stripe of whole tile
-        rows from the quantize lane, see `data_order`) goes straight to the disk with O_DIRECT: no copy into the
-        page cache, no write-back to start and wait for later, and its piece is recorded as soon as the write
-        returns, since its bytes are then on the disk. Any other write goes through the page cache.
+        A large write whose file offset, length and buffer are all page-aligned (a stripe of whole tile rows
+        from the quantize lane, a piece of a copied matrix, see `data_order`) goes straight to the disk with
+        O_DIRECT: no copy into the page cache, no write-back to start and wait for later, and its piece is
+        recorded as soon as the write returns, since its bytes are then in the file (durable after the shard's
+        final fsync, as every piece is; a rerun reads every piece back anyway). Any other write goes through the
+        page cache; the two never share a page.
         """
         view = memoryview(data).cast("B")
         offset = self._claim(name, start, len(view))
@@ -293,31 +304,26 @@ class ShardWriter:
         """Whether a write of `nbytes` at `start` of tensor `name`, from a page-aligned buffer, would go to the
         disk with O_DIRECT (as far as is known before trying)."""
         offset = self._offsets[name][0] + start
-        return nbytes >= _WRITE_BEHIND_MIN and (offset | nbytes) % DIRECT_ALIGN == 0 and self._direct_fd != -1
+        return self.writes_direct and nbytes >= _WRITE_BEHIND_MIN and (offset | nbytes) % _DIRECT_UNIT == 0
 
     def _write_direct(self, view: memoryview, offset: int) -> bool:
         """Write `view` at `offset` with O_DIRECT when everything is aligned and the file system takes it;
-        False (nothing written) otherwise."""
-        if (len(view) < _WRITE_BEHIND_MIN or (offset | len(view)) % DIRECT_ALIGN
-                or _address(view) % DIRECT_ALIGN or self._direct_fd == -1):
+        False otherwise (the caller then writes it all through the page cache)."""
+        fd = self._direct_fd  # read once: another lane's write may turn direct writes off meanwhile
+        if (not self.writes_direct or fd is None or len(view) < _WRITE_BEHIND_MIN
+                or (offset | len(view)) % _DIRECT_UNIT or _address(view) % _DIRECT_UNIT):
             return False
-        if self._direct_fd is None:
-            try:
-                self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
-            except (OSError, AttributeError):  # tmpfs before Linux 6.6, some FUSE file systems; no O_DIRECT
-                self._direct_fd = -1
-                return False
         done = 0
         while done < len(view):
             try:
-                done += os.pwrite(self._direct_fd, view[done:], offset + done)
+                done += os.pwrite(fd, view[done:], offset + done)
             except OSError as exc:
-                # opened with O_DIRECT, yet the write refused (some network file systems): nothing of this range
-                # reached the file, which the page cache now takes, as every later write does
-                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP) or done:
+                # opened with O_DIRECT, yet the write refused (some network file systems), or a short write left
+                # the rest unaligned: this range and every later one go through the page cache (the descriptor
+                # is closed with the others, never while another lane may be using it)
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
                     raise
-                os.close(self._direct_fd)
-                self._direct_fd = -1
+                self.writes_direct = False
                 return False
         return True
 
@@ -364,7 +370,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         for fd in (self._fd, self._copy_fd, self._direct_fd):
-            if fd is not None and fd >= 0:
+            if fd is not None:
                 os.close(fd)
         self._fd = self._copy_fd = self._direct_fd = None
         self.state = "aborted" if self.state != "closed" else self.state

@@ -172,7 +172,7 @@ def test_aligned_stripes_go_to_the_disk_directly_others_through_the_page_cache(t
     writer.open()
     writer.write_at("w1", 0, aligned_tile_rows(512, 4096, 7))
     writer.write_at("w1_scale_inv", 0, torch.ones(8, 64).numpy())
-    if writer._direct_fd == -1:
+    if not writer.writes_direct:
         pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
     base = len(shard_header(plan))
     probe = bytearray(4096)
@@ -200,7 +200,7 @@ def test_a_file_system_refusing_direct_writes_gets_the_same_bytes_through_the_pa
             return real_open(path, flags, *a)
 
         def refusing_pwrite(fd, data, offset):
-            if refuse_at == "write" and fd == writer._direct_fd:
+            if refuse_at == "write" and fd == writer._direct_fd and writer._direct_fd is not None:
                 raise OSError(errno.EINVAL, "Invalid argument")
             return real_pwrite(fd, data, offset)
 
@@ -211,7 +211,7 @@ def test_a_file_system_refusing_direct_writes_gets_the_same_bytes_through_the_pa
         writer.open()
         writer.write_at("w1", 0, aligned_tile_rows(512, 4096, 5))
         writer.write_at("w2", 0, aligned_tile_rows(256, 4096, 6))
-        assert (writer._direct_fd == -1) == (refuse_at is not None)
+        assert writer.writes_direct == (refuse_at is None)
         for name, shape in [("norm", (100,)), ("w1_scale_inv", (8, 64)), ("w2_scale_inv", (4, 64))]:
             writer.write_at(name, 0, torch.full(shape, 0.5).to(torch.float32 if "scale" in name else torch.bfloat16)
                             .view(torch.uint8).numpy())
