@@ -512,10 +512,10 @@ def test_ue8m0_exponent_bytes(tmp_path):
 
 
 def test_e8m0_scales_read_from_their_bytes_as_torch_casts_them(tmp_path):
-    from converter.dialects.transformers_fp8 import scale_bytes_to_float32
+    from converter.dialects.transformers_fp8 import decode_scale_bytes
 
     codes = torch.arange(256, dtype=torch.uint8)
-    ours = scale_bytes_to_float32(bytearray(codes.numpy().tobytes()), "F8_E8M0")
+    ours = torch.from_numpy(decode_scale_bytes(bytearray(codes.numpy().tobytes()), "F8_E8M0"))
     assert torch.equal(ours[:255], codes[:255].view(torch.float8_e8m0fnu).to(torch.float32)) and ours[255].isnan()
     scales = torch.ones(2, 2).to(torch.float8_e8m0fnu)
     scales.view(torch.uint8)[0, 1] = 255  # E8M0's NaN

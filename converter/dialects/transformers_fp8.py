@@ -130,14 +130,6 @@ def scales_to_float32(scales, dtype: str):
     return scales.to(torch.float32)
 
 
-def scale_bytes_to_float32(data, dtype: str):
-    """A scale tensor's bytes as float32 values (flat, a torch tensor), as transformers' `Fp8Dequantize` reads the
-    tensor (see `decode_scale_bytes`)."""
-    import torch
-
-    return torch.from_numpy(decode_scale_bytes(data, dtype))
-
-
 def decode_scale_bytes(data, dtype: str) -> np.ndarray:
     """A scale tensor's bytes as float32 values (flat, numpy): float dtypes widened; `F8_E8M0` and `U8` exponent
     bytes as `2 ** (byte - 127)`, an `F8_E8M0` 0xFF as NaN. Decoded from the bytes with numpy, so that a torch
