@@ -303,15 +303,16 @@ class ShardWriter:
     def takes_direct(self, name: str, start: int, nbytes: int) -> bool:
         """Whether a write of `nbytes` at `start` of tensor `name`, from a page-aligned buffer, would go to the
         disk with O_DIRECT (as far as is known before trying)."""
-        offset = self._offsets[name][0] + start
+        return self._direct_range(self._offsets[name][0] + start, nbytes)
+
+    def _direct_range(self, offset: int, nbytes: int) -> bool:
         return self.writes_direct and nbytes >= _WRITE_BEHIND_MIN and (offset | nbytes) % _DIRECT_UNIT == 0
 
     def _write_direct(self, view: memoryview, offset: int) -> bool:
         """Write `view` at `offset` with O_DIRECT when everything is aligned and the file system takes it;
         False otherwise (the caller then writes it all through the page cache)."""
         fd = self._direct_fd  # read once: another lane's write may turn direct writes off meanwhile
-        if (not self.writes_direct or fd is None or len(view) < _WRITE_BEHIND_MIN
-                or (offset | len(view)) % _DIRECT_UNIT or _address(view) % _DIRECT_UNIT):
+        if fd is None or not self._direct_range(offset, len(view)) or _address(view) % _DIRECT_UNIT:
             return False
         done = 0
         while done < len(view):
@@ -545,7 +546,7 @@ class OutputDir:
             if self.overwrite:
                 for entry in self.dst.iterdir():
                     if entry.name != STAGING_NAME:
-                        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                        _remove(entry)
             order = sorted(n for n in names if n.endswith(".safetensors"))
             order += sorted(n for n in names if n not in order and n not in (INDEX_NAME, CONFIG_NAME))
             order += [n for n in (INDEX_NAME, CONFIG_NAME) if n in names]
@@ -562,7 +563,7 @@ class OutputDir:
         so the same command still takes the moved files for its own and completes the output again."""
         for entry in self.staging.iterdir():
             if entry != marker:
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                _remove(entry)
         marker.unlink()
         self.staging.rmdir()
 
@@ -574,6 +575,11 @@ class OutputDir:
                 self.dst.rmdir()
             except OSError:
                 pass
+
+
+def _remove(entry: Path) -> None:
+    """Remove a file, a link or a folder with its contents."""
+    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 def _existing_parent(path: Path) -> Path:
