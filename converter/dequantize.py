@@ -31,7 +31,7 @@ from .lanes import MainLane, Progress, Stop, write_shards
 from .manifest import run_identity, source_stamp
 from .plan import COPY, ShardedOutput, ShardPlan, TensorPlan, assign_shards
 from .resume import claim_part, source_name, verified_pieces
-from .source import DIRECT_ALIGN, SINGLE_FILE_NAME, SourceIndex, TensorReader, aligned_buffer, source_card
+from .source import DIRECT_ALIGN, SINGLE_FILE_NAME, AlignedBuffers, SourceIndex, TensorReader, source_card
 from .write import OutputDir, ShardWriter
 
 DEQUANTIZE = "dequantize"
@@ -367,8 +367,7 @@ class _Dequantizer:
         self.fast = dequantize_fast if dequantize_fast.available() else None
         self.dtype = dtype
         self.bits = {2: np.uint16, 4: np.uint32}[DTYPE_SIZES[dtype]]
-        self._codes = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
-        self._outs = [np.empty(0, self.bits), np.empty(0, self.bits)]
+        self._buffers = AlignedBuffers()  # 0, 1: FP8 codes read in turn; 2, 3: the output bits (O_DIRECT-ready)
 
     def read(self, reader: TensorReader, info, first: int, rows: int, slot: int):
         """Rows `[first, first + rows)` of an FP8 weight's matrix view, read into codes buffer `slot` (straight
@@ -376,9 +375,8 @@ class _Dequantizer:
         import numpy as np
 
         cols = info.shape[-1]
-        if len(self._codes[slot]) < rows * cols + 2 * DIRECT_ALIGN:
-            self._codes[slot] = aligned_buffer(rows * cols + 2 * DIRECT_ALIGN)
-        view = reader.read_stripe(info, first * cols, rows * cols, self._codes[slot])
+        view = reader.read_stripe(info, first * cols, rows * cols,
+                                  self._buffers.get(slot, rows * cols + 2 * DIRECT_ALIGN))
         return np.frombuffer(view, np.uint8).reshape(rows, cols)
 
     def dequantize(self, codes, scale_inv, block: tuple[int, int], slot: int):
@@ -392,9 +390,8 @@ class _Dequantizer:
             fp8 = torch.from_numpy(codes).view(torch.float8_e4m3fn)
             dtype = getattr(torch, _TORCH_DTYPE_NAMES[self.dtype])
             return dequantize_rows(fp8, torch.from_numpy(scale_inv), block, dtype).view(torch.uint8).numpy()
-        if len(self._outs[slot]) < rows * cols:  # page-aligned, so that the writer can send it with O_DIRECT
-            self._outs[slot] = aligned_buffer(rows * cols * np.dtype(self.bits).itemsize).view(self.bits)
-        out = self._outs[slot][: rows * cols].reshape(rows, cols)
+        size = np.dtype(self.bits).itemsize
+        out = self._buffers.get(2 + slot, rows * cols * size).view(self.bits).reshape(rows, cols)
         self.fast.dequantize_into(codes, scale_inv, block, self.dtype, out)
         return out
 

@@ -14,7 +14,7 @@ from .configs import DTYPE_SIZES, matrix_shape
 from .manifest import Manifest
 from .plan import COPY, QUANTIZE, ShardPlan, TensorPlan
 from .resume import COPY_BUFFER_BYTES, stripe_keys, usable_copy_pieces, usable_stripe_pieces
-from .source import DIRECT_ALIGN, SourceIndex, TensorReader, aligned_buffer
+from .source import DIRECT_ALIGN, AlignedBuffers, SourceIndex, TensorReader
 from .stripes import Quantizer
 from .write import OutputDir, ShardWriter
 
@@ -178,8 +178,9 @@ def _copy_lane(copies, source: SourceIndex, stop: Stop, advance: Progress, done:
     (`copy_file_range`) goes through the page cache on both sides and is then read back for its checksum. Other
     pieces are copied in the kernel.
     """
-    buffer = bytearray(COPY_BUFFER_BYTES)
-    read_buffer = aligned_out = None
+    # 0: a piece read straight from the disk; 1: the same piece, page-aligned for writing; 2: a copy the kernel
+    # cannot make (a file system without copy_file_range and sendfile)
+    aligned = AlignedBuffers()
     kept = 0
     with TensorReader(source) as reader:
         for writer, t in copies:
@@ -194,14 +195,14 @@ def _copy_lane(copies, source: SourceIndex, stop: Stop, advance: Progress, done:
                     advance(n)
                     continue
                 if writer.takes_direct(t.name, start, n):
-                    if read_buffer is None:
-                        read_buffer = aligned_buffer(COPY_BUFFER_BYTES + 2 * DIRECT_ALIGN)
-                        aligned_out = aligned_buffer(COPY_BUFFER_BYTES)
+                    read_buffer = aligned.get(0, COPY_BUFFER_BYTES + 2 * DIRECT_ALIGN)
                     data = np.frombuffer(reader.read_stripe(info, start, n, read_buffer), np.uint8)
-                    np.copyto(aligned_out[:n], data)
-                    writer.write_at(t.name, start, aligned_out[:n], "copying")
+                    out = aligned.get(1, COPY_BUFFER_BYTES)[:n]
+                    np.copyto(out, data)
+                    writer.write_at(t.name, start, out, "copying")
                 else:
-                    writer.copy_at(t.name, start, reader.fd_for(info), info.offset + start, n, buffer)
+                    writer.copy_at(t.name, start, reader.fd_for(info), info.offset + start, n,
+                                   lambda size: aligned.get(2, size))
                 advance(n)
             finished(t)
     return kept

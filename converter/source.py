@@ -494,6 +494,22 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
     return raw[shift:shift + nbytes]
 
 
+class AlignedBuffers:
+    """Numbered byte buffers kept across stripes and tensors, each DIRECT_ALIGN-aligned and grown (never shrunk)
+    when a larger one is asked for: reused, they spare a first touch of new pages per stripe."""
+
+    def __init__(self, least: int = 0):
+        self._least = least  # the smallest size a buffer is made with, so that small requests do not regrow it
+        self._buffers: dict[int, np.ndarray] = {}
+
+    def get(self, slot: int, nbytes: int) -> np.ndarray:
+        """Buffer `slot`'s first `nbytes` bytes."""
+        buf = self._buffers.get(slot)
+        if buf is None or len(buf) < nbytes:
+            buf = self._buffers[slot] = aligned_buffer(max(nbytes, self._least))
+        return buf[:nbytes]
+
+
 class TensorReader:
     """Reads tensor bytes from a source, holding at most one shard open.
 

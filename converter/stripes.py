@@ -15,7 +15,7 @@ import numpy as np
 from . import quantize_fast
 from .configs import DTYPE_SIZES, matrix_shape
 from .errors import QuantizeError, UsageError
-from .source import DIRECT_ALIGN, TensorReader, aligned_buffer
+from .source import DIRECT_ALIGN, AlignedBuffers, TensorReader
 
 # Source bytes quantized per step. With the numba kernel the working set is this, the next stripe being read and
 # half of it in FP8; the torch formula needs about 6x (float32 copies).
@@ -52,7 +52,7 @@ class Quantizer:
                 raise UsageError("--device cuda: torch sees no CUDA device")
         self.dialect, self.kind, self.device, self.kernel = dialect, kind, device, kernel
         self.block = dialect.rows_per_scale  # weight rows per row of scales; stripes start on multiples of it
-        self._buffers: dict[int, np.ndarray] = {}
+        self._buffers = AlignedBuffers(least=STRIPE_BYTES)  # 0, 1: source stripes read in turn; 2, 3: FP8 out
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-fp8-read")
 
     def close(self) -> None:
@@ -87,8 +87,8 @@ class Quantizer:
         if not work:
             return
         read_bytes = max(n * row_bytes for _, _, _, n, row_bytes, _ in work)
-        buffers = [self._buffer(i, read_bytes + 2 * DIRECT_ALIGN) for i in (0, 1)]
-        outs = [self._buffer(i, max(n * cols for *_, n, _, cols in work)) for i in (2, 3)]
+        buffers = [self._buffers.get(i, read_bytes + 2 * DIRECT_ALIGN) for i in (0, 1)]
+        outs = [self._buffers.get(i, max(n * cols for *_, n, _, cols in work)) for i in (2, 3)]
 
         def read(i):
             _, info, first, n, row_bytes, _ = work[i]
@@ -107,13 +107,6 @@ class Quantizer:
                 yield k, first, fp8, scale_inv, n * row_bytes
         finally:  # a lane that stops early: the read ahead must be over before its reader closes the files
             pending.cancel() or pending.exception()
-
-    def _buffer(self, slot: int, nbytes: int) -> np.ndarray:
-        """A byte buffer kept across stripes and tensors, grown when needed; page-aligned for direct reads."""
-        buf = self._buffers.get(slot)
-        if buf is None or len(buf) < nbytes:
-            buf = self._buffers[slot] = aligned_buffer(max(nbytes, STRIPE_BYTES))
-        return buf[:nbytes]
 
     def _quantize(self, raw: memoryview, info, rows: int, cols: int, first: int, out: np.ndarray):
         kernel = self.kernel

@@ -12,12 +12,16 @@ import struct
 import threading
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from .checksum import buffer_crc, file_crc
 from .configs import CONFIG_NAME, INDEX_NAME
 from .errors import SourceError, UsageError, WriteError
 from .plan import Plan, ShardPlan
 from .source import DIRECT_ALIGN, PAGE_SIZE
+
+if TYPE_CHECKING:
+    import numpy as np
 
 STAGING_NAME = ".convert-fp8.partial"
 _MOVING_NAME = "moving.json"  # in the staging folder while its output is moved into place
@@ -332,8 +336,10 @@ class ShardWriter:
         """Append bytes to tensor `name` (for a writer fed by one thread, tensor by tensor)."""
         self.write_at(name, self._written.get(name, 0), data)
 
-    def copy_at(self, name: str, start: int, src_fd: int, src_offset: int, nbytes: int, buffer: bytearray) -> None:
-        """Copy `nbytes` of tensor `name` from another file, in the kernel where possible, else via `buffer`.
+    def copy_at(self, name: str, start: int, src_fd: int, src_offset: int, nbytes: int,
+                scratch: Callable[[int], np.ndarray]) -> None:
+        """Copy `nbytes` of tensor `name` from another file, in the kernel where possible, else through the
+        buffer `scratch(size)` returns (asked for only then, so that it costs no memory where the kernel copies).
         Meant for one copying thread per writer: in-kernel copies across file systems use a file position."""
         offset = self._claim(name, start, nbytes)
         done = 0
@@ -341,7 +347,7 @@ class ShardWriter:
             if self._copy_fd is None:
                 self._copy_fd = os.open(self.path, os.O_WRONLY)
             while done < nbytes:
-                n = _copy_range(src_fd, src_offset + done, self._copy_fd, offset + done, nbytes - done, buffer)
+                n = _copy_range(src_fd, src_offset + done, self._copy_fd, offset + done, nbytes - done, scratch)
                 if n == 0:
                     raise WriteError(f"{self.path}: source ended while copying {name}")
                 done += n
@@ -397,9 +403,10 @@ _in_kernel_copy = {"copy_file_range": hasattr(os, "copy_file_range"), "sendfile"
 _UNSUPPORTED = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
 
 
-def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int, buffer: bytearray) -> int:
+def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int,
+                scratch: Callable[[int], np.ndarray]) -> int:
     """Copy up to `count` bytes between absolute offsets, moving `dst_fd`'s position: `copy_file_range` within a
-    file system, `sendfile` across them (one copy, in the kernel), else through `buffer`."""
+    file system, `sendfile` across them (one copy, in the kernel), else through the buffer `scratch(count)`."""
     count = min(count, _COPY_CHUNK)
     if _in_kernel_copy["copy_file_range"]:
         try:
@@ -417,7 +424,7 @@ def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, coun
             if exc.errno not in _UNSUPPORTED:
                 raise
             _in_kernel_copy["sendfile"] = False
-    view = memoryview(buffer)[: min(count, len(buffer))]
+    view = memoryview(scratch(count))
     n = os.preadv(src_fd, [view], src_offset)
     _pwrite_all(dst_fd, view[:n], dst_offset)
     return n
