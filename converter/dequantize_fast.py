@@ -37,6 +37,11 @@ def e4m3_values() -> np.ndarray:
 _E4M3 = e4m3_values()
 
 
+def e4m3_float32(codes: np.ndarray) -> np.ndarray:
+    """float32 values of an array of E4M3 codes (uint8), as torch casts them."""
+    return _E4M3[codes]
+
+
 def float32_to_bits(values: np.ndarray, dtype: str) -> np.ndarray:
     """float32 values as the bits of `dtype` ("BF16", "F16", "F32"), rounded as torch's `.to(dtype)` rounds."""
     if dtype == "F32":

@@ -71,6 +71,16 @@ def test_one_pass_equals_dequantize_then_convert(tmp_path, made, target):
             "is a\n> lossy step on top of the source's own quantization") in card
 
 
+def test_a_stripe_decoded_in_steps_is_decoded_whole(tmp_path, monkeypatch):
+    """Stripes decoded a few rows at a time (bounded temporaries): the same bytes as two steps."""
+    from converter.dialects import decoded
+
+    src = tiny_llama(tmp_path / "llama", intermediate_size=256)
+    run("--src", src, "--dst", tmp_path / "fp8", "--block-size", "128")
+    monkeypatch.setattr(decoded, "DECODE_ELEMENTS", 3 * 64 + 1)  # 3 rows of 64 columns, more of narrower ones
+    assert_one_pass_is_two_steps(tmp_path / "fp8", tmp_path, "--scale-fmt", "ue8m0")
+
+
 def test_fused_moe_experts_and_a_dry_run(tmp_path):
     src = build_checkpoint(tmp_path / "moe", gemma4_moe_config())
     fp8 = tmp_path / "fp8"
@@ -130,3 +140,29 @@ def test_sigkill_in_the_middle_of_a_transcode_then_the_same_command(tmp_path):
     result = run_cli(*common, "--dst", dst)
     assert result.exit_code == 0 and "resumed: kept" in result.output, result.output
     assert tree_digest(dst) == tree_digest(tmp_path / "reference")
+
+
+@pytest.mark.parametrize("first, n", [(0, 96), (37, 50), (90, 6)])
+def test_decode_rows_is_torchs_formula_bit_for_bit(first, n):
+    """The numpy decoding of a stripe from any row, experts stacked and a ragged last block, against the formula
+    torch computes (`float32(q) * scale`, rounded once to BF16): every finite E4M3 code, every bit."""
+    import numpy as np
+    import torch
+
+    from converter.dialects.decoded import decode_rows
+
+    rng = np.random.default_rng(first)
+    rows_per_matrix, cols, block = 48, 200, (32, 64)  # two experts of 48 rows; 200 columns: a last block of 8
+    codes = rng.integers(0, 256, (96, cols), dtype=np.uint8)
+    codes[0, :128], codes[1, :128] = np.arange(128), np.arange(128, 256)  # every code, in the first two rows
+    codes[(codes & 0x7F) == 0x7F] = 0x3C  # but E4M3's NaN codes, which never come out of a quantization
+    scales = rng.uniform(1e-4, 3.0, (2 * 2, 4)).astype(np.float32)  # per expert ceil(48/32) = 2 grid rows
+    got = decode_rows(codes[first:first + n], scales, block, first, rows_per_matrix)
+
+    rows = torch.arange(first, first + n)
+    index = (rows // rows_per_matrix) * 2 + (rows % rows_per_matrix) // block[0]
+    expanded = torch.from_numpy(scales)[index].repeat_interleave(block[1], dim=1)[:, :cols]
+    fp8 = torch.from_numpy(codes[first:first + n].copy()).view(torch.float8_e4m3fn)
+    want = (fp8.to(torch.float32) * expanded).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert got.dtype == np.uint16 and got.shape == (n, cols)
+    assert np.array_equal(got, want)

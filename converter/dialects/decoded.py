@@ -61,6 +61,9 @@ def decoded_view(source: SourceIndex) -> DecodedSource:
     return DecodedSource(**fields, fp8=source, pairs=pairs, reader=reader)
 
 
+DECODE_ELEMENTS = 2**20  # values decoded per step of a stripe
+
+
 def decoded_config(config: dict) -> dict:
     """The config `dequantize` writes: without `quantization_config`, its top-level dtype BF16."""
     from ..dequantize import output_config
@@ -69,26 +72,33 @@ def decoded_config(config: dict) -> dict:
 
 
 def decode_rows(codes, scales, block: tuple[int, int], first: int, rows_per_matrix: int):
-    """BF16 values of rows `[first, first + n)` of an FP8 weight's matrix view (experts' rows stacked), from any
-    row: `float32(q) * float32(scale)` per element, rounded once to BF16 (`dequantize.dequantize_rows`' product).
-    Pure.
+    """BF16 bits of rows `[first, first + n)` of an FP8 weight's matrix view (experts' rows stacked), from any
+    row: `float32(q) * float32(scale)` per element, rounded once to BF16 (`dequantize.dequantize_rows`' product,
+    bit for bit, computed with `dequantize_fast`'s numpy tables: no torch). Pure.
 
     Args:
-        codes (`torch.Tensor`): uint8 E4M3 codes, `(n, cols)`.
-        scales (`torch.Tensor`): float32 scales of the whole weight, `(matrices * ceil(rows/bm), ceil(cols/bn))`.
+        codes (`np.ndarray`): uint8 E4M3 codes, `(n, cols)`.
+        scales (`np.ndarray`): float32 scales of the whole weight, `(matrices * ceil(rows/bm), ceil(cols/bn))`.
         block (`tuple[int, int]`): `(bm, bn)`, the rows and columns one scale covers.
         first (`int`): the first row's index in the matrix view.
         rows_per_matrix (`int`): rows of one matrix (an expert's; the weight's for a 2-D weight).
+
+    Returns:
+        `np.ndarray`: uint16 BF16 bits, `(n, cols)`.
     """
-    import torch
+    import numpy as np
+
+    from ..dequantize_fast import e4m3_float32, float32_to_bits
 
     n, cols = codes.shape
     bm, bn = block
     grid_rows = -(-rows_per_matrix // bm)
-    rows = torch.arange(first, first + n)
+    rows = np.arange(first, first + n)
     index = (rows // rows_per_matrix) * grid_rows + (rows % rows_per_matrix) // bm
-    expanded = scales[index].repeat_interleave(bn, dim=1)[:, :cols]
-    return (codes.view(torch.float8_e4m3fn).to(torch.float32) * expanded).to(torch.bfloat16)
+    expanded = np.repeat(scales[index], bn, axis=1)[:, :cols]
+    with np.errstate(invalid="ignore", over="ignore"):
+        values = e4m3_float32(codes) * expanded
+    return float32_to_bits(values, DECODED_DTYPE)
 
 
 class DecodingReader:
@@ -119,63 +129,65 @@ class DecodingReader:
     def read(self, info: TensorInfo, start: int = 0, length: int | None = None):
         """Bytes `[start, start + length)` of a tensor of the view (a decoded weight's from the rows that hold
         them)."""
-        import torch
-
         pair = self.source.pairs.get(info.name)
         if pair is None:
             return self._inner.read(info, start, length)
         length = info.nbytes - start if length is None else length
         row_bytes = info.shape[-1] * DTYPE_SIZES[DECODED_DTYPE]
         first, end = start // row_bytes, -(-(start + length) // row_bytes)
-        data = self._decode(pair, info, first, end - first).view(torch.uint8).numpy().tobytes()
+        data = self._decode(pair, info, first, end - first).tobytes()
         return bytearray(data[start - first * row_bytes: start - first * row_bytes + length])
 
     def read_rows(self, info: TensorInfo, first_row: int, end_row: int):
         """Rows `[first_row, end_row)` of a tensor of the view's matrix, as a torch tensor of its dtype."""
+        import torch
+
         pair = self.source.pairs.get(info.name)
         if pair is None:
             return self._inner.read_rows(info, first_row, end_row)
-        return self._decode(pair, info, first_row, end_row - first_row)
+        return torch.from_numpy(self._decode(pair, info, first_row, end_row - first_row)).view(torch.bfloat16)
 
     def _decode(self, pair, info: TensorInfo, first: int, n: int):
+        """BF16 bits (uint16) of `n` rows of a decoded weight from row `first`."""
         import numpy as np
-        import torch
 
         cols = info.shape[-1]
         codes = np.frombuffer(self._inner.read(pair.weight, first * cols, n * cols), dtype=np.uint8)
-        return decode_rows(torch.from_numpy(codes.reshape(n, cols)), self.scales(pair), pair.block, first,
-                           info.shape[-2])
+        return decode_rows(codes.reshape(n, cols), self.scales(pair), pair.block, first, info.shape[-2])
 
     def read_stripe(self, info: TensorInfo, start: int, length: int, buffer):
         """Bytes `[start, start + length)` of a tensor of the view, whole rows for a decoded weight, in `buffer`."""
         import numpy as np
-        import torch
 
         pair = self.source.pairs.get(info.name)
         if pair is None:
             return self._inner.read_stripe(info, start, length, buffer)
         row_bytes = info.shape[-1] * DTYPE_SIZES[DECODED_DTYPE]
-        values = self._decode(pair, info, start // row_bytes, length // row_bytes)
+        first, rows = start // row_bytes, length // row_bytes
         view = memoryview(buffer)[:length]
-        np.frombuffer(view, dtype=np.uint8)[:] = values.view(torch.uint8).numpy().reshape(-1)
+        out = np.frombuffer(view, dtype=np.uint8).reshape(rows, row_bytes)
+        step = max(1, DECODE_ELEMENTS // info.shape[-1])  # the float32 temporaries of a whole stripe held 400 MB
+        for k in range(0, rows, step):
+            n = min(step, rows - k)
+            out[k:k + n] = self._decode(pair, info, first + k, n).view(np.uint8)
         return view
 
     def scales(self, pair):
         """A weight's scales as float32 `(matrices * grid rows, grid columns)`, checked finite (kept for the
         weight's next stripe)."""
-        import torch
+        import numpy as np
 
         if self._scales is not None and self._scales[0] == pair.weight.name:
             return self._scales[1]
         info = pair.scale
         width = info.shape[-1] if info.shape else 1
         values = self.source.reader.scales_from_bytes(self._inner.read(info), info.dtype)
-        scales = torch.from_numpy(values).view(-1, width)
-        bad = ~torch.isfinite(scales)
-        if bad.any():
-            row, col = (int(i) for i in bad.nonzero()[0])
+        scales = np.asarray(values, dtype=np.float32).reshape(-1, width)
+        bad = np.argwhere(~np.isfinite(scales))
+        if len(bad):
+            row, col = (int(i) for i in bad[0])
             raise SourceError(f"{self.source.fp8.name or self.source.fp8.root}/{info.shard}: scale {info.name} is "
-                              f"{scales[row, col].item()} at row {row}, column {col} of its grid; the checkpoint is "
+                              f"{float(scales[row, col])} at row {row}, column {col} of its grid; the checkpoint is "
                               "damaged")
         self._scales = (pair.weight.name, scales)
         return scales
