@@ -326,7 +326,7 @@ class DequantizeLane(MainLane):
                     else:
                         todo.append((first, rows, scale_first))
                 if todo:
-                    scale_inv = _read_scales(reader, pair, plan, source)
+                    scale_inv = read_scales(reader, pair, plan.reader, source)
                     reader.fd_for(info)  # open the weight's shard here, not in the reading thread
                     reading = ahead.submit(engine.read, reader, info, todo[0][0], todo[0][1], 0)
                 writing = None
@@ -396,8 +396,9 @@ class _Dequantizer:
         return out
 
 
-def _read_scales(reader: TensorReader, pair: ScaledWeight, plan: DequantPlan, source: SourceIndex):
-    """A weight's inverse scales as a float32 numpy matrix (experts' grids stacked), checked finite.
+def read_scales(reader: TensorReader, pair: ScaledWeight, dialect, source: SourceIndex):
+    """A weight's inverse scales as a float32 numpy matrix (experts' grids stacked), checked finite; `dialect` is
+    the source's dialect reader (`scales_from_bytes`). Also what a conversion from an FP8 source decodes with.
 
     Raises:
         SourceError: a scale is NaN or infinite, naming the tensor and the block.
@@ -405,7 +406,7 @@ def _read_scales(reader: TensorReader, pair: ScaledWeight, plan: DequantPlan, so
     import numpy as np
 
     info = pair.scale
-    scales = plan.reader.scales_from_bytes(reader.read(info), info.dtype).reshape(-1, info.shape[-1])
+    scales = dialect.scales_from_bytes(reader.read(info), info.dtype).reshape(-1, info.shape[-1])
     bad = np.argwhere(~np.isfinite(scales))
     if len(bad):
         row, col = (int(i) for i in bad[0])

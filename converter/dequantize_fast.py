@@ -107,4 +107,4 @@ def dequantize_into(codes: np.ndarray, scale_inv: np.ndarray, block: tuple[int, 
     _kernel(out.itemsize)(codes, table_of(scale_inv, dtype), block[0], block[1], out)
 
 
-__all__ = ["available", "dequantize_into", "e4m3_values", "float32_to_bits", "table_of"]
+__all__ = ["available", "dequantize_into", "e4m3_float32", "e4m3_values", "float32_to_bits", "table_of"]

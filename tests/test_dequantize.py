@@ -355,6 +355,17 @@ def test_refuses_nan_scales_and_removes_what_it_wrote(tmp_path):
                                       "nan at block (1, 0); the checkpoint is damaged")
 
 
+def test_a_conversion_from_fp8_refuses_nan_scales_as_dequantize_does(tmp_path):
+    scales = torch.ones(2, 2)
+    scales[1, 0] = float("nan")
+    src = fp8_checkpoint(tmp_path / "nan", tiny(**{"m.weight_scale_inv": scales}), QC)
+    result = run_cli("--src", src, "--dst", tmp_path / "out", "--scale-fmt", "ue8m0", "--no-arch-check", "-q")
+    assert result.exit_code == 1, result.output
+    assert not (tmp_path / "out").exists()
+    assert result.output.strip().splitlines() == [f"convert-fp8: error: {src}/model.safetensors: scale "
+                                                  "m.weight_scale_inv is nan at block (1, 0); the checkpoint is damaged"]
+
+
 def test_refuses_a_scale_of_no_weight(tmp_path):
     src = fp8_checkpoint(tmp_path / "orphan", tiny(**{"n.weight_scale_inv": torch.ones(1)}), QC)
     assert refused(src, tmp_path) == (f"convert-fp8: error: {src}/model.safetensors: scale n.weight_scale_inv "

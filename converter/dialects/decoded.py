@@ -14,10 +14,10 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..configs import CONFIG_NAME, DTYPE_SIZES
-from ..errors import SourceError
 from ..source import SourceIndex, TensorInfo, TensorReader
 
 DECODED_DTYPE = "BF16"  # `dequantize`'s default --dtype
+DECODE_ELEMENTS = 2**20  # values decoded per step of a stripe
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,6 @@ def decoded_view(source: SourceIndex) -> DecodedSource:
     return DecodedSource(**fields, fp8=source, pairs=pairs, reader=reader)
 
 
-DECODE_ELEMENTS = 2**20  # values decoded per step of a stripe
-
-
 def decoded_config(config: dict) -> dict:
     """The config `dequantize` writes: without `quantization_config`, its top-level dtype BF16."""
     from ..dequantize import output_config
@@ -74,7 +71,7 @@ def decoded_config(config: dict) -> dict:
 def decode_rows(codes, scales, block: tuple[int, int], first: int, rows_per_matrix: int):
     """BF16 bits of rows `[first, first + n)` of an FP8 weight's matrix view (experts' rows stacked), from any
     row: `float32(q) * float32(scale)` per element, rounded once to BF16 (`dequantize.dequantize_rows`' product,
-    bit for bit, computed with `dequantize_fast`'s numpy tables: no torch). Pure.
+    bit for bit, with `dequantize_fast`'s E4M3 values and BF16 rounding in numpy: no torch). Pure.
 
     Args:
         codes (`np.ndarray`): uint8 E4M3 codes, `(n, cols)`.
@@ -173,21 +170,12 @@ class DecodingReader:
         return view
 
     def scales(self, pair):
-        """A weight's scales as float32 `(matrices * grid rows, grid columns)`, checked finite (kept for the
-        weight's next stripe)."""
-        import numpy as np
+        """A weight's scales as float32 `(matrices * grid rows, grid columns)`, checked finite as `dequantize`
+        checks them (kept for the weight's next stripe)."""
+        from ..dequantize import read_scales
 
         if self._scales is not None and self._scales[0] == pair.weight.name:
             return self._scales[1]
-        info = pair.scale
-        width = info.shape[-1] if info.shape else 1
-        values = self.source.reader.scales_from_bytes(self._inner.read(info), info.dtype)
-        scales = np.asarray(values, dtype=np.float32).reshape(-1, width)
-        bad = np.argwhere(~np.isfinite(scales))
-        if len(bad):
-            row, col = (int(i) for i in bad[0])
-            raise SourceError(f"{self.source.fp8.name or self.source.fp8.root}/{info.shard}: scale {info.name} is "
-                              f"{float(scales[row, col])} at row {row}, column {col} of its grid; the checkpoint is "
-                              "damaged")
+        scales = read_scales(self._inner, pair, self.source.reader, self.source.fp8)
         self._scales = (pair.weight.name, scales)
         return scales
