@@ -21,10 +21,14 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PlanError
+
+# `<experts>.<i>.<proj>`: one expert's Linear as a per-expert checkpoint stores it
+_PER_EXPERT_LINEAR = re.compile(r"^(?P<experts>.+\.experts)\.\d+\.[^.]+$")
 
 CACHE_ENV = "CONVERT_FP8_CACHE_DIR"
 
@@ -230,7 +234,8 @@ def disagreements(found: Placement, expected: dict[str, str]) -> list[str]:
     out = []
     raw_cast = wrong.get(f"{HIGH}->{FP8}", []) + wrong.get(f"{HIGH}->{SCALE}", [])
     if raw_cast:
-        first = raw_cast[0].rpartition(".")[0]
+        # the module that owns the FP8 parameter: a per-expert Linear's is the `experts` module it is fused into
+        first = found.tensors[raw_cast[0]][1].rpartition(".")[0]
         out.append(f"transformers would load {len(raw_cast)} unquantized tensor(s) into FP8 modules, first "
                    f"{raw_cast[0]!r} (it would raw-cast them: --exclude {first})")
     high = wrong.get(f"{FP8}->{HIGH}", []) + wrong.get(f"{SCALE}->{HIGH}", [])
@@ -251,7 +256,8 @@ def disagreements(found: Placement, expected: dict[str, str]) -> list[str]:
 def _linear_set_problems(plan) -> list[str] | None:
     """compressed-tensors: the `nn.Linear` modules its `ignore` leaves quantized, against the plan's FP8 modules;
     None when transformers cannot build the architecture."""
-    expected = linear_modules(plan.config, plan.modules_to_not_convert, plan.dialect)
+    expected = linear_modules(plan.config, plan.modules_to_not_convert, plan.dialect,
+                              {t.source.rpartition(".")[0] for t in plan.tensors})
     if expected is None:
         return None
     ours = set(plan.fp8_modules)
@@ -266,17 +272,26 @@ def _linear_set_problems(plan) -> list[str] | None:
     return out
 
 
-def linear_modules(config: dict, patterns: tuple[str, ...], writer) -> set[str] | None:
-    """The `nn.Linear` modules of the architecture that `writer`'s exclusion rule leaves quantized (how
-    compressed-tensors picks them), or None when transformers cannot build the architecture."""
+def linear_modules(config: dict, patterns: tuple[str, ...], writer, stored=()) -> set[str] | None:
+    """The Linear modules that `writer`'s exclusion rule leaves quantized, as the loaders of a compressed-tensors
+    checkpoint match them (vLLM and compressed-tensors go by module names, llm-compressor's `model_free_ptq` writes
+    them): the architecture's `nn.Linear` modules, and the per-expert Linears among the `stored` module names
+    (`<experts>.<i>.<proj>`) of an experts module transformers fuses them into. None when transformers cannot
+    build the architecture."""
     def compute():
         model, why = _meta_model(config)
         if model is None:
             return {"unknown": why, "cacheable": why != "transformers is not installed"}
         from torch import nn
 
-        return {"modules": sorted(name for name, module in model.named_modules()
-                                  if isinstance(module, nn.Linear) and writer.converts(name, list(patterns)))}
+        names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        experts = [name for name, module in model.named_modules()
+                   if name.rpartition(".")[2] == "experts" and not isinstance(module, (nn.Linear, nn.ModuleList))]
+        return {"linears": sorted(names), "experts": sorted(experts)}
 
-    answer = _cached("linears", [config, list(patterns), writer.quant_method], compute)
-    return None if "unknown" in answer else set(answer["modules"])
+    answer = _cached("linears-and-experts", [config], compute)
+    if "unknown" in answer:
+        return None
+    fused = set(answer["experts"])
+    per_expert = [m for m in stored if (found := _PER_EXPERT_LINEAR.match(m)) and found["experts"] in fused]
+    return {m for m in [*answer["linears"], *per_expert] if writer.converts(m, list(patterns))}

@@ -5,6 +5,7 @@ The only module that imports click or tqdm, prints, or exits.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -166,6 +167,8 @@ def _convert(src, dst, preset_name, exclude, no_arch_check, part, dry_run, quiet
                         options, push_to_hub, private, hub_branch, commit_message, quiet, part,
                         keep_output=not no_keep_output)
     summary = _with_progress_bar(convert, options, "convert", quiet)
+    if summary.already_finished:
+        return _say_finished(summary)
     status = None if summary.finalized else summary.notes.pop()  # who completes the checkpoint
     if not quiet:
         _print_summary(summary)
@@ -238,6 +241,13 @@ def _with_progress_bar(run, options, desc: str, quiet: bool):
             bar.close()
 
 
+def _say_finished(summary) -> None:
+    """The same command, run again after it finished: nothing to do, and how that was established."""
+    click.echo(f"{summary.dst} already holds this command's finished output: nothing written (checked in "
+               f"{summary.seconds:.1f} s: {summary.already_finished}; `convert-fp8 verify` checks every byte, "
+               "--overwrite writes it again)")
+
+
 def _print_summary(summary) -> None:
     for note in summary.notes:
         click.echo(f"note: {note}")
@@ -302,11 +312,13 @@ def _verify(dst, src, report_path, arch_check, quiet):
     with tqdm(total=total, unit="B", unit_scale=True, desc="verify", file=sys.stderr,
               disable=quiet or os.environ.get("CONVERT_FP8_NO_PROGRESS") == "1") as bar:
         report = verify(dst, src, progress=bar.update, arch_check=arch_check)
-    report_path = report_path or Path(dst) / REPORT_NAME
+    report_path, refused = _report_path(dst, report_path, REPORT_NAME)
     try:
-        if Path(dst).is_dir() or report_path != Path(dst) / REPORT_NAME:
+        if report_path is not None:
             report_path.write_text(report.to_json())
             report.notes.append(f"report written to {report_path}")
+        else:
+            report.notes.append(refused)
     except OSError as exc:
         report.notes.append(f"report not written: {report_path}: {exc.strerror}")
     text = describe_report(report)
@@ -315,6 +327,22 @@ def _verify(dst, src, report_path, arch_check, quiet):
     click.echo(text)
     if not report.ok:
         sys.exit(1)
+
+
+def _report_path(dst: Path, asked: Path | None, name: str) -> tuple[Path | None, str]:
+    """Where a check's JSON report goes: `--report`, else into DST when it holds a quantized checkpoint. A
+    folder without one (a BF16 checkpoint given by mistake, a missing folder) is the user's input, never written
+    to: `(None, why)`."""
+    if asked is not None:
+        return asked, ""
+    try:
+        quantized = "quantization_config" in json.loads((Path(dst) / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        quantized = False
+    if quantized:
+        return Path(dst) / name, ""
+    return None, (f"report not written: {dst} holds no quantized checkpoint (no quantization_config in a "
+                  "config.json), and a folder given to check is not written to; --report PATH writes it")
 
 
 @main.command("dequantize", epilog="""
@@ -365,6 +393,8 @@ def _dequantize(src, dst, dry_run, quiet, push_to_hub, private, hub_branch, comm
                         options, push_to_hub, private, hub_branch, commit_message, quiet,
                         describe=lambda s: click.echo(f"{s.dequantized} tensors dequantized, {s.copied} copied"))
     summary = _with_progress_bar(dequantize, options, "dequantize", quiet)
+    if summary.already_finished:
+        return _say_finished(summary)
     if not quiet:
         for note in summary.notes:
             click.echo(f"note: {note}")
@@ -440,11 +470,14 @@ def _validate(dst, src, device, kernel, prompt, max_new_tokens, min_cosine, min_
     )
     report = validate(dst, src, device=device, kernel=kernel, prompt=prompt or DEFAULT_PROMPT,
                       max_new_tokens=max_new_tokens, thresholds=thresholds)
-    report_path = report_path or Path(dst) / REPORT_NAME
+    report_path, refused = _report_path(dst, report_path, REPORT_NAME)
     text = describe_report(report)
     try:
-        report_path.write_text(report.to_json())
-        text += f"\nreport: {report_path}"
+        if report_path is None:
+            text += f"\n{refused}"
+        else:
+            report_path.write_text(report.to_json())
+            text += f"\nreport: {report_path}"
     except OSError as exc:
         text += f"\nreport not written: {report_path}: {exc.strerror}"
     click.echo(text)

@@ -15,7 +15,7 @@ from . import arch, transcode
 from .configs import ConvertOptions
 from .dialects import writer_for
 from .errors import UsageError
-from .finalize import finalize_if_complete
+from .finalize import conversion_card, finalize_if_complete, finished_output
 from .lanes import Progress, Stop, write_shards
 from .manifest import RUN_FILE, Manifest, read_run, run_identity, source_stamp
 from .plan import QUANTIZE, SCALE, Plan, ShardPlan, make_plan
@@ -40,6 +40,7 @@ class Summary:
     resumed_bytes: int = 0
     finalized: bool = True
     notes: list[str] = field(default_factory=list)
+    already_finished: str | None = None  # what showed that --dst already held this run's finished output
 
 
 def prepare(options: ConvertOptions, check_arch_now: bool = True) -> tuple[SourceIndex, Plan, list[str]]:
@@ -132,6 +133,10 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     """
     started = time.monotonic()
     source, plan, notes = prepare(options, check_arch_now=False)
+    if publish is None and not options.overwrite:
+        checked = finished_output(options.dst, plan, source, lambda: conversion_card(plan, source, options))
+        if checked is not None:
+            return _finished_summary(options.dst, plan, source, started, notes, checked)
     out = OutputDir(options.dst, options.overwrite)
     out.check()
     mine = part_shards(plan, options.part)
@@ -205,6 +210,17 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
         finalized=finalized,
         notes=notes,
     )
+
+
+def _finished_summary(dst: Path, plan: Plan, source: SourceIndex, started: float, notes: list[str],
+                      checked: str) -> Summary:
+    """A run whose output was already finished: nothing written."""
+    n_fp8 = sum(1 for t in plan.tensors if t.action == QUANTIZE)
+    return Summary(dst=Path(dst), shards=len(plan.shards), fp8_tensors=n_fp8,
+                   copied_tensors=len(plan.tensors) - 2 * n_fp8, bytes_in=0, bytes_out=0, files_copied=0,
+                   seconds=time.monotonic() - started,
+                   peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, notes=notes,
+                   already_finished=checked)
 
 
 def _remove_part(out: OutputDir, mine: list[ShardPlan], manifest: Manifest, i: int, n: int) -> None:

@@ -26,7 +26,7 @@ from .configs import CARD_NAME, CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, DTYPE_SIZES
 from .convert import load_source
 from .dialects import ScaledWeight, reader_for
 from .errors import SourceError
-from .finalize import check_written_headers, write_last_files
+from .finalize import check_written_headers, finished_output, write_last_files
 from .lanes import MainLane, Progress, Stop, write_shards
 from .manifest import run_identity, source_stamp
 from .plan import COPY, ShardedOutput, ShardPlan, TensorPlan, assign_shards
@@ -93,6 +93,7 @@ class DequantSummary:
     peak_rss_bytes: int
     resumed_bytes: int = 0
     notes: list[str] = field(default_factory=list)
+    already_finished: str | None = None  # what showed that --dst already held this run's finished output
 
 
 def make_dequant_plan(source: SourceIndex, dtype: str, max_shard_size: int) -> DequantPlan:
@@ -243,6 +244,14 @@ def dequantize(options: DequantOptions, progress: Progress | None = None,
     """
     started = time.monotonic()
     source, plan = prepare(options)
+    if publish is None and not options.overwrite:
+        checked = finished_output(options.dst, plan, source, lambda: _card(plan, source, options))
+        if checked is not None:
+            return DequantSummary(
+                dst=options.dst, shards=len(plan.shards), dequantized=len(plan.pairs),
+                copied=len(plan.tensors) - len(plan.pairs), bytes_in=0, bytes_out=0, files_copied=0,
+                seconds=time.monotonic() - started,
+                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, already_finished=checked)
     out = OutputDir(options.dst, options.overwrite)
     out.check()
     extra = sum((source.root / f).stat().st_size for f in plan.files_to_copy if (source.root / f).is_file())
@@ -421,15 +430,18 @@ def _finalize(out: OutputDir, plan: DequantPlan, source: SourceIndex, options: D
     """Index, other files, model card and config (last); check the headers; move everything into place. The
     conversion's self-check (`verify`) is not run: it checks FP8 weights and their scales, which this output has
     none of."""
+    names = write_last_files(out, plan, source, lambda: _card(plan, source, options))
+    check_written_headers(out.staging, plan)
+    out.commit(names)
+
+
+def _card(plan: DequantPlan, source: SourceIndex, options: DequantOptions) -> str:
     from .publish import source_origin
 
     hub_id, commit = source_origin(source)
     base = options.base_model or hub_id or source.root.resolve().name
-    names = write_last_files(out, plan, source, lambda: model_card(
-        plan, base_model=base, source_card=source_card(source), base_model_id=options.base_model or hub_id,
-        commit=commit))
-    check_written_headers(out.staging, plan)
-    out.commit(names)
+    return model_card(plan, base_model=base, source_card=source_card(source), base_model_id=options.base_model or hub_id,
+                      commit=commit)
 
 
 def model_card(plan: DequantPlan, base_model: str, source_card: str | None = None, base_model_id: str | None = None,

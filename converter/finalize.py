@@ -3,6 +3,7 @@ written, the staged output checked, and everything moved into place."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Collection
 
@@ -12,7 +13,7 @@ from .errors import WriteError
 from .manifest import take_lock
 from .plan import Plan
 from .source import SourceIndex, read_header, source_card
-from .write import OutputDir, config_json, index_json
+from .write import STAGING_NAME, OutputDir, config_json, index_json, shard_header
 
 
 def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, options: ConvertOptions,
@@ -35,14 +36,7 @@ def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, option
         notes.append("another part is completing the checkpoint")
         return False
     try:
-        from .publish import source_origin
-        from .transcode import requantized
-
-        hub_id, commit = source_origin(source)  # a Hub source, or a snapshot folder of the Hugging Face cache
-        base = options.base_model or hub_id or source.root.resolve().name
-        names = write_last_files(out, plan, source, lambda: model_card(
-            plan, base_model=base, repo_name=f"{Path(base).name}-FP8", source_card=source_card(source),
-            base_model_id=options.base_model or hub_id, commit=commit, requantized_from=requantized(source)))
+        names = write_last_files(out, plan, source, lambda: conversion_card(plan, source, options))
         check_written_headers(out.staging, plan, skip=removed)
         self_check(out.staging, {s.name: planned_header(out.staging / s.name, s) for s in plan.shards
                                  if s.name in removed})
@@ -59,6 +53,60 @@ def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, option
             pass
         raise
     return True
+
+
+def conversion_card(plan: Plan, source: SourceIndex, options: ConvertOptions) -> str:
+    """The model card a conversion writes."""
+    from .publish import source_origin
+    from .transcode import requantized
+
+    hub_id, commit = source_origin(source)  # a Hub source, or a snapshot folder of the Hugging Face cache
+    base = options.base_model or hub_id or source.root.resolve().name
+    return model_card(plan, base_model=base, repo_name=f"{Path(base).name}-FP8", source_card=source_card(source),
+                      base_model_id=options.base_model or hub_id, commit=commit, requantized_from=requantized(source))
+
+
+def finished_output(dst: Path, plan, source: SourceIndex, card: Callable[[], str]) -> str | None:
+    """What was checked, when `dst` holds a finished output of this very run (the same source, options and tool
+    version, run again: a requeued job, a script run twice); None otherwise, and nothing is read then but what
+    it takes to tell.
+
+    Finished and the same means: no staging folder (an unfinished run is resumed instead); exactly the entries
+    the run moves into place; the index, config and model card byte for byte what this run writes (the card names
+    the tool's version, the source's commit for a Hub source, and the options); every shard's header byte for byte
+    its plan's and its size the planned one; every copied file of a local source its size in the source, and no
+    source shard changed after the output was finished. The tensors' values are `verify`'s to check.
+    """
+    dst = Path(dst)
+    try:
+        if not dst.is_dir() or (dst / STAGING_NAME).exists():
+            return None
+        generated = {CONFIG_NAME: config_json(plan)}
+        if plan.index_needed:
+            generated[INDEX_NAME] = index_json(plan)
+        names = {s.name for s in plan.shards} | {Path(f).parts[0] for f in plan.files_to_copy} | {CARD_NAME, *generated}
+        if {p.name for p in dst.iterdir()} != names:
+            return None
+        generated[CARD_NAME] = card()
+        if any((dst / name).read_bytes() != text.encode() for name, text in generated.items()):
+            return None
+        for shard in plan.shards:
+            header = shard_header(shard)
+            with open(dst / shard.name, "rb") as f:
+                if f.read(len(header)) != header or os.fstat(f.fileno()).st_size != len(header) + shard.nbytes:
+                    return None
+        if source.provider is None:
+            finished_at = (dst / CONFIG_NAME).stat().st_mtime_ns  # moved into place last
+            if any((source.root / s).stat().st_mtime_ns > finished_at for s in source.shards):
+                return None
+            if any((dst / f).stat().st_size != (source.root / f).stat().st_size for f in plan.files_to_copy):
+                return None
+    except (OSError, UnicodeDecodeError):
+        return None
+    checked = f"{len(plan.shards)} shard header(s) and size(s), {len(generated)} written file(s) byte for byte"
+    if source.provider is None:
+        checked += f", {len(plan.files_to_copy)} copied file size(s), no source shard changed since"
+    return checked
 
 
 def write_last_files(out: OutputDir, plan, source: SourceIndex, card: Callable[[], str]) -> list[str]:

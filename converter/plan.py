@@ -303,6 +303,8 @@ def _why_kept(info: TensorInfo, kind: str, reason: str, dialect) -> str | None:
     """Why a Linear-like weight stays in the source dtype, or None when it is quantized."""
     if kind in ("router", "kept"):
         return reason
+    if 0 in info.shape:
+        return f"shape {'x'.join(map(str, info.shape))} holds no value"
     if dialect.unfit(info.shape):
         return dialect.unfit(info.shape)
     if info.dtype not in QUANTIZABLE_DTYPES:
@@ -432,6 +434,7 @@ def describe_plan(plan: Plan) -> str:
     lines = [
         f"dialect: {plan.dialect.label}",
         f"loaded by: {plan.dialect.servers}",
+        f"tensor set checked against: {plan.dialect.set_judged_by}",
         f"{len(plan.tensors)} output tensors in {len(plan.shards)} shard(s)",
         f"source tensors {format_size(plan.source_nbytes)} -> output tensors {format_size(plan.output_nbytes)} "
         f"({plan.output_nbytes / max(plan.source_nbytes, 1):.1%})",

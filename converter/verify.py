@@ -319,7 +319,7 @@ def _check_against_transformers(out: _Output, report: VerifyReport, fp8: dict[st
         else:
             report.problems += [Problem(p) for p in arch.disagreements(found, roles)]
         return
-    expected = arch.linear_modules(out.config, tuple(patterns), writer)
+    expected = arch.linear_modules(out.config, tuple(patterns), writer, {module_of(n) for n in out.tensors})
     if expected is None:
         report.notes.append("architecture check skipped: transformers is not installed or does not know it")
         return

@@ -472,7 +472,11 @@ class OutputDir:
         """Refuse when the file system of `--dst` has less free space than the output needs (less what an earlier
         run already wrote)."""
         probe = self.dst if self.dst.exists() else _existing_parent(self.dst)
-        free = shutil.disk_usage(probe).free
+        usage = shutil.disk_usage(probe)
+        if usage.total == 0:  # /proc, /sys: no room was ever there to fill
+            raise UsageError(f"{self.dst}: --dst lies on a file system that stores no files ({probe} reports a size of 0, "
+                             "as /proc and /sys do); choose a folder on a disk")
+        free = usage.free
         needed = max(0, needed - already)
         if free < needed:
             raise WriteError(

@@ -135,6 +135,10 @@ class CompressedTensorsWriter:
     def servers(self) -> str:
         return "vLLM (compressed-tensors), transformers with compressed-tensors installed, SGLang"
 
+    # What the cross-check holds the quantized set against: these loaders match Linears by module name
+    set_judged_by = ("module names, as compressed-tensors and vLLM match them: the nn.Linear modules of the "
+                     "architecture transformers builds, and each stored per-expert Linear of its experts modules")
+
     @property
     def card_title(self) -> str:
         return "Fine-grained FP8 (block-quantized)" if self.blocked else "FP8 (per-channel)"

@@ -221,6 +221,10 @@ class TransformersFP8Writer:
         scales = "power-of-two UE8M0 scales (F8_E8M0)" if self.scale_fmt == "ue8m0" else "float32 scales"
         return f"transformers fp8 (quant_method fp8), {b}x{b} blocks, {scales}"
 
+    # What the cross-check holds the quantized set against: this loader places tensors by its own mapping
+    set_judged_by = ("transformers' FP8 loader: where each tensor lands in the model it builds (per-expert Linears "
+                     "fused into their experts module)")
+
     @property
     def servers(self) -> str:
         if self.scale_fmt == "ue8m0":
