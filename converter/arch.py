@@ -143,11 +143,28 @@ def _placement(config: dict, names: list[str]) -> dict:
                 "cacheable": False}
 
 
+def _renamer(model, params: dict, quantizer=None):
+    """The parameter a checkpoint tensor name loads into, as `convert_and_load_state_dict_in_model` renames a key
+    (conversion mapping, base-model prefix added or dropped)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model, None, quantizer)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+
+    def loaded_name(name: str) -> str:
+        target, _ = rename_source_key(name, renamings, converters, model.base_model_prefix, params)
+        if target not in params and name in params:
+            target, _ = rename_source_key(name, [], [], model.base_model_prefix, params)
+        return target
+
+    return loaded_name
+
+
 def _place(model, config: dict, names: list[str]) -> dict:
     import torch
     from transformers import FineGrainedFP8Config
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
 
     qc = dict(config["quantization_config"])
@@ -157,9 +174,7 @@ def _place(model, config: dict, names: list[str]) -> dict:
     quantizer.pre_quantized = True  # the loader of an FP8 checkpoint: modules replaced, nothing quantized
     quantizer._process_model_before_weight_loading(model)
     params = model.state_dict()
-    mapping = get_model_conversion_mapping(model, None, quantizer)
-    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
-    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    loaded_name = _renamer(model, params, quantizer)
 
     def role_of(param: str, tensor) -> str:
         if tensor.dtype == torch.float8_e4m3fn:
@@ -170,10 +185,7 @@ def _place(model, config: dict, names: list[str]) -> dict:
 
     placed, landed = {}, set()
     for name in names:
-        # as convert_and_load_state_dict_in_model renames a key (with the base-model prefix added or dropped)
-        target, _ = rename_source_key(name, renamings, converters, model.base_model_prefix, params)
-        if target not in params and name in params:
-            target, _ = rename_source_key(name, [], [], model.base_model_prefix, params)
+        target = loaded_name(name)
         if target not in params:
             placed[name] = (UNEXPECTED, target, "")
             continue
@@ -274,24 +286,26 @@ def _linear_set_problems(plan) -> list[str] | None:
 
 def linear_modules(config: dict, patterns: tuple[str, ...], writer, stored=()) -> set[str] | None:
     """The Linear modules that `writer`'s exclusion rule leaves quantized, as the loaders of a compressed-tensors
-    checkpoint match them (vLLM and compressed-tensors go by module names, llm-compressor's `model_free_ptq` writes
-    them): the architecture's `nn.Linear` modules, and the per-expert Linears among the `stored` module names
-    (`<experts>.<i>.<proj>`) of an experts module transformers fuses them into. None when transformers cannot
-    build the architecture."""
+    checkpoint match them (vLLM and compressed-tensors go by module names; llm-compressor's `model_free_ptq`
+    writes them): the architecture's `nn.Linear` modules, and those of the `stored` module names that are one
+    expert's Linear (`<experts>.<i>.<proj>`) of an experts module transformers fuses them into at load. None when
+    transformers cannot build the architecture."""
+    per_expert = sorted(m for m in stored if _PER_EXPERT_LINEAR.match(m))
+
     def compute():
         model, why = _meta_model(config)
         if model is None:
             return {"unknown": why, "cacheable": why != "transformers is not installed"}
         from torch import nn
 
-        names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-        experts = [name for name, module in model.named_modules()
-                   if name.rpartition(".")[2] == "experts" and not isinstance(module, (nn.Linear, nn.ModuleList))]
-        return {"linears": sorted(names), "experts": sorted(experts)}
+        modules = dict(model.named_modules())
+        loaded_name = _renamer(model, model.state_dict())
+        fused = [m for m in per_expert if not isinstance(modules.get(loaded_name(m + ".weight").rpartition(".")[0]),
+                                                         (nn.Linear, nn.ModuleList, type(None)))]
+        return {"modules": sorted(name for name, module in modules.items() if isinstance(module, nn.Linear)),
+                "per_expert": fused}
 
-    answer = _cached("linears-and-experts", [config], compute)
+    answer = _cached("linear-modules", [config, per_expert], compute)
     if "unknown" in answer:
         return None
-    fused = set(answer["experts"])
-    per_expert = [m for m in stored if (found := _PER_EXPERT_LINEAR.match(m)) and found["experts"] in fused]
-    return {m for m in [*answer["linears"], *per_expert] if writer.converts(m, list(patterns))}
+    return {m for m in [*answer["modules"], *answer["per_expert"]] if writer.converts(m, list(patterns))}

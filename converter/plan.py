@@ -231,8 +231,11 @@ def make_plan(
         if why is None:
             if module not in fp8_modules:
                 fp8_modules.append(module)
-            # a Linear's scales are `<module>.weight<suffix>`, an expert tensor's `<tensor><suffix>`
-            scale_name = dialect.scale_name(info.name)
+            # a Linear's scales are `<module>.weight<suffix>`, an expert tensor's `<tensor><suffix>`, under the
+            # name it loads as: transformers saves a fused tensor it renames on load (granitemoe's
+            # `input_linear.weight`, loaded as `experts.gate_up_proj`) with the scale of the loaded parameter
+            loaded = loader.tensors[info.name][1] if loader is not None and kind == "experts" else info.name
+            scale_name = dialect.scale_name(loaded)
             groups.append(
                 [
                     TensorPlan(info.name, info.name, QUANTIZE, dialect.weight_dtype, info.shape,

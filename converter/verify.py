@@ -20,7 +20,7 @@ import numpy as np
 from . import arch
 from .configs import CONFIG_NAME, DTYPE_SIZES, FP8_DTYPE_NAME, INDEX_NAME, matrix_shape
 from .dialects import writer_from_config
-from .dialects.transformers_fp8 import decode_scale_bytes
+from .dialects.transformers_fp8 import decode_scale_bytes, renamed_scale
 from .errors import ConvertError
 from .plan import classify, experts_module, module_of
 from .source import SINGLE_FILE_NAME, ShardHeader, SourceIndex, TensorInfo, TensorReader, open_source, read_header
@@ -93,6 +93,7 @@ class _Output:
         self.weight_map: dict[str, str] = {}
         self.headers: dict[str, ShardHeader] = {}
         self.total_size: int | None = None
+        self.scale_of: dict[str, str] = {}  # FP8 weight -> its scale tensor, once paired
         problems = report.problems
         try:
             self.config = json.loads((folder / CONFIG_NAME).read_text())
@@ -187,7 +188,7 @@ def _check_scales(out: _Output, fp8: dict[str, TensorInfo], report: VerifyReport
     tensors = out.tensors
     with TensorReader(out.as_source()) as reader:
         for name in fp8:
-            info = tensors.get(writer.scale_name(name))
+            info = tensors.get(out.scale_of.get(name, ""))
             if info is None or not writer.accepts_scale_dtype(info.dtype) or info.shard in out.absent:
                 continue
             # expert scales are [experts, rows, cols]: look at them as the 2-D grid of tiles they cut
@@ -243,15 +244,20 @@ def _check_index(out: _Output, report: VerifyReport) -> None:
 
 def _check_pairs(out: _Output, report: VerifyReport, writer) -> dict[str, TensorInfo]:
     """Every FP8 weight has a scale of the dialect's dtype and shape and every scale has its weight; returns the
-    FP8 weights by name."""
+    FP8 weights by name, and records each one's scale in `out.scale_of`."""
     tensors = out.tensors
     fp8 = {n: t for n, t in tensors.items() if t.dtype == FP8_DTYPE_NAME}
     suffix = writer.scale_name("") if writer is not None else "_scale_inv"
     for name, info in fp8.items():
         scale = tensors.get(name + suffix)
+        fused = len(info.shape) == 3 and (writer is None or writer.experts)
+        renamed = None
+        if scale is None and fused and writer is not None:  # saved under the name it loads as (granitemoe)
+            scale = renamed = renamed_scale(info, tensors, writer.scale_shape(info.shape))
+        if scale is not None:
+            out.scale_of[name] = scale.name
         is_linear = name.endswith(".weight") and len(info.shape) == 2
-        is_experts = (module_of(name).rpartition(".")[2] == "experts" and len(info.shape) == 3
-                      and (writer is None or writer.experts))
+        is_experts = fused and (module_of(name).rpartition(".")[2] == "experts" or renamed is not None)
         if not (is_linear or is_experts):
             report.problems.append(Problem(f"FP8 tensor of shape {list(info.shape)} is neither a Linear weight "
                                            "nor an expert tensor", tensor=name, shard=info.shard))
@@ -269,8 +275,9 @@ def _check_pairs(out: _Output, report: VerifyReport, writer) -> dict[str, Tensor
                                                shard=info.shard))
     # a dialect without expert tensors names only `<module>.weight_scale` (a model's own `std_scale` is no scale)
     orphan = suffix if writer is None or writer.experts else ".weight" + suffix
+    paired = set(out.scale_of.values())
     for name, info in tensors.items():
-        if name.endswith(orphan) and name[: -len(suffix)] not in fp8:
+        if name.endswith(orphan) and name not in paired:
             report.problems.append(Problem("scale without an FP8 weight", tensor=name, shard=info.shard))
     return fp8
 
@@ -284,6 +291,7 @@ def _check_fp8_set(out: _Output, report: VerifyReport, fp8: dict[str, TensorInfo
     key = writer.exclusion_key
     ignored = set(qc.get("ignored_layers") or [])
     fp8_modules = {module_of(n) for n in fp8}
+    scales = set(out.scale_of.values())
     for name in sorted(fp8):
         if not writer.converts(module_of(name), patterns):
             report.problems.append(Problem(f"stored as FP8 but excluded by {key}", tensor=name,
@@ -291,7 +299,8 @@ def _check_fp8_set(out: _Output, report: VerifyReport, fp8: dict[str, TensorInfo
     for name, info in out.tensors.items():
         kind, _ = classify(info)
         module = module_of(name)
-        if kind == "other" or module in fp8_modules or (kind == "experts" and not writer.experts):
+        if kind == "other" or module in fp8_modules or (kind == "experts" and not writer.experts) \
+                or name in scales:
             continue
         if writer.converts(module, patterns):
             what = ("not excluded in the config: transformers would raw-cast it to FP8" if key != "ignore" else
@@ -310,9 +319,8 @@ def _check_against_transformers(out: _Output, report: VerifyReport, fp8: dict[st
     per-expert Linears in their fused experts), compressed-tensors by its Linear set."""
     fp8_modules = {module_of(n) for n in fp8}
     if writer.quant_method == "fp8":
-        suffix = writer.scale_name("")
-        roles = {n: arch.FP8 if n in fp8 else arch.SCALE if n.endswith(suffix) and n[: -len(suffix)] in fp8
-                 else arch.HIGH for n in out.tensors}
+        scales = set(out.scale_of.values())
+        roles = {n: arch.FP8 if n in fp8 else arch.SCALE if n in scales else arch.HIGH for n in out.tensors}
         found = arch.placement(out.config, list(roles))
         if isinstance(found, str):
             report.notes.append(f"architecture check skipped: {found}")
@@ -338,7 +346,7 @@ def _check_against_source_structure(out: _Output, source: SourceIndex, report: V
             continue  # its shard is already reported unreadable
         report.problems.append(Problem("in the source but missing from the output", tensor=name))
     for name in sorted(set(tensors) - expected):
-        if not (name.endswith(writer.scale_name("")) and name[: -len(writer.scale_name(""))] in tensors):
+        if name not in out.scale_of.values():
             report.problems.append(Problem("in the output but not in the source", tensor=name,
                                            shard=tensors[name].shard))
     if out.config is not None:
@@ -352,14 +360,14 @@ def _check_data(out: _Output, source: SourceIndex | None, fp8: dict[str, TensorI
                 report: VerifyReport, progress) -> None:
     output = out.as_source()
     tensors = output.tensors
-    suffix = writer.scale_name("")
+    scales = set(out.scale_of.values())
     with TensorReader(output) as reader, (_source_reader(source) if source else _Null()) as src_reader:
         for name, info in tensors.items():
             report.tensors_checked += 1
-            if name.endswith(suffix) and name[: -len(suffix)] in fp8:
+            if name in scales:
                 pass  # checked with its weight
             elif name in fp8:
-                scale = tensors.get(name + suffix)
+                scale = tensors.get(out.scale_of.get(name, ""))
                 if (scale is not None and scale.shape == writer.scale_shape(info.shape)
                         and writer.accepts_scale_dtype(scale.dtype)):
                     report.fp8_tensors += 1

@@ -34,9 +34,13 @@ FAMILIES: dict[str, dict] = {
                         first_k_dense_replace=1, n_group=1, topk_group=1, **_MLA),
     "glm4_moe": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=128, n_shared_experts=1,
                      first_k_dense_replace=1, head_dim=64),
+    # fused 3-D experts stored under names transformers renames on load (`block_sparse_moe.input_linear.weight`
+    # is loaded as `block_sparse_moe.experts.gate_up_proj`)
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2),
     "gpt2": dict(n_embd=128, n_layer=2, n_head=2, n_positions=128),
 }
 PER_EXPERT = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
+FUSED = ("granitemoe",)
 
 
 def family_config(model_type: str, **overrides):

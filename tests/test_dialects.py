@@ -23,6 +23,8 @@ from tests.conftest import run_cli, tiny_bert, tiny_llama
 REPO = Path(__file__).resolve().parent.parent
 LLMC_VENV = REPO / ".venv-llmc"
 LLMC_PYTHON = LLMC_VENV / "bin" / "python"
+# --scheme -> llm-compressor's preset name
+CT_SCHEMES = [("fp8-block", "FP8_BLOCK"), ("fp8-dynamic", "FP8_DYNAMIC"), ("mxfp8", "MXFP8"), ("mxfp8a16", "MXFP8A16")]
 
 
 def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
@@ -373,6 +375,25 @@ def test_llama_matches_llm_compressor(llmc_python, tmp_path, args, scheme, block
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("scheme", [s for s, _ in CT_SCHEMES])
+def test_per_expert_moe_matches_llm_compressor(llmc_python, tmp_path, family, scheme):
+    """`model_free_ptq` quantizes each stored expert Linear by its name, as vLLM loads it; routers ignored."""
+    from tests.model_zoo import save_family
+
+    src = save_family(family, tmp_path / family)
+    tensors = assert_same_as_llm_compressor(llmc_python, src, tmp_path, dict(CT_SCHEMES)[scheme], 128,
+                                            "--scheme", scheme)
+    experts = [n for n, t in tensors.items() if ".experts." in n and t.dtype == torch.float8_e4m3fn]
+    n_experts = {"qwen3_moe": 4 * 3 * 2, "mixtral": 4 * 3 * 2, "deepseek_v3": 64 * 3}[family]
+    if (family, scheme) == ("deepseek_v3", "fp8-block"):  # 64-column down_proj: no 128-wide block, ignored by name
+        n_experts = 64 * 2
+    assert len(experts) == n_experts
+    routers = [n for n in tensors if n.endswith((".mlp.gate.weight", ".block_sparse_moe.gate.weight"))]
+    assert routers and all(tensors[n].dtype == torch.bfloat16 for n in routers)
+
+
+@pytest.mark.slow
 def test_bert_matches_llm_compressor(llmc_python, tmp_path):
     src = tiny_bert(tmp_path / "bert")
     # the MLM decoder is tied to the embeddings: not stored, so it must be excluded (the cross-check says so)
@@ -387,6 +408,33 @@ def test_bert_matches_llm_compressor(llmc_python, tmp_path):
 def test_gemma4_matches_llm_compressor(llmc_python, gemma_src, tmp_path, args, scheme, block):
     tensors = assert_same_as_llm_compressor(llmc_python, gemma_src, tmp_path, scheme, block, *args)
     assert sum(t.dtype == torch.float8_e4m3fn for t in tensors.values()) > 20
+
+
+# ---- per-expert MoE in compressed-tensors: the Linears vLLM and compressed-tensors match by name ----------------
+
+@pytest.mark.parametrize("scheme", [s for s, _ in CT_SCHEMES])
+@pytest.mark.parametrize("source", ["bf16", "fp8"])
+def test_per_expert_moe_converts_to_compressed_tensors_with_the_cross_check(tmp_path, scheme, source):
+    """Each expert's Linear is a Linear for this dialect's loaders (the cross-check and verify agree), routers
+    stay in the source dtype and are ignored by name."""
+    from tests.model_zoo import save_family
+
+    src = save_family("qwen3_moe", tmp_path / "moe")
+    if source == "fp8":
+        src = convert(src, tmp_path / "moe-fp8")
+    result = run_cli("--src", src, "--dst", tmp_path / "dry", "--format", "compressed-tensors", "--scheme", scheme,
+                     "--dry-run")
+    assert "      24  FP8 weight, expert Linear (per-expert, fused at load)" in result.output, result.output
+    assert "tensor set checked against: module names, as compressed-tensors and vLLM match them" in result.output
+    dst = convert(src, tmp_path / "ct", "--format", "compressed-tensors", "--scheme", scheme)
+    report = verify(dst, src)
+    assert report.ok, report.problems
+    o = tensors_of(dst)
+    experts = [n for n in o if ".experts." in n and n.endswith("_proj.weight")]
+    assert len(experts) == 24 and all(o[n].dtype == torch.float8_e4m3fn for n in experts)
+    routers = ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    assert all(o[f"{r}.weight"].dtype == torch.bfloat16 for r in routers)
+    assert set(routers) <= set(json.loads((dst / "config.json").read_text())["quantization_config"]["ignore"])
 
 
 # ---- compressed-tensors MXFP8 ---------------------------------------------------------------------------------

@@ -15,11 +15,11 @@ from converter.plan import make_plan
 from converter.source import open_source
 
 from .conftest import read_json, run_cli
-from .model_zoo import FAMILIES, PER_EXPERT, save_family
+from .model_zoo import FAMILIES, FUSED, PER_EXPERT, save_family
 from .test_convert import load_all, raw
 from .test_quantize import transformers_quantize
 
-DENSE = [t for t in FAMILIES if t not in PER_EXPERT and t != "gpt2"]
+DENSE = [t for t in FAMILIES if t not in PER_EXPERT + FUSED and t != "gpt2"]
 
 
 @pytest.fixture(autouse=True)
@@ -109,6 +109,55 @@ def test_fused_experts_loaded_equal_transformers_quantizing_the_fused_tensor(tmp
             for e in range(4):
                 ours = torch.cat([o[f"model.layers.{layer}.mlp.experts.{e}.{p}.weight"] for p in parts])
                 assert raw(ours) == raw(ref[name][e]), (name, e)
+
+
+def transformers_fp8_save(src, dst, block: int = 64):
+    """transformers' own recipe: `from_pretrained(..., FineGrainedFP8Config)` then `save_pretrained`. Its environment
+    check asks for a GPU, which its quantizer's math does not need: skipped, the quantizer runs on the CPU."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    check = FineGrainedFP8HfQuantizer.validate_environment
+    FineGrainedFP8HfQuantizer.validate_environment = lambda self, *args, **kwargs: None
+    try:
+        qc = FineGrainedFP8Config(weight_block_size=(block, block), modules_to_not_convert=["lm_head"])
+        model = AutoModelForCausalLM.from_pretrained(src, quantization_config=qc, dtype=torch.bfloat16)
+        model.save_pretrained(dst, max_shard_size="200KB")
+    finally:
+        FineGrainedFP8HfQuantizer.validate_environment = check
+    return dst
+
+
+def test_granitemoe_fused_experts_are_byte_identical_to_transformers_own_save(tmp_path):
+    """granitemoe stores its experts fused under names transformers renames on load; transformers saves the FP8
+    tensors under the stored names and their scales under the loaded ones. The default conversion writes exactly
+    that: same names, dtypes and bytes; the FP8 loader places every tensor; verify, dequantize and re-quantizing
+    it read the renamed scales."""
+    src = save_family("granitemoe", tmp_path / "granitemoe")
+    dst = tmp_path / "ours"
+    result = run_cli("--src", src, "--dst", dst)
+    assert result.exit_code == 0, result.output
+    theirs = transformers_fp8_save(src, tmp_path / "theirs")
+    _, o = load_all(dst)
+    _, t = load_all(theirs)
+    assert sorted(o) == sorted(t)
+    assert [n for n in o if o[n].dtype != t[n].dtype or raw(o[n]) != raw(t[n])] == []
+    experts = "model.layers.0.block_sparse_moe"
+    assert o[f"{experts}.input_linear.weight"].dtype == torch.float8_e4m3fn
+    assert tuple(o[f"{experts}.experts.gate_up_proj_scale_inv"].shape) == (4, 8, 2)
+    assert o[f"{experts}.router.layer.weight"].dtype == torch.bfloat16
+    found = arch.placement(read_json(dst / "config.json"), list(o))
+    assert found.unset == () and {v[0] for v in found.tensors.values()} == {arch.FP8, arch.SCALE, arch.HIGH}
+    assert found.tensors[f"{experts}.experts.gate_up_proj_scale_inv"][0] == arch.SCALE
+    checked = run_cli("verify", "--src", src, "--dst", dst)
+    assert checked.exit_code == 0 and "verify: OK" in checked.output, checked.output
+    for name, folder in (("ours", dst), ("theirs", theirs)):
+        assert run_cli("dequantize", "--src", folder, "--dst", tmp_path / f"{name}-bf16").exit_code == 0
+    assert load_all(tmp_path / "ours-bf16")[1].keys() == load_all(src)[1].keys()
+    a, b = load_all(tmp_path / "ours-bf16")[1], load_all(tmp_path / "theirs-bf16")[1]
+    assert [n for n in a if raw(a[n]) != raw(b[n])] == []
+    again = run_cli("--src", dst, "--dst", tmp_path / "128", "--block-size", "128")
+    assert again.exit_code == 0, again.output
 
 
 def test_gpt2_conv1d_is_refused_in_one_line(tmp_path):

@@ -99,15 +99,15 @@ class TransformersFP8Reader:
             where = shard_of(info)
             if len(info.shape) < 2:
                 raise SourceError(f"{where}: FP8 tensor {info.name} is {len(info.shape)}-D; block scales need a matrix")
-            scale = tensors.get(self.scale_name(info))
+            *lead, rows, cols = info.shape
+            grid = (*lead, -(-rows // bm), -(-cols // bn))
+            scale = tensors.get(self.scale_name(info)) or renamed_scale(info, tensors, grid)
             if scale is None:
                 raise SourceError(f"{where}: FP8 weight {info.name} has no scale {self.scale_name(info)} in the "
                                   "checkpoint")
             if scale.dtype not in SCALE_DTYPES:
                 raise SourceError(f"{shard_of(scale)}: scale {scale.name} is {scale.dtype}; expected one of "
                                   f"{', '.join(SCALE_DTYPES)}")
-            *lead, rows, cols = info.shape
-            grid = (*lead, -(-rows // bm), -(-cols // bn))
             if tuple(scale.shape) != grid:
                 raise SourceError(f"{shard_of(scale)}: scale {scale.name} has shape {list(scale.shape)}, but weight "
                                   f"{info.name} {list(info.shape)} in {bm}x{bn} blocks needs {list(grid)}")
@@ -118,6 +118,19 @@ class TransformersFP8Reader:
                 raise SourceError(f"{shard_of(info)}: scale {info.name} belongs to no FP8 weight "
                                   f"({info.name[:-len(SCALE_SUFFIX)]} is missing or not {WEIGHT_DTYPE})")
         return pairs
+
+
+def renamed_scale(weight: TensorInfo, tensors: dict[str, TensorInfo], grid: tuple[int, ...]) -> TensorInfo | None:
+    """The scale of a fused expert tensor that transformers renames on load, saved under the loaded parameter's
+    name (granitemoe: `block_sparse_moe.input_linear.weight` with `block_sparse_moe.experts.gate_up_proj_scale_inv`):
+    the one scale under the weight's parent module that belongs to no stored tensor and has the weight's grid.
+    None when there is no such scale, or more than one."""
+    if len(weight.shape) < 3:
+        return None
+    parent = weight.name.rsplit(".", 2)[0] + "."
+    found = [t for t in tensors.values() if t.name.startswith(parent) and t.name.endswith(SCALE_SUFFIX)
+             and t.name[:-len(SCALE_SUFFIX)] not in tensors and tuple(t.shape) == grid]
+    return found[0] if len(found) == 1 else None
 
 
 def scales_to_float32(scales, dtype: str):
