@@ -135,3 +135,15 @@ def toy_reference(toy_src, tmp_path_factory) -> Path:
     result = run_cli("--src", toy_src, "--dst", dst, "--max-shard-size", "20MB", "--no-arch-check")
     assert result.exit_code == 0, result.output
     return dst
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The family x dialect matrix, when its test ran (tests/test_matrix.py)."""
+    import sys
+
+    matrix = sys.modules.get("tests.test_matrix")
+    lines = matrix.format_matrix() if matrix is not None else []
+    if lines:
+        terminalreporter.section("every family in every dialect")
+        for line in lines:
+            terminalreporter.write_line(line)
