@@ -12,7 +12,7 @@ from .configs import CARD_NAME, CONFIG_NAME, INDEX_NAME, ConvertOptions
 from .errors import WriteError
 from .manifest import take_lock
 from .plan import Plan
-from .source import SourceIndex, read_header, source_card
+from .source import ShardHeader, SourceIndex, TensorInfo, source_card
 from .write import STAGING_NAME, OutputDir, config_json, index_json, shard_header
 
 
@@ -38,8 +38,7 @@ def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, option
     try:
         names = write_last_files(out, plan, source, lambda: conversion_card(plan, source, options))
         check_written_headers(out.staging, plan, skip=removed)
-        self_check(out.staging, {s.name: planned_header(out.staging / s.name, s) for s in plan.shards
-                                 if s.name in removed})
+        self_check(out.staging, plan, removed)
         from .publish import PENDING_RECORD
 
         names = [n for n in names if n not in removed]
@@ -127,33 +126,46 @@ def write_last_files(out: OutputDir, plan, source: SourceIndex, card: Callable[[
     return names + sorted({Path(f).parts[0] for f in plan.files_to_copy})
 
 
-def self_check(folder: Path, absent: dict | None = None) -> None:
+def self_check(folder: Path, plan: Plan, removed: Collection[str] = ()) -> None:
     """The cheap structural checks of `verify` (config, index, headers, scale pairs and values, the FP8 set
-    against the exclusions) on the staged output, before it is moved into place. `absent` holds the headers of
-    shards no longer on disk (their scale values are not read)."""
+    against the exclusions) on the staged output, before it is moved into place. The shards' headers are the
+    plan's (`check_written_headers` found each written one byte for byte); `removed` shards are no longer on disk
+    (their scale values are not read)."""
     from .verify import verify
 
-    report = verify(folder, arch_check=False, data=False, absent=absent)
+    headers = {s.name: planned_header(folder / s.name, s) for s in plan.shards}
+    report = verify(folder, arch_check=False, data=False, headers=headers,
+                    absent={name: headers[name] for name in removed})
     if not report.ok:
         raise WriteError(f"{folder}: the written output fails its own check: {report.problems[0]}")
 
 
-def planned_header(path: Path, shard):
+def planned_header(path: Path, shard) -> ShardHeader:
     """The header a shard of the plan has, as `read_header` would give it, without the file."""
-    from .source import parse_header_bytes
-    from .write import shard_header
+    from .write import data_order
 
-    raw = shard_header(shard)
-    return parse_header_bytes(path, raw[8:], len(raw) - 8, len(raw) + shard.nbytes)
+    start = len(shard_header(shard))
+    tensors, offset = {}, start
+    for t in data_order(shard):
+        tensors[t.name] = TensorInfo(name=t.name, dtype=t.dtype, shape=tuple(t.shape), shard=path.name,
+                                     offset=offset, nbytes=t.nbytes)
+        offset += t.nbytes
+    return ShardHeader(tensors={t.name: tensors[t.name] for t in shard.tensors}, metadata={"format": "pt"},
+                       data_start=start, file_size=offset)
 
 
 def check_written_headers(folder: Path, plan: Plan, skip: Collection[str] = ()) -> None:
-    """Re-read every written shard's header and compare it with the plan: names, dtypes, shapes, file sizes."""
+    """Re-read every written shard's header and compare it byte for byte with the plan's (names, dtypes, shapes
+    and offsets), and each file's size."""
     for shard in (s for s in plan.shards if s.name not in skip):
-        header = read_header(folder / shard.name)
-        got = [(t.name, t.dtype, t.shape) for t in header.tensors.values()]
-        want = [(t.name, t.dtype, tuple(t.shape)) for t in shard.tensors]
+        path = folder / shard.name
+        want = shard_header(shard)
+        try:
+            with open(path, "rb") as f:
+                got, size = f.read(len(want)), os.fstat(f.fileno()).st_size
+        except OSError as exc:
+            raise WriteError(f"{path}: cannot read back the written shard: {exc.strerror}") from None
         if got != want:
-            raise WriteError(f"{folder / shard.name}: written header does not match the plan")
-        if header.file_size != header.data_start + shard.nbytes:
-            raise WriteError(f"{folder / shard.name}: {header.file_size} bytes, expected {header.data_start + shard.nbytes}")
+            raise WriteError(f"{path}: written header does not match the plan")
+        if size != len(want) + shard.nbytes:
+            raise WriteError(f"{path}: {size} bytes, expected {len(want) + shard.nbytes}")

@@ -19,6 +19,9 @@ from .stripes import Quantizer
 from .write import OutputDir, ShardWriter
 
 Progress = Callable[[int], None]
+# A stripe's FP8 bytes below this are written by the quantizing thread itself: handing a write to the writing
+# thread and back costs more than it overlaps (a per-expert MoE's weights are tens of thousands of small stripes)
+INLINE_WRITE_BYTES = 1 << 20
 
 
 class Stop:
@@ -266,8 +269,13 @@ class QuantizeLane(MainLane):
                     return kept
                 writer, weight, scale = items[k]
                 (_, _, start), (_, _, scale_start) = keys[k][first]
-                writing = (io.submit(_write_stripe, writer, weight.name, scale.name, start, fp8, scale_start,
-                                     scale_inv), k)
+                if fp8.nbytes < INLINE_WRITE_BYTES:  # handing it over would cost more than writing it
+                    _write_stripe(writer, weight.name, scale.name, start, fp8, scale_start, scale_inv)
+                    writing = None
+                    written(k)
+                else:
+                    writing = (io.submit(_write_stripe, writer, weight.name, scale.name, start, fp8, scale_start,
+                                         scale_inv), k)
                 advance(nbytes)
             if writing is not None:
                 writing[0].result()

@@ -7,8 +7,10 @@ conversion fails here, before any byte moves, and `--dry-run` shows exactly what
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .configs import (
@@ -52,7 +54,7 @@ class TensorPlan:
     shape: tuple[int, ...]
     reason: str
 
-    @property
+    @functools.cached_property  # asked for per tensor at every step of a run
     def nbytes(self) -> int:
         n = DTYPE_SIZES[self.dtype]
         for d in self.shape:
@@ -67,7 +69,7 @@ class ShardPlan:
     name: str
     tensors: tuple[TensorPlan, ...]
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
@@ -196,9 +198,9 @@ def make_plan(
     dialect = writer_for(scheme)
     groups: list[list[TensorPlan]] = []
     others: list[str] = []  # tensors that are not Linear weights (a dialect may have to name their modules)
-    fp8_modules: list[str] = []
+    fp8_modules: dict[str, None] = {}  # ordered sets: tens of thousands of modules in a large MoE
     kept: dict[str, str] = {}
-    linear_like: list[str] = []  # every module transformers might turn into an FP8 module
+    linear_like: dict[str, None] = {}  # every module transformers might turn into an FP8 module
     routers = router_modules(source.tensors)
     kinds = {info.name: _kind(info, routers, loader) for info in source.tensors.values()}
     # transformers makes every `*.experts` module one FP8Experts, whether the checkpoint stores it fused or
@@ -213,8 +215,7 @@ def make_plan(
             continue
         group = experts_module(info.name, kind, dialect)
         owner = group or module  # what the loader builds, and so what a kept tensor's exclusion names
-        if owner not in linear_like:
-            linear_like.append(owner)
+        linear_like.setdefault(owner)
         matched = _first_match(module, exclude_patterns)
         if matched is not None:
             why = f"excluded by {matched!r}"
@@ -229,8 +230,7 @@ def make_plan(
                 "them into per-expert Linears, which transformers does not load back into the fused module); "
                 f"--exclude '{every}' keeps them in {info.dtype}, or use --format fp8")
         if why is None:
-            if module not in fp8_modules:
-                fp8_modules.append(module)
+            fp8_modules.setdefault(module)
             # a Linear's scales are `<module>.weight<suffix>`, an expert tensor's `<tensor><suffix>`, under the
             # name it loads as: transformers saves a fused tensor it renames on load (granitemoe's
             # `input_linear.weight`, loaded as `experts.gate_up_proj`) with the scale of the loaded parameter
@@ -381,7 +381,7 @@ def assign_shards(groups: list[list[TensorPlan]], max_shard_size: int,
     )
 
 
-def _unmatched(patterns, linear_modules: list[str], config: dict) -> list[tuple[str, str]]:
+def _unmatched(patterns, linear_modules: Iterable[str], config: dict) -> list[tuple[str, str]]:
     """Patterns that exclude no Linear of the checkpoint, each with a note or a suggested full path."""
     out = []
     for pattern in patterns:
@@ -401,7 +401,7 @@ def _ties_embeddings(config: dict) -> bool:
     return bool(config.get("tie_word_embeddings", sub.get("tie_word_embeddings", True)))
 
 
-def _suggest_full_path(pattern: str, modules: list[str]) -> str | None:
+def _suggest_full_path(pattern: str, modules: Iterable[str]) -> str | None:
     """The most common full prefix, ending at a module boundary, whose last components equal `pattern`."""
     found = Counter()
     for module in modules:
@@ -414,7 +414,7 @@ def _suggest_full_path(pattern: str, modules: list[str]) -> str | None:
     return found.most_common(1)[0][0] if found else None
 
 
-def _legacy_matching_warnings(modules: list[str], patterns: tuple[str, ...]) -> list[str]:
+def _legacy_matching_warnings(modules: Iterable[str], patterns: tuple[str, ...]) -> list[str]:
     differ = [m for m in modules if should_convert_module(m, patterns) != should_convert_module_legacy(m, patterns)]
     if not differ:
         return []

@@ -51,7 +51,10 @@ FLOAT, UE8M0, CT, MX = "float", "ue8m0", "ct", "mx"
 RULE_DTYPES = {FLOAT: ("BF16", "F16", "F32"), UE8M0: ("BF16", "F16", "F32"), CT: ("BF16", "F32"), MX: ("BF16", "F32")}
 
 log = logging.getLogger(__name__)
-_kernels: dict = {}  # (rule, shift, rows, cols) -> compiled kernel
+_kernels: dict = {}  # (rule, shift, rows, cols, parallel) -> compiled kernel
+# Below this many source bytes a stripe is quantized on the calling thread: starting the kernel's threads costs
+# more than the work (tens of thousands of small expert weights spent most of their time waking threads)
+PARALLEL_MIN_BYTES = 1 << 20
 _uncached = False  # set once numba could not use any cache folder: later variants skip the attempt
 _NO_AUX = np.zeros(1, np.uint32)
 
@@ -201,9 +204,10 @@ _RULE_IDS = {FLOAT: 0, UE8M0: 1, CT: 2, MX: 3}
 TIMES, OVER, OVER_BF16 = 0, 1, 2
 
 
-def _make_kernel(rule: str, shift: int, rows_per_scale: int, cols_per_scale: int):
+def _make_kernel(rule: str, shift: int, rows_per_scale: int, cols_per_scale: int, parallel: bool = True):
     """A kernel for sources whose element bits, shifted left by `shift`, are float32 bits (BF16: 16, F32: 0), with
-    one scale per `rows_per_scale` x `cols_per_scale` (0: the whole row) of the weight."""
+    one scale per `rows_per_scale` x `cols_per_scale` (0: the whole row) of the weight; its rows of scales in
+    parallel threads or, not `parallel`, one after the other (the same code: `prange` is then `range`)."""
     RULE = _RULE_IDS[rule]
     ELEMENT = (OVER_BF16 if shift == 16 else OVER) if rule == CT else TIMES
     BF16_SOURCE = shift == 16
@@ -284,12 +288,15 @@ def _make_kernel(rule: str, shift: int, rows_per_scale: int, cols_per_scale: int
         name = f"quantize_tiles_shift{shift}_block{rows_per_scale}"
     else:
         name = f"quantize_{rule}_shift{shift}_rows{rows_per_scale}_cols{cols_per_scale}"
-    kernel.__qualname__ = kernel.__name__ = name
+    kernel.__qualname__ = kernel.__name__ = name + ("" if parallel else "_serial")
+    kernel.parallel = parallel
     return kernel
 
 
 def _compile(kernel, cache: bool):
-    return numba.njit(parallel=True, nogil=True, cache=cache, boundscheck=False, error_model="numpy")(kernel)
+    """A kernel compiled, in parallel threads unless it says otherwise (`parallel` False)."""
+    return numba.njit(parallel=getattr(kernel, "parallel", True), nogil=True, cache=cache, boundscheck=False,
+                      error_model="numpy")(kernel)
 
 
 def _without_cache(why: str) -> None:
@@ -351,7 +358,8 @@ def quantize_rule_into(rule: str, raw: np.ndarray, dtype: str, out: np.ndarray, 
         bits, shift = raw.view(np.uint32).reshape(rows, cols), 0
     else:  # F16, for rules computing in float32: widening F16 -> F32 is exact
         bits, shift = raw.view(np.float16).reshape(rows, cols).astype(np.float32).view(np.uint32), 0
-    status = _run((rule, shift, rows_per_scale, cols_per_scale), bits, out, scales, _NO_AUX if aux is None else aux)
+    key = (rule, shift, rows_per_scale, cols_per_scale, raw.nbytes >= PARALLEL_MIN_BYTES)
+    status = _run(key, bits, out, scales, _NO_AUX if aux is None else aux)
     bad = np.flatnonzero(status)
     if len(bad):
         return int(status[bad[0]]), int(bad[0]) * rows_per_scale

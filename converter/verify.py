@@ -86,7 +86,8 @@ class VerifyReport:
 class _Output:
     """The output folder as read for verification: config, index and every readable shard header."""
 
-    def __init__(self, folder: Path, report: VerifyReport, absent: dict[str, ShardHeader] | None = None):
+    def __init__(self, folder: Path, report: VerifyReport, absent: dict[str, ShardHeader] | None = None,
+                 known: dict[str, ShardHeader] | None = None):
         self.folder = folder
         self.absent = absent or {}  # shard -> header, for shards not on disk (uploaded and removed)
         self.config: dict | None = None
@@ -109,8 +110,8 @@ class _Output:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 problems.append(Problem(f"{INDEX_NAME} cannot be read: {exc}"))
         for shard in [SINGLE_FILE_NAME] if single_file else sorted(set(self.weight_map.values())):
-            if shard in self.absent:
-                self.headers[shard] = self.absent[shard]
+            if shard in self.absent or shard in (known or {}):
+                self.headers[shard] = self.absent.get(shard) or known[shard]
                 continue
             try:
                 self.headers[shard] = read_header(folder / shard)
@@ -133,7 +134,8 @@ class _Output:
 
 
 def verify(dst: Path, src: Path | None = None, progress: Callable[[int], None] | None = None,
-           arch_check: bool = True, data: bool = True, absent: dict[str, ShardHeader] | None = None) -> VerifyReport:
+           arch_check: bool = True, data: bool = True, absent: dict[str, ShardHeader] | None = None,
+           headers: dict[str, ShardHeader] | None = None) -> VerifyReport:
     """Check a converted checkpoint; with `src`, against its source too.
 
     Args:
@@ -144,6 +146,8 @@ def verify(dst: Path, src: Path | None = None, progress: Callable[[int], None] |
         data (`bool`, defaults to `True`): read tensor data; `False` checks structure and scales only.
         absent (`dict`, *optional*): headers of shards that are not on disk (the converter's self-check of an
             output whose shards were uploaded and removed); their data and scales are not read.
+        headers (`dict`, *optional*): headers already known to be those on disk (the converter's self-check,
+            after comparing each written header with its plan's byte for byte), not read again.
 
     Returns:
         `VerifyReport`; `report.ok` only when every check held.
@@ -153,7 +157,7 @@ def verify(dst: Path, src: Path | None = None, progress: Callable[[int], None] |
     if not dst.is_dir():
         report.problems.append(Problem(f"{dst}: output folder not found"))
         return report
-    out = _Output(dst, report, absent)
+    out = _Output(dst, report, absent, headers)
     progress = progress or (lambda n: None)
     writer = _check_config(out, report)  # the output's dialect, from its quantization_config
     _check_index(out, report)

@@ -42,6 +42,15 @@ def data_order(shard: ShardPlan) -> list:
 
 
 def shard_header(shard: ShardPlan) -> bytes:
+    """See `_shard_header`; made once per shard plan and kept in its `__dict__` (a frozen dataclass's cache): the
+    writer, the read-back and the self-check each need it, and an MoE shard's JSON takes a while to make."""
+    header = shard.__dict__.get("_header")
+    if header is None:
+        header = shard.__dict__["_header"] = _shard_header(shard)
+    return header
+
+
+def _shard_header(shard: ShardPlan) -> bytes:
     """The complete safetensors header of a shard (length prefix included), from its plan alone.
 
     The JSON lists the tensors in plan order (the order a reader of this checkpoint meets them in), their bytes

@@ -42,6 +42,27 @@ def test_every_finite_bf16_value_in_every_position():
         assert np.array_equal(scales.view(np.int32), ref_scale.numpy().view(np.int32))
 
 
+@pytest.mark.parametrize("rule, rows, cols", [("float", 64, 64), ("ue8m0", 128, 128), ("ct", 128, 128),
+                                               ("ct", 1, 0), ("mx", 1, 32)])
+def test_small_stripes_run_on_the_calling_thread_with_the_same_bytes(monkeypatch, rule, rows, cols):
+    """Below PARALLEL_MIN_BYTES a stripe runs through the kernel compiled without threads: the same bytes."""
+    from converter.dialects.transformers_fp8 import ue8m0_table
+
+    w = (torch.randn(384, 512, generator=torch.Generator().manual_seed(3)) * 0.02).to(torch.bfloat16)
+    w[5, 7] = 300.0
+    raw = w.view(torch.uint8).numpy().reshape(-1)
+    aux = ue8m0_table() if rule == "ue8m0" else None
+    results = []
+    for threshold in (0, raw.nbytes + 1):  # every stripe parallel, then none
+        monkeypatch.setattr(quantize_fast, "PARALLEL_MIN_BYTES", threshold)
+        out = np.empty((384, 512), np.uint8)
+        scales = np.empty((-(-384 // rows), 512 // (cols or 512)), quantize_fast.scale_dtype(rule, "BF16"))
+        status = quantize_fast.quantize_rule_into(rule, raw, "BF16", out, scales, rows, cols, aux)
+        results.append((status, out.tobytes(), scales.tobytes()))
+    assert results[0] == results[1] and results[0][0] == (quantize_fast.OK, 0)
+    assert {key[4] for key in quantize_fast._kernels if key[:4] == (rule, 16, rows, cols)} == {True, False}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("exponent", [-20, -6, 0, 6])
 @pytest.mark.parametrize("block", [64, 128])
