@@ -29,9 +29,10 @@ reason; in a batch answer, an object error), `quota` (HTTP 402; in a batch answe
 connection closes before the request is handled) or `lose` (the request is handled, then the connection closes
 without its answer: a commit made whose reply is lost). `drop_puts` drops that many upload connections of the
 first object uploaded half-way (its later tries, and other objects, go through); `hold_after` (with `held`, an
-Event) blocks every upload after that many stored objects until `release` is set, then drops it unless
-`abandon_held` is False (a killed client's upload); `quota` (bytes) makes the batch endpoint answer a quota error
-past it (over all repositories: the account's); `fail_commit` is a status the commit endpoint answers with.
+Event) lets the uploads of that many objects through, however many run at once, and blocks every other until
+`release` is set, then drops it unless `abandon_held` is False (a killed client's upload); `quota` (bytes) makes
+the batch endpoint answer a quota error past it (over all repositories: the account's); `fail_commit` is a status
+the commit endpoint answers with.
 `check_sha=False` (for the bench) takes each upload's bytes without hashing them. LFS objects are kept as sha256 ->
 size only (the bytes are hashed as they arrive, then dropped; multipart parts are kept until completed), so the
 bench can push gigabytes through it. `stored` lists the oids stored, in order (an object stored again in
@@ -106,6 +107,7 @@ class UploadHub(FakeHub):
         self._free_at = 0.0  # when the capped uplink is free again
         self._dropping: str | None = None  # the object whose uploads `drop_puts` drops
         self._parts: dict[tuple[str, str], dict[int, bytes | int]] = {}
+        self._admitted: set[str] = set()  # the objects `hold_after` lets through
 
     def fault(self, kind: str, how: str, times: int = 1) -> None:
         assert kind in KINDS and how in ("refuse", "quota", "drop", "lose"), (kind, how)
@@ -411,9 +413,14 @@ class UploadHub(FakeHub):
                         "upload": upload, "verify": {"href": base % "verify"}}})
         return self._json(handler, 200, {"transfer": "basic", "objects": objects})
 
-    def _held_upload(self, handler) -> bool:
-        """`hold_after`: wait for `release`; True when the connection is then dropped (its client was killed)."""
-        if self.hold_after is not None and len(self.stored) >= self.hold_after:
+    def _held_upload(self, handler, oid) -> bool:
+        """`hold_after`: the uploads of the first `hold_after` objects go through (however many run at once);
+        any other waits for `release`. True when the connection is then dropped (its client was killed)."""
+        with self.lock:
+            through = self.hold_after is None or oid in self._admitted or len(self._admitted) < self.hold_after
+            if through:
+                self._admitted.add(oid)
+        if not through:
             self.held.set()
             self.release.wait()
             if self.abandon_held:  # its client was killed meanwhile: the body never arrives whole
@@ -459,7 +466,7 @@ class UploadHub(FakeHub):
         return True
 
     def _put(self, handler, repo_id, oid):
-        if self._held_upload(handler):
+        if self._held_upload(handler, oid):
             return
         got = self._receive(handler, oid)
         if got is None:
@@ -472,7 +479,7 @@ class UploadHub(FakeHub):
         return self._send(handler, 200, b"", {}, True)
 
     def _part(self, handler, repo_id, oid, number):
-        if self._held_upload(handler):
+        if self._held_upload(handler, oid):
             return
         got = self._receive(handler, oid)
         if got is None:
