@@ -196,7 +196,12 @@ def _publish(run, options, repo_id, private, branch, message, quiet, part=(1, 1)
     summary, result = run_and_publish(run, options.dst, target, identity)
     if summary is not None and not quiet:
         (describe or _print_summary)(summary)
-    elif summary is None:
+    if result.already:
+        click.echo(f"{target.where} already holds exactly the {result.files} files of {options.dst} (names, sizes "
+                   f"and sha256 or git blob ids of its branch compared in {result.seconds:.1f} s): nothing to commit; "
+                   f"{result.url}")
+        return
+    if summary is None:
         click.echo(f"{options.dst}: the output was already complete; only its commit was left to make")
     click.echo(f"published {result.files} files of {options.dst} to {target.where} in one commit "
                f"({result.oid[:12]}; {result.shards_sent} shard(s) pre-uploaded by this run): {result.url}"

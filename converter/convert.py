@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Callable
 
 from . import arch, transcode
-from .configs import ConvertOptions
+from .configs import CONFIG_NAME, INDEX_NAME, ConvertOptions
 from .dialects import writer_for
-from .errors import UsageError
+from .errors import PublishError, UsageError
 from .finalize import conversion_card, finalize_if_complete, finished_output
 from .lanes import Progress, Stop, write_shards
 from .manifest import RUN_FILE, Manifest, read_run, run_identity, source_stamp
@@ -107,6 +107,21 @@ def _check_paths(src: Path, dst: Path) -> None:
         raise UsageError(f"--src {src} is inside --dst {dst}: replacing --dst would destroy the source")
 
 
+def _output_names(plan: Plan, source) -> list[str]:
+    """The names the output will hold, as far as the plan knows them before writing."""
+    return sorted({s.name for s in plan.shards} | set(plan.files_to_copy) | {INDEX_NAME, CONFIG_NAME, "README.md"})
+
+
+def _copied_gitignore(plan: Plan, source) -> str | None:
+    """The source's .gitignore, which the output will hold (and the commit bring), if it has one."""
+    if ".gitignore" not in plan.files_to_copy:
+        return None
+    try:
+        return (Path(source.root) / ".gitignore").read_text(errors="replace")
+    except OSError:
+        return None
+
+
 def part_shards(plan: Plan, part: tuple[int, int]) -> list[ShardPlan]:
     """The output shards of part `(i, n)`: every n-th shard from the i-th (1-based), a fixed split."""
     i, n = part
@@ -163,6 +178,8 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     finalized = False
     try:
         done = verified_pieces(manifest, out.staging) if claimed.resumed else {}
+        if publish is not None:  # the Hub would store every shard, the index and the config
+            publish.check_names(_output_names(plan, source), _copied_gitignore(plan, source))
         # shards an earlier run of this conversion uploaded and removed (--no-keep-output) are done
         gone = publish.resume(identity, done, mine, out.staging) if publish is not None else set()
         gone_bytes = sum(source.tensors[t.source].nbytes for s in mine if s.name in gone for t in s.tensors
@@ -170,7 +187,8 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
         progress(gone_bytes)
         resumed_bytes = gone_bytes + write_shards(
             out, [s for s in mine if s.name not in gone], source, transcode.main_lane(source, quantizer), progress,
-            manifest, done, claimed.resumed, stop, publish.shard_written if publish else None)
+            manifest, done, claimed.resumed, stop, publish.shard_written if publish else None,
+            gate=publish.may_write if publish is not None and not publish.keep else None)
         manifest.close()
         if publish is not None:
             publish.shards_written(out.staging, [s for s in mine if s.name not in gone])
@@ -180,11 +198,15 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
         out.write_text(f"part-{i}-of-{n}.done", identity + "\n")
         claimed.lock.release()
         finalized = finalize_if_complete(out, plan, source, options, notes, removed=gone)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, PublishError):  # the same command resumes: the uploads' record stays with the work
         claimed.release()
+        if arch_check is not None:
+            arch_check.wait()
         raise
     except BaseException:
         claimed.release()
+        if publish is not None and publish.uploaded:  # blobs uploaded, perhaps removed here: keep their record
+            raise
         if n == 1:
             out.abort()
         else:

@@ -25,7 +25,7 @@ from . import __version__
 from .configs import CARD_NAME, CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, DTYPE_SIZES, format_size
 from .convert import load_source
 from .dialects import ScaledWeight, reader_for
-from .errors import SourceError
+from .errors import PublishError, SourceError
 from .finalize import check_written_headers, finished_output, write_last_files
 from .lanes import MainLane, Progress, Stop, write_shards
 from .manifest import run_identity, source_stamp
@@ -272,12 +272,13 @@ def dequantize(options: DequantOptions, progress: Progress | None = None,
             publish.shards_written(out.staging, list(plan.shards))
         claimed.release()
         _finalize(out, plan, source, options)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, PublishError):  # the same command resumes: the uploads' record stays with the work
         claimed.release()
         raise
     except BaseException:
         claimed.release()
-        out.abort()
+        if publish is None or not publish.uploaded:
+            out.abort()
         raise
     n_deq = len(plan.pairs)
     return DequantSummary(

@@ -31,3 +31,9 @@ class QuantizeError(ConvertError):
 
 class WriteError(ConvertError):
     """The output cannot be written: disk full, permission denied, or a writer used out of order."""
+
+
+class PublishError(ConvertError):
+    """The output cannot be published: no token, no write access, the repository exists, the Hub failed. Raised
+    while converting, it stops the conversion and keeps what was written, with the record of the uploads, so that
+    the same command resumes."""

@@ -3,6 +3,7 @@ quantizes (or, for `dequantize`, dequantizes) and writes the others, each at the
 
 from __future__ import annotations
 
+import functools
 import gc
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -75,7 +76,7 @@ class MainLane:
 
 def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, main_lane: MainLane,
                  progress: Progress, manifest: Manifest, done: dict, resume: bool, stop: Stop | None = None,
-                 closed: Callable | None = None) -> int:
+                 closed: Callable | None = None, gate: Callable | None = None) -> int:
     """Write the given shards: all headers first, then two lanes at once, each writing at the offsets the headers
     fix. A thread copies the tensors that stay as they are (in the kernel where it can), while the main thread
     runs `main_lane` on the others. Pieces in `done` are kept. The first error anywhere, or Ctrl-C, or a failure
@@ -83,6 +84,10 @@ def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, m
 
     `closed(path, shard)`, if given, is called (from either lane) once every byte of a shard is written, kept
     pieces included.
+
+    `gate(shard name, stop)`, if given, is called before each write into a shard and may wait (for the upload and
+    removal of earlier shards, `--no-keep-output`); both lanes then take their work in the order of the shards,
+    so that waiting for an earlier shard never waits for the other lane's later work.
 
     Returns:
         Source bytes whose output was kept from an earlier run.
@@ -94,6 +99,9 @@ def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, m
         copies += [(writers[shard.name], t) for t in tensors if t.action == COPY]
         others += main_lane.items(writers[shard.name], tensors)
     stop = stop or Stop()
+    if gate is not None:
+        for name, writer in writers.items():
+            writer.gate = functools.partial(gate, name, stop)
     lock = threading.Lock()
     reads = {t.name: (source.tensors[t.source].shard,) for _, t in copies}
     reads.update({t.name: main_lane.reads(t) for _, t, *_rest in others})
@@ -110,6 +118,9 @@ def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, m
         # only after a large copy of an earlier shard (an embedding); within each source shard, so the reader does
         # not hop between shards (a Hub source would download them all at once)
         copies.sort(key=lambda item: (source.tensors[item[1].source].shard, item[1].nbytes))
+    if gate is not None:  # a shard's copies, smallest first, before any of the next shard's
+        order = {shard.name: k for k, shard in enumerate(shards)}
+        copies.sort(key=lambda item: (order[item[0].shard.name], item[1].nbytes))
 
     def advance(nbytes: int) -> None:
         with lock:

@@ -8,17 +8,23 @@ Once the output is complete, checked and in place, one `create_commit` adds the 
 and size the client took from the written files), the index, config, card and other files; the repository's
 file list and LFS sizes and hashes are then read back and compared. A repository is never seen half-written.
 
-A rerun of the same command after a kill resumes the conversion as usual, uploads only the blobs the Hub does not
-hold yet (the LFS batch endpoint, or Xet's deduplication, says which), and commits. From the first upload until
-the commit, `.convert-fp8.publish.json` (in the staging folder, then moved into `--dst` with the output) records
-what the commit and a resume need: each shard's blob (name, size, sha256, and whether it was removed). A rerun
-goes straight to the commit once the output is in place, and does not hash again a shard whose recorded blob it
-can trust (`Publisher._trusted`).
+Nothing local is deleted, and nothing is recorded as uploaded, until the Hub has answered that it holds that
+object: a shard is recorded only when the client says its blob is uploaded (a path the Hub's ignore rules drop is
+an error naming the rule, checked before converting), and before the commit one LFS batch request asks which
+recorded blobs the Hub still holds. An upload failure stops the conversion at once and keeps what it wrote.
+
+A rerun of the same command resumes the conversion as usual, uploads only the blobs the Hub does not hold yet (the
+LFS batch endpoint, or Xet's deduplication, says which), and commits. From the first upload until the commit,
+`.convert-fp8.publish.json` (in the staging folder, then moved into `--dst` with the output) records what the
+commit and a resume need: each shard's blob (name, size, sha256, and whether it was removed). A rerun goes
+straight to the commit once the output is in place, and does not hash again a shard whose recorded blob it can
+trust (`Publisher._trusted`). When the branch already holds exactly the output (a commit made by a run whose
+answer was lost, or a finished run), nothing is committed and the run says so (`publish_commit`).
 
 With `keep_output=False` (`--no-keep-output`) each shard is removed from the staging folder as soon as the Hub
-has confirmed its blob, and the conversion waits before going past a completed shard while the one before it is
-still on disk: about two output shards are on disk at a time. The commit names the removed shards by the sha256
-and size recorded; the conversion's resume takes a shard recorded as removed as written.
+has confirmed its blob, and the lanes write a shard only once every shard but the one before it is removed
+(`may_write`): at most two output shards hold data on disk. The commit names the removed shards by the sha256 and
+size recorded; the conversion's resume takes a shard recorded as removed as written, when the Hub still holds it.
 """
 
 from __future__ import annotations
@@ -33,24 +39,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConvertError, UsageError
+from . import hub_commit as hc
+from .configs import CONFIG_NAME, INDEX_NAME
+from .errors import ConvertError, PublishError, UsageError
 from .plan import SCALE, ShardPlan
+from .publish_commit import PENDING_RECORD, CommitPhase, CommitResult, _read_json, _Stopped  # noqa: F401 - re-exported
 from .source import read_header
 from .write import STAGING_NAME
 
 log = logging.getLogger(__name__)
 
-PENDING_RECORD = ".convert-fp8.publish.json"  # in the staging folder from the first upload, then in --dst until the commit
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _SNAPSHOT = re.compile(r"^models--([^/]+?)--([^/]+)$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-# Files of a repository that do not make it hold a model (created with the repository, or by the Hub).
-_REPO_HOUSEKEEPING = {".gitattributes"}
 _UPLOADERS = 2  # two shards at a time: one is hashed (LFS path) while the other's bytes go up
-
-
-class PublishError(ConvertError):
-    """The output cannot be published: no token, no write access, the repository exists, the Hub failed."""
 
 
 @dataclass(frozen=True)
@@ -90,18 +92,7 @@ def cache_snapshot_origin(root: Path) -> tuple[str | None, str | None]:
     return f"{found.group(1)}/{found.group(2)}", root.name
 
 
-def _retries() -> tuple[int, float]:
-    """How often a failed request is tried again (after a network failure or an HTTP 429/5xx, beyond the
-    client's own retries), and the first wait in seconds, doubled each time."""
-    return (int(os.environ.get("CONVERT_FP8_PUBLISH_RETRIES", "3")),
-            float(os.environ.get("CONVERT_FP8_PUBLISH_BACKOFF", "5")))
-
-
-class _Stopped(Exception):
-    """The run is being interrupted: an upload thread gives up where it is."""
-
-
-class Publisher:
+class Publisher(CommitPhase):
     """Uploads one conversion's (or dequantization's) output to `options.repo_id` and commits it at once.
 
     `identity` (the command's options) is kept in the resume records: a rerun with other options does not commit
@@ -137,6 +128,11 @@ class Publisher:
         self.error: PublishError | None = None
         self.head: str | None = None  # the branch's commit when the run began
         self.replace = options.overwrite  # the commit deletes the files of the branch the output does not hold
+        self.waiting = False  # --dst holds this command's finished output and record: only the commit is left
+        self.finished: PublishError | None = None  # --dst holds a finished output, the repository a model
+        self._order: list[str] = []  # the shards in the order the lanes write them (`may_write`)
+        self._settled: set[str] = set()  # shards whose upload is over (removed, or kept in git until the commit)
+        self._cleared: set[str] = set()  # shards `may_write` let the lanes write into
 
     # --- before the conversion -------------------------------------------------------------------------------
 
@@ -171,7 +167,7 @@ class Publisher:
             raise UsageError(f"{self.dst}: {len(removed)} shard(s) of this output were removed once uploaded "
                              "(--no-keep-output): rerun with --no-keep-output, or pass --overwrite to convert again")
         if in_place:  # the output passed its checks and moved into place: the removed shards are part of it
-            self._in_place = True
+            self._in_place = self.waiting = True
             self.uploaded.update({n: self._recorded[n] for n in removed})
         return in_place  # its other shards are pre-uploaded again by `commit`, unless `_trusted`
 
@@ -182,7 +178,8 @@ class Publisher:
 
     def open(self) -> None:
         """Check the token and the write access, create the repository (and branch) when missing, and refuse one
-        that already holds a model unless `overwrite`."""
+        that already holds a model unless `overwrite`, or unless it may hold this very output: a rerun with this
+        command's record (`commit` compares first), or a finished output in `--dst` (`finished`)."""
         from huggingface_hub import get_token
 
         where = self.options.where
@@ -199,7 +196,7 @@ class Publisher:
                                "token with write access")
         from huggingface_hub.errors import RevisionNotFoundError
 
-        try:
+        def create():
             self.api.create_repo(self.options.repo_id, private=self.options.private, exist_ok=True)
             if self.options.branch:
                 try:
@@ -208,30 +205,68 @@ class Publisher:
                     self.api.create_branch(self.options.repo_id, branch=self.options.branch, exist_ok=True)
                     self.replace = True
             info = self.api.model_info(self.options.repo_id, revision=self.options.branch, files_metadata=False)
-            files = [s.rfilename for s in (info.siblings or [])]
             if self.options.branch and not self.replace:  # still at main's commit: created by a run stopped early
                 self.replace = self.api.model_info(self.options.repo_id).sha == info.sha
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(exc, "creating the repository") from None
+            return info
+
+        info = self._retrying(create, "creating the repository")
         self.head = info.sha
-        model = [f for f in files if f not in _REPO_HOUSEKEEPING]
+        model = [s.rfilename for s in (info.siblings or []) if s.rfilename not in hc.HOUSEKEEPING]
         if model and not self.replace:
-            raise PublishError(f"{where}: the repository already holds {len(model)} file(s) ({sorted(model)[0]}, "
-                               "...); pass --overwrite to replace them in one commit, or --hub-branch to stage on a "
-                               "branch")
+            refusal = PublishError(f"{where}: the repository already holds {len(model)} file(s) ({sorted(model)[0]}, "
+                                   "...); pass --overwrite to replace them in one commit, or --hub-branch to stage "
+                                   "on a branch")
+            if self.waiting:
+                return  # this command's output waits for its commit: `commit` first compares the branch with it
+            if self._finished_here():
+                self.finished = refusal  # `published` compares the branch with it
+                return
+            raise refusal
+
+    def _finished_here(self) -> bool:
+        """Whether `--dst` holds a finished output (in place, no staging folder, no upload record)."""
+        return (self.dst.is_dir() and not (self.dst / STAGING_NAME).exists()
+                and (self.dst / "config.json").is_file() and not (self.dst / PENDING_RECORD).exists())
+
+    def check_names(self, paths: list[str], gitignore: str | None) -> None:
+        """Before anything is converted: the Hub would store every shard, the index and the config (the
+        repository's ignore rules, or the output's own .gitignore, `gitignore`, do not drop them)."""
+        self._check_ignored(paths, gitignore)
+
+    def _check_ignored(self, paths: list[str], gitignore: str | None) -> list[str]:
+        """Raise for a shard, the index or the config that the ignore rules drop; return the other paths they drop
+        (left out of the commit)."""
+        dropped = self._retrying(lambda: hc.ignored(self.api, self.options.repo_id, self.options.branch, paths,
+                                                    gitignore), "asking the Hub what it ignores")
+        essential = [p for p in dropped if p.endswith(".safetensors") or p in (INDEX_NAME, CONFIG_NAME)]
+        if essential:
+            raise self._ignored(essential[0], gitignore)
+        return dropped
+
+    def _ignored(self, path: str, gitignore: str | None) -> PublishError:
+        """An ignored file, named with the rule that drops it, where it can be read."""
+        rules = "the output's .gitignore (copied from the source)" if gitignore is not None else \
+            "the repository's .gitignore"
+        text = gitignore if gitignore is not None else hc.repo_text(self.api, self.options.repo_id,
+                                                                     self.options.branch, ".gitignore")
+        rule = hc.ignore_rule(path, text)
+        return PublishError(f"{self.options.where}: the Hub would not store {path}: {rules} ignores it"
+                            + (f" (rule `{rule}`)" if rule else "") + "; remove that rule, then rerun the same command")
 
     # --- while the conversion runs ----------------------------------------------------------------------------
 
     def disk_needed(self, shards: list[ShardPlan]) -> int:
         """Bytes of shards the staging folder holds at most: all of them, or, removing each once uploaded, the
-        two largest (one uploading while the next is written)."""
+        two largest (one uploading while the next is written: `may_write`)."""
         sizes = sorted((s.nbytes for s in shards), reverse=True)
         return sum(sizes) if self.keep else sum(sizes[:2])
 
     def resume(self, run: str, done: dict, shards: list[ShardPlan], staging: Path) -> set[str]:
         """The conversion knows its run identity and which recorded pieces still check out (`done`): returns the
-        shards an earlier run of this same conversion uploaded and removed, which are not written again."""
+        shards an earlier run of this same conversion uploaded and removed, which are not written again, as long
+        as the Hub still holds their blobs (asked in one LFS batch request); the others are converted again."""
         self.run = run
+        self._order = [s.name for s in shards]
         if self._recorded_run != run:  # another conversion's shards (other source, options or tool)
             self._recorded, self.in_git = {}, {}
         pieces: dict[tuple[str, str], list[tuple[int, int]]] = {}
@@ -239,16 +274,45 @@ class Publisher:
             pieces.setdefault((piece.shard, piece.tensor), []).append((piece.start, piece.length))
         self._covered = {s.name for s in shards if all(_covers(pieces.get((s.name, t.name), []), t.nbytes)
                                                        for t in s.tensors)}
-        removed = {n for n, e in self._recorded.items() if e.get("removed")}
+        removed = {n: e for n, e in self._recorded.items() if e.get("removed")}
+        if removed:
+            kept = self._held({n: (e["size"], e["sha256"]) for n, e in removed.items()})
+            for name in sorted(set(removed) - kept):
+                log.warning("the Hub no longer holds the blob of %s, removed from this disk: converted again", name)
+                del self._recorded[name]
+            removed = {n: e for n, e in removed.items() if n in kept}
         for name in removed:
             self.uploaded[name] = self._recorded[name]
             (staging / name).unlink(missing_ok=True)  # a run killed between its record and its removal
-        self._announced |= removed
-        return removed
+        self._announced |= set(removed)
+        self._settled |= set(removed)
+        self._save()
+        return set(removed)
+
+    def may_write(self, name: str, stop) -> None:
+        """Removing shards once uploaded: a lane writes into the shard at position i only once the shards before
+        i - 1 are uploaded and removed, so that at most two shards hold data on disk; an upload failure stops it."""
+        if self.keep or name in self._cleared:
+            return
+        position = self._order.index(name) if name in self._order else 0
+        earlier = self._order[:max(0, position - 1)]
+        with self._changed:
+            while not all(n in self._settled for n in earlier):
+                if self.error is not None:
+                    raise self.error
+                if stop.is_set() or self._stop.is_set():
+                    raise stop.error or ConvertError("stopped")
+                self._changed.wait(0.5)
+            if self.error is not None:
+                raise self.error
+        self._cleared.add(name)
 
     def shard_written(self, path: Path, shard: ShardPlan) -> None:
         """Every byte of a shard is written: upload it in the background. Called from the writing lanes; returns
-        at once, or, removing shards once uploaded, once no earlier shard is left on disk."""
+        at once, or, removing shards once uploaded, once no earlier shard is left on disk. An upload that failed
+        is raised here: it stops the conversion, which keeps what it wrote."""
+        if self.error is not None:
+            raise self.error
         with self._lock:
             if shard.name in self._announced:
                 return
@@ -266,20 +330,23 @@ class Publisher:
         self._queue.put((Path(path), shard))
         if not self.keep:
             self._wait(lambda: not self._on_disk - {shard.name})
+        if self.error is not None:
+            raise self.error
 
     def shards_written(self, staging: Path, shards: list[ShardPlan]) -> None:
         """Every shard is written (some perhaps kept from an earlier run, never announced): upload the rest and
-        wait for all, before the shards are moved into place. A failed upload is not raised here (the conversion
-        completes and is kept) but by `commit`."""
+        wait for all, before the shards are moved into place; a failed upload is raised."""
         for shard in shards:
             self.shard_written(staging / shard.name, shard)
-        self._wait(lambda: self._outstanding == 0, until_error=False)
+        self._wait(lambda: self._outstanding == 0)
+        if self.error is not None:
+            raise self.error
 
-    def _wait(self, done, until_error: bool = True) -> None:
-        """Wait until `done()` (checked under the lock), an upload failed (with `until_error`), or the run stops.
-        Waits in short steps: Ctrl-C reaches the main thread at once."""
+    def _wait(self, done) -> None:
+        """Wait until `done()` (checked under the lock), an upload failed, or the run stops. Waits in short steps:
+        Ctrl-C reaches the main thread at once."""
         with self._changed:
-            while not done() and not self._stop.is_set() and not (until_error and self.error is not None):
+            while not done() and not self._stop.is_set() and self.error is None:
                 self._changed.wait(0.5)
 
     def _work(self) -> None:
@@ -296,7 +363,7 @@ class Publisher:
                     self._changed.notify_all()
 
     def _upload(self, path: Path, shard: ShardPlan) -> None:
-        if self.error is not None or self._stop.is_set():  # one failure stops the uploads; the conversion goes on
+        if self.error is not None or self._stop.is_set():  # one failure stops the uploads and the conversion
             return
         try:
             started = time.monotonic()
@@ -311,6 +378,8 @@ class Publisher:
                     self.uploaded[shard.name] = entry
             if not self.keep and shard.name in self.uploaded:
                 self._remove(path, shard.name)
+            with self._lock:
+                self._settled.add(shard.name)
             log.debug("%s uploaded in %.1f s", shard.name, time.monotonic() - started)
         except _Stopped:
             return
@@ -322,8 +391,6 @@ class Publisher:
             if self._stop.is_set():  # an upload cut off by the interrupt: nothing to report
                 return
             self.error = self._error(exc, f"uploading {shard.name}")
-        if self.error is not None:
-            log.warning("%s; the conversion goes on, and the same command publishes it once it is done", self.error)
 
     def _trusted(self, path: Path, name: str) -> dict | None:
         """The blob an earlier run recorded for this shard, if it is still this file's: then the shard is neither
@@ -334,37 +401,47 @@ class Publisher:
         identity is the same bytes. Once in place (the manifest is gone with the staging folder) the output has
         passed its self-check, and size and modification time decide, as they decide for a local source's shards
         (`manifest.source_stamp`). A wrong trust could only commit a blob other than the file's: the commit's
-        read-back compares the repository with the sha256 recorded, not with the file."""
+        read-back compares the repository with the sha256 recorded, not with the file. That the Hub still holds
+        the blob is asked before the commit (`commit`)."""
         entry = self._recorded.get(name)
         if entry is None or entry.get("removed"):
             return None
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        if st.st_size != entry["size"] or st.st_mtime_ns != entry.get("mtime_ns"):
+        if hc.file_stamp(path) != (entry["size"], entry.get("mtime_ns")):
             return None
         if path.parent != self.dst and name not in self._covered:
             return None
         return entry
 
     def _send(self, path: Path, name: str) -> None:
+        """Pre-upload one shard; recorded only once the client says the Hub holds it (a blob uploaded, or one the
+        Hub answered it holds), or keeps it in git (then it goes with the commit)."""
         from huggingface_hub import CommitOperationAdd
 
         op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
         self._retrying(lambda: self.api.preupload_lfs_files(self.options.repo_id, additions=[op],
                                                             revision=self.options.branch, num_threads=1),
                        f"uploading {name}")
+        if op._should_ignore:  # the client skipped it: the Hub would leave it out of the commit
+            raise self._ignored(name, None)
         if op._upload_mode != "lfs":  # a small file the Hub keeps in git: it goes with the commit itself
             with self._lock:
                 self.in_git[name] = op.upload_info.size
             self._save()
             return
+        if not op._is_uploaded:
+            raise PublishError(f"{self.options.where}: the Hub did not confirm the upload of {name}; rerun the same "
+                               "command")
         with self._lock:
             self.uploaded[name] = {"sha256": op.upload_info.sha256.hex(), "size": op.upload_info.size,
                                    "mtime_ns": os.stat(path).st_mtime_ns}
             self.shards_sent += 1
         self._save()
+
+    def _held(self, blobs: dict[str, tuple[int, str]]) -> set[str]:
+        if not blobs:
+            return set()
+        return self._retrying(lambda: hc.held(self.api, self.options.repo_id, self.options.branch, blobs),
+                              "asking the Hub which blobs it holds")
 
     def _remove(self, path: Path, name: str) -> None:
         """Remove an uploaded shard: recorded first, so that a rerun never looks for it."""
@@ -387,182 +464,25 @@ class Publisher:
             if folder.is_dir():
                 _write_json(folder / PENDING_RECORD, self._record())
 
-    # --- once the output is in place ---------------------------------------------------------------------------
-
-    def output_in_place(self) -> None:
-        """The output is complete and in `--dst`: keep what the commit needs there until it is made."""
-        self._in_place = True
-        self._save()
-
-    def commit(self) -> "CommitResult":
-        """Raise the background upload's failure, if any; else one commit of every file of `--dst`: the uploaded
-        shards (removed ones too) by their sha256 and size, the other files uploaded now. Then the repository's
-        file list, sizes and LFS hashes are read back and compared."""
-        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
-        from huggingface_hub.lfs import UploadInfo
-
-        if self.error is not None:
-            raise self.error
-        files = sorted(p.relative_to(self.dst).as_posix() for p in self.dst.rglob("*")
-                       if p.is_file() and p.name != PENDING_RECORD and not p.name.startswith(".convert-fp8")
-                       and not p.name.startswith("convert-fp8-"))
-        removed = sorted(n for n, e in self.uploaded.items() if e.get("removed") and n not in files)
-        for name in _shard_names(files):  # not uploaded while converting: now, before the commit
-            size = (self.dst / name).stat().st_size
-            if name in self.uploaded or self.in_git.get(name) == size:
-                continue
-            entry = self._trusted(self.dst / name, name)
-            if entry is not None:
-                self.uploaded[name] = entry
-            else:
-                self.in_git.pop(name, None)
-                self._send(self.dst / name, name)
-        operations, expected = [], {}
-        for relative in files + removed:
-            path = self.dst / relative
-            blob = self.uploaded.get(relative)
-            if blob is not None:
-                size = blob["size"] if relative in removed else path.stat().st_size
-                if blob["size"] != size:
-                    raise PublishError(f"{path}: {size} bytes, but {blob['size']} were uploaded; convert again with "
-                                       "--overwrite")
-                # a blob already on the Hub: the commit names it by sha256 and size, and needs no local file
-                op = CommitOperationAdd(path_in_repo=relative, path_or_fileobj=b"")
-                op.upload_info = UploadInfo(size=size, sample=b"", sha256=bytes.fromhex(blob["sha256"]))
-                op._upload_mode, op._should_ignore, op._is_uploaded = "lfs", False, True
-                expected[relative] = (size, blob["sha256"])
-            else:
-                op = CommitOperationAdd(path_in_repo=relative, path_or_fileobj=str(path))
-                if relative in self.in_git:  # its upload mode is known: not asked for again
-                    op._upload_mode, op._should_ignore = "regular", False
-                expected[relative] = (path.stat().st_size, None)
-            operations.append(op)
-        remote = self._remote_files()
-        if self.replace:
-            operations += [CommitOperationDelete(path_in_repo=f) for f in sorted(remote)
-                           if f not in expected and f not in _REPO_HOUSEKEEPING]
-        count = len(files) + len(removed)
-        message = self.options.commit_message or f"Upload {count} files converted by convert-fp8"
-        info = self._retrying(lambda: self.api.create_commit(
-            self.options.repo_id, operations, commit_message=message, revision=self.options.branch,
-            parent_commit=self.head), "committing")
-        self._read_back(info.oid, expected)
-        if not self.keep:  # the shards the Hub keeps in git went with the commit; every shard is on the Hub now
-            for name in _shard_names(files):
-                (self.dst / name).unlink(missing_ok=True)
-        (self.dst / PENDING_RECORD).unlink(missing_ok=True)
-        return CommitResult(url=info.commit_url, oid=info.oid, files=count, shards_sent=self.shards_sent,
-                            kept=self.keep)
-
-    def _remote_files(self) -> set[str]:
-        try:
-            return set(self.api.list_repo_files(self.options.repo_id, revision=self.options.branch))
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(exc, "listing the repository") from None
-
-    def _read_back(self, oid: str, expected: dict[str, tuple[int, str | None]]) -> None:
-        """The committed tree holds every file, at its size, and every LFS file under its sha256."""
-        from huggingface_hub.hf_api import RepoFile
-
-        try:
-            entries = [e for e in self.api.list_repo_tree(self.options.repo_id, revision=oid, recursive=True)
-                       if isinstance(e, RepoFile)]
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(exc, "reading back the commit") from None
-        got = {e.path: e for e in entries}
-        for path, (size, sha256) in expected.items():
-            entry = got.get(path)
-            if entry is None:
-                raise PublishError(f"{self.options.where}: commit {oid[:12]} does not hold {path}")
-            remote_size = entry.lfs.size if entry.lfs else entry.size
-            if remote_size != size:
-                raise PublishError(f"{self.options.where}: commit {oid[:12]} holds {path} with {remote_size} bytes, "
-                                   f"{size} were written")
-            if sha256 is not None and (entry.lfs is None or entry.lfs.sha256 != sha256):
-                raise PublishError(f"{self.options.where}: commit {oid[:12]} holds {path} with another sha256 than "
-                                   "the one uploaded")
-        extra = sorted(set(got) - set(expected) - _REPO_HOUSEKEEPING)
-        if extra and self.replace:
-            raise PublishError(f"{self.options.where}: commit {oid[:12]} also holds {extra[0]}, which the output "
-                               "does not")
-
-    # --- errors -----------------------------------------------------------------------------------------------
-
-    def _retrying(self, call, doing: str):
-        """`call()`, tried again after a network failure or an HTTP 429/5xx, with a doubling wait."""
-        retries, wait = _retries()
-        for attempt in range(retries + 1):
-            if self._stop.is_set():
-                raise _Stopped
-            try:
-                return call()
-            except Exception as exc:  # noqa: BLE001
-                if self._stop.is_set():
-                    raise _Stopped from None
-                if attempt == retries or not _transient(exc):
-                    raise self._error(exc, doing, tries=attempt + 1) from None
-                log.debug("%s: %s; trying again in %.0f s", doing, exc, wait)
-                if self._stop.wait(wait):  # Ctrl-C ends the wait at once
-                    raise _Stopped from None
-                wait *= 2
-
-    def _error(self, exc: BaseException, doing: str, tries: int = 1) -> PublishError:
-        """One line for a failure of the Hub client."""
-        from huggingface_hub import constants
-        from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, RepositoryNotFoundError
-
-        from .hub import _is_network_error
-
-        where = self.options.where
-        resume = "; the uploaded blobs stay on the Hub: rerun the same command to resume the upload"
-        cause = _root_cause(exc)
-        if isinstance(cause, PublishError):
-            return cause
-        if isinstance(cause, LocalTokenNotFoundError):
-            return PublishError(f"--push-to-hub {self.options.repo_id}: no Hugging Face token: set HF_TOKEN to a "
-                                "write token, or run `hf auth login`")
-        text = str(cause)
-        if "quota" in text.lower() or (isinstance(cause, HfHubHTTPError) and cause.response is not None
-                                       and cause.response.status_code in (402, 413, 507)):
-            return PublishError(f"{where}: the Hub refused the upload while {doing}: storage quota exceeded "
-                                f"({_first_line(text)}); free space on the account or upgrade it, then rerun the "
-                                "same command")
-        if isinstance(cause, HfHubHTTPError) and cause.response is not None:
-            status = cause.response.status_code
-            if status == 401:
-                return PublishError(f"{where}: the Hub refused the token (HTTP 401) while {doing}: check HF_TOKEN")
-            if status == 403:
-                return PublishError(f"{where}: no write access (HTTP 403) while {doing}: the token's account "
-                                    f"cannot write to {self.options.repo_id.split('/')[0]}")
-            if isinstance(cause, RepositoryNotFoundError) or status == 404:
-                return PublishError(f"{where}: repository or branch not found (HTTP 404) while {doing}")
-            if status == 409:
-                return PublishError(f"{where}: the repository changed during the run (HTTP 409) while {doing}; "
-                                    "rerun the same command")
-            later = f", {_tries(tries)}{resume}" if status >= 500 or status == 429 else ""
-            return PublishError(f"{where}: the Hub answered HTTP {status} while {doing}{later}")
-        if _is_network_error(cause) or isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
-            return PublishError(f"{where}: cannot reach the Hub at {constants.ENDPOINT} while {doing}, "
-                                f"{_tries(tries)}{resume}")
-        return PublishError(f"{where}: {doing} failed: {type(cause).__name__}: {_first_line(text)}{resume}")
-
     def close(self) -> None:
         """Tell the upload threads to stop, without waiting: one in flight is cut off when the process exits (the
         blobs already on the Hub, and the record of them, make the same command resume)."""
         self._stop.set()
+        quiet = _QuietUploads()  # an upload cut off as the process ends must not print after its last line
+        for handler in logging.getLogger("huggingface_hub").handlers:
+            handler.addFilter(quiet)
         for _ in self._workers:
             self._queue.put(None)
         with self._changed:
             self._changed.notify_all()
 
 
-@dataclass
-class CommitResult:
-    url: str
-    oid: str
-    files: int
-    shards_sent: int  # shards this run pre-uploaded (the bytes of a blob the Hub held already are not sent)
-    kept: bool = True  # False: --dst holds no shards (--no-keep-output)
+class _QuietUploads(logging.Filter):
+    """Drops what the client logs from the upload threads (retries of a request cut off) once they are told to
+    stop."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.threadName.startswith("convert-fp8-upload")
 
 
 def _check_shard(path: Path, shard: ShardPlan):
@@ -614,47 +534,6 @@ def _entry_ok(entry) -> bool:
             and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64)
 
 
-def _shard_names(files: list[str]) -> list[str]:
-    return [f for f in files if "/" not in f and f.endswith(".safetensors")]
-
-
-def _transient(exc: BaseException) -> bool:
-    from huggingface_hub.errors import HfHubHTTPError
-
-    from .hub import _is_network_error
-
-    cause = _root_cause(exc)
-    if isinstance(cause, HfHubHTTPError) and cause.response is not None:
-        return cause.response.status_code == 429 or cause.response.status_code >= 500
-    return _is_network_error(cause)
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    """huggingface_hub wraps an upload's failure (`RuntimeError: Error while uploading ...`): its cause says why."""
-    seen = 0
-    while isinstance(exc, RuntimeError) and exc.__cause__ is not None and seen < 5:
-        exc, seen = exc.__cause__, seen + 1
-    return exc
-
-
-def _tries(n: int) -> str:
-    """The client tries a request 6 times; convert-fp8 tries it again `n - 1` times."""
-    return f"after {6 * n} tries with backoff"
-
-
-def _first_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[0][:300] if lines else ""
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -678,6 +557,8 @@ def run_and_publish(run, dst: Path, target: PublishOptions, identity: dict):
         publisher.open()
         if target.overwrite:
             publisher.forget()
+        if publisher.finished is not None:  # a finished output, and a repository holding a model
+            return None, publisher.published()
         summary = None
         if not waiting:
             summary = run(publisher)

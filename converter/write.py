@@ -223,6 +223,7 @@ class ShardWriter:
         self._behind: _WriteBehind | None = None
         self._direct_fd: int | None = None  # the shard opened with O_DIRECT, once open; None where refused
         self.writes_direct = False  # whether aligned writes go with O_DIRECT (False once the file system refused)
+        self.gate: Callable[[], None] | None = None  # called before each write: may wait for room on the disk
 
     def _expect(self, state: str) -> None:
         if self.state != state:
@@ -300,6 +301,8 @@ class ShardWriter:
         final fsync, as every piece is; a rerun reads every piece back anyway). Any other write goes through the
         page cache; the two never share a page.
         """
+        if self.gate is not None:
+            self.gate()
         view = memoryview(data).cast("B")
         offset = self._claim(name, start, len(view))
         piece = self._piece(name, start, len(view), buffer_crc(view)) if self._manifest is not None else None
@@ -350,6 +353,8 @@ class ShardWriter:
         """Copy `nbytes` of tensor `name` from another file, in the kernel where possible, else through the
         buffer `scratch(size)` returns (asked for only then, so that it costs no memory where the kernel copies).
         Meant for one copying thread per writer: in-kernel copies across file systems use a file position."""
+        if self.gate is not None:
+            self.gate()
         offset = self._claim(name, start, nbytes)
         done = 0
         try:

@@ -41,6 +41,9 @@ class FakeHub:
             def do_PUT(self):
                 hub._serve(self, body=True)
 
+            def do_DELETE(self):
+                hub._serve(self, body=True)
+
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
