@@ -20,6 +20,7 @@ Cold runs need root (to drop the page cache); without it they are reported as wa
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -146,6 +147,10 @@ def settle() -> None:
     time.sleep(SETTLE_SECONDS)
 
 
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 def copy_then_convert(src: Path, copy_out: Path, disk_out: Path, reps: int) -> tuple[list, list]:
     """`cp -r` and the conversion, each from a cold page cache and synced (the converter fsyncs every file it
     writes), after the same idle time (`settle`), alternated `reps` times: the (wall, CPU) seconds of each. The
@@ -185,16 +190,27 @@ def real_mix(args, rows: list) -> dict | None:
     return {"bytes": src_bytes, "convert": min(w for w, _ in conv_runs), "cp": min(w for w, _ in cp_runs)}
 
 
-def copy_and_convert_rows(rows: list, label: str, src_bytes: int, cp_runs: list, conv_runs: list) -> None:
+def copy_and_convert_rows(rows: list, label: str, src_bytes: int, cp_runs: list, conv_runs: list,
+                          out_bytes: int | None = None) -> None:
     """Two table rows: `cp -r` and the conversion of one slice, cold and synced, each run's wall time and CPU
-    seconds per GB, and each conversion's time and CPU as a ratio to the copy it alternated with."""
+    seconds per GB, and each conversion's time and CPU as a ratio to the copy it alternated with, and, given the
+    output's size, to the disk's limit: the copy moves the source twice through the disk, the conversion the
+    source and its output, so a conversion as fast as the copy per byte takes (source + output) / (2 x source) of
+    its time."""
     gb = src_bytes / 1e9
+    if out_bytes is not None:
+        share = (src_bytes + out_bytes) / (2 * src_bytes)
+        limit = "; " + " / ".join(f"{cw / (pw * share):.2f}x" for (cw, _), (pw, _) in zip(conv_runs, cp_runs)) + \
+            f" the disk's limit ({share:.2f}x the copy's time)"
+    else:
+        limit = ""
     rows.append((f"cp -r, {label}, cold, synced", " / ".join(f"{w:.1f} s" for w, _ in cp_runs),
                  " / ".join(f"{c / gb:.2f}" for _, c in cp_runs) + " CPU-s per GB"))
     rows.append((f"convert, {label}, cold, synced", " / ".join(f"{w:.1f} s" for w, _ in conv_runs),
                  " / ".join(f"{c / gb:.2f}" for _, c in conv_runs) + " CPU-s per GB; "
                  + " / ".join(f"{cw / pw:.2f}x" for (cw, _), (pw, _) in zip(conv_runs, cp_runs)) + " the copy's time; "
-                 + " / ".join(f"{cc / pc:.2f}x" for (_, cc), (_, pc) in zip(conv_runs, cp_runs)) + " its CPU"))
+                 + " / ".join(f"{cc / pc:.2f}x" for (_, cc), (_, pc) in zip(conv_runs, cp_runs)) + " its CPU"
+                 + limit))
 
 
 def moe_slice(args, rows: list) -> None:
@@ -207,9 +223,44 @@ def moe_slice(args, rows: list) -> None:
     src_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     copy_out, disk_out = args.dir / "cp-qwen3-moe", args.dir / "out-qwen3-moe"
     cp_runs, conv_runs = copy_then_convert(src, copy_out, disk_out, args.reps)
+    out_bytes = folder_bytes(disk_out)
     shutil.rmtree(disk_out, ignore_errors=True)
     copy_and_convert_rows(rows, f"Qwen3-30B-A3B-shaped slice, {args.moe_layers} layers ({src_bytes / 1e9:.1f} GB)",
-                          src_bytes, cp_runs, conv_runs)
+                          src_bytes, cp_runs, conv_runs, out_bytes)
+
+
+def deepseek_count(args, rows: list) -> None:
+    """DeepSeek-V3's names and tensor count at narrow widths (45,395 tensors, 3.1 GB): `cp -r` and the
+    conversion, cold and synced, alternated; then, warm, `--dry-run`, `verify` and `dequantize` of the output:
+    each one's CPU per tensor over what its bytes cost (cp's CPU for the same bytes)."""
+    src = args.dir / "deepseek-v3-count"
+    if not (src / "config.json").exists():
+        sh(sys.executable, "bench/make_slice.py", str(src), "--model", "deepseek-v3-count", "--shard-size",
+           "20000000")
+    src_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    tensors = len(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"])
+    copy_out, disk_out = args.dir / "cp-deepseek", args.dir / "out-deepseek"
+    cp_runs, conv_runs = copy_then_convert(src, copy_out, disk_out, args.reps)
+    out_bytes = folder_bytes(disk_out)
+    label = f"DeepSeek-V3-shaped count checkpoint ({tensors:,} tensors, {src_bytes / 1e9:.1f} GB)"
+    copy_and_convert_rows(rows, label, src_bytes, cp_runs, conv_runs, out_bytes)
+    cp_cpu_per_byte = min(c for _, c in cp_runs) / (2 * src_bytes)  # cp reads and writes each byte
+    over = (min(c for _, c in conv_runs) - cp_cpu_per_byte * (src_bytes + out_bytes)) / tensors
+    rows.append((f"convert, {label}, CPU per tensor over its bytes' cost", f"{over * 1e3:.3f} ms", "goal < 0.05 ms"))
+    bf16 = args.dir / "deepseek-bf16"
+    for what, cmd, moved in [
+        ("--dry-run", [*convert_cmd(src, args.dir / "dry"), "--dry-run"], 0),
+        ("verify --src", [sys.executable, "-m", "converter.cli", "verify", "--src", str(src), "--dst", str(disk_out),
+                          "-q", "--no-arch-check", "--report", str(args.dir / "verify.json")], src_bytes + out_bytes),
+        ("dequantize", [sys.executable, "-m", "converter.cli", "dequantize", "--src", str(disk_out), "--dst",
+                        str(bf16), "-q", "--overwrite"], out_bytes + src_bytes),
+    ]:
+        wall, cpu = timed_cpu(cmd)
+        extra = (cpu - cp_cpu_per_byte * moved) / tensors
+        rows.append((f"{what}, {label}, warm", f"{wall:.1f} s",
+                     f"{cpu:.1f} CPU-s; {extra * 1e3:.3f} ms CPU per tensor over its bytes' cost"))
+    shutil.rmtree(bf16, ignore_errors=True)
+    shutil.rmtree(disk_out, ignore_errors=True)
 
 
 def cpu_features() -> str:
@@ -283,6 +334,8 @@ def main() -> int:
                         help="idle seconds before each timed cold run (the disk's write-back of the run before)")
     parser.add_argument("--mix-layers", type=int, default=24,
                         help="layers of the real-mix slice (0: skip it; 24 needs about 56 GB free)")
+    parser.add_argument("--deepseek", type=int, default=1,
+                        help="1: the DeepSeek-V3-shaped count checkpoint (45,395 tensors, 3.1 GB); 0: skip it")
     parser.add_argument("--moe-layers", type=int, default=4,
                         help="layers of the Qwen3-30B-A3B-shaped MoE slice (0: skip it; 4 is 6.2 GB)")
     args = parser.parse_args()
@@ -354,6 +407,8 @@ def main() -> int:
     shutil.rmtree(disk_out, ignore_errors=True)
     if args.moe_layers:
         moe_slice(args, rows)
+    if args.deepseek:
+        deepseek_count(args, rows)
     mix = real_mix(args, rows) if args.mix_layers else None
     if mix is not None:  # the right mix: the small slice's 42% of copied embedding flatters the conversion
         rows.append(("projected 62.5 GB model, from the real-mix slice",

@@ -95,6 +95,7 @@ class _Output:
         self.headers: dict[str, ShardHeader] = {}
         self.total_size: int | None = None
         self.scale_of: dict[str, str] = {}  # FP8 weight -> its scale tensor, once paired
+        self.scales: set[str] = set()  # the names of those scale tensors
         problems = report.problems
         try:
             self.config = json.loads((folder / CONFIG_NAME).read_text())
@@ -279,9 +280,9 @@ def _check_pairs(out: _Output, report: VerifyReport, writer) -> dict[str, Tensor
                                                shard=info.shard))
     # a dialect without expert tensors names only `<module>.weight_scale` (a model's own `std_scale` is no scale)
     orphan = suffix if writer is None or writer.experts else ".weight" + suffix
-    paired = set(out.scale_of.values())
+    out.scales = set(out.scale_of.values())
     for name, info in tensors.items():
-        if name.endswith(orphan) and name not in paired:
+        if name.endswith(orphan) and name not in out.scales:
             report.problems.append(Problem("scale without an FP8 weight", tensor=name, shard=info.shard))
     return fp8
 
@@ -295,7 +296,7 @@ def _check_fp8_set(out: _Output, report: VerifyReport, fp8: dict[str, TensorInfo
     key = writer.exclusion_key
     ignored = set(qc.get("ignored_layers") or [])
     fp8_modules = {module_of(n) for n in fp8}
-    scales = set(out.scale_of.values())
+    scales = out.scales
     for name in sorted(fp8):
         if not writer.converts(module_of(name), patterns):
             report.problems.append(Problem(f"stored as FP8 but excluded by {key}", tensor=name,
@@ -323,7 +324,7 @@ def _check_against_transformers(out: _Output, report: VerifyReport, fp8: dict[st
     per-expert Linears in their fused experts), compressed-tensors by its Linear set."""
     fp8_modules = {module_of(n) for n in fp8}
     if writer.quant_method == "fp8":
-        scales = set(out.scale_of.values())
+        scales = out.scales
         roles = {n: arch.FP8 if n in fp8 else arch.SCALE if n in scales else arch.HIGH for n in out.tensors}
         found = arch.placement(out.config, list(roles))
         if isinstance(found, str):
@@ -350,7 +351,7 @@ def _check_against_source_structure(out: _Output, source: SourceIndex, report: V
             continue  # its shard is already reported unreadable
         report.problems.append(Problem("in the source but missing from the output", tensor=name))
     for name in sorted(set(tensors) - expected):
-        if name not in out.scale_of.values():
+        if name not in out.scales:
             report.problems.append(Problem("in the output but not in the source", tensor=name,
                                            shard=tensors[name].shard))
     if out.config is not None:
@@ -364,7 +365,7 @@ def _check_data(out: _Output, source: SourceIndex | None, fp8: dict[str, TensorI
                 report: VerifyReport, progress) -> None:
     output = out.as_source()
     tensors = output.tensors
-    scales = set(out.scale_of.values())
+    scales = out.scales
     with TensorReader(output) as reader, (_source_reader(source) if source else _Null()) as src_reader:
         for name, info in tensors.items():
             report.tensors_checked += 1
