@@ -3,7 +3,6 @@ written, the staged output checked, and everything moved into place."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable, Collection
 
@@ -13,7 +12,7 @@ from .errors import WriteError
 from .manifest import take_lock
 from .plan import Plan
 from .source import ShardHeader, SourceIndex, TensorInfo, source_card
-from .write import STAGING_NAME, OutputDir, config_json, index_json, shard_header
+from .write import STAGING_NAME, OutputDir, config_json, index_json, read_back_header, shard_header
 
 
 def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, options: ConvertOptions,
@@ -89,11 +88,8 @@ def finished_output(dst: Path, plan, source: SourceIndex, card: Callable[[], str
         generated[CARD_NAME] = card()
         if any((dst / name).read_bytes() != text.encode() for name, text in generated.items()):
             return None
-        for shard in plan.shards:
-            header = shard_header(shard)
-            with open(dst / shard.name, "rb") as f:
-                if f.read(len(header)) != header or os.fstat(f.fileno()).st_size != len(header) + shard.nbytes:
-                    return None
+        if not all(all(read_back_header(dst / shard.name, shard)) for shard in plan.shards):
+            return None
         if source.provider is None:
             finished_at = (dst / CONFIG_NAME).stat().st_mtime_ns  # moved into place last
             if any((source.root / s).stat().st_mtime_ns > finished_at for s in source.shards):
@@ -159,13 +155,11 @@ def check_written_headers(folder: Path, plan: Plan, skip: Collection[str] = ()) 
     and offsets), and each file's size."""
     for shard in (s for s in plan.shards if s.name not in skip):
         path = folder / shard.name
-        want = shard_header(shard)
         try:
-            with open(path, "rb") as f:
-                got, size = f.read(len(want)), os.fstat(f.fileno()).st_size
+            header_ok, size_ok = read_back_header(path, shard)
         except OSError as exc:
             raise WriteError(f"{path}: cannot read back the written shard: {exc.strerror}") from None
-        if got != want:
+        if not header_ok:
             raise WriteError(f"{path}: written header does not match the plan")
-        if size != len(want) + shard.nbytes:
-            raise WriteError(f"{path}: {size} bytes, expected {len(want) + shard.nbytes}")
+        if not size_ok:
+            raise WriteError(f"{path}: {path.stat().st_size} bytes, expected {len(shard_header(shard)) + shard.nbytes}")

@@ -488,15 +488,13 @@ class _QuietUploads(logging.Filter):
 def _check_shard(path: Path, shard: ShardPlan):
     """A shard is uploaded only once its header is, byte for byte, the one the plan gives, and its size the
     plan's. Returns the header."""
-    from .write import shard_header
+    from .write import read_back_header
 
-    want = shard_header(shard)
     try:
-        with open(path, "rb") as f:
-            got, size = f.read(len(want)), os.fstat(f.fileno()).st_size
+        header_ok, size_ok = read_back_header(path, shard)
     except OSError as exc:
         raise PublishError(f"{path}: cannot read the written shard ({exc.strerror}); not uploaded") from None
-    if got != want or size != len(want) + shard.nbytes:
+    if not (header_ok and size_ok):
         raise PublishError(f"{path}: the written shard does not match the plan; not uploaded")
     return read_header(path)
 

@@ -50,6 +50,18 @@ def shard_header(shard: ShardPlan) -> bytes:
     return header
 
 
+def read_back_header(path: Path, shard: ShardPlan) -> tuple[bool, bool]:
+    """A written shard read back against its plan: `(header byte for byte the plan's, size the planned one)`.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    want = shard_header(shard)
+    with open(path, "rb") as f:
+        got, size = f.read(len(want)), os.fstat(f.fileno()).st_size
+    return got == want, size == len(want) + shard.nbytes
+
+
 def _shard_header(shard: ShardPlan) -> bytes:
     """The complete safetensors header of a shard (length prefix included), from its plan alone.
 
