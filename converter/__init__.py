@@ -1,3 +1,22 @@
-"""convert-fp8: stream a BF16 Hugging Face checkpoint into a block-quantized FP8 checkpoint."""
+"""convert-fp8: stream a BF16 Hugging Face checkpoint into a block-quantized FP8 checkpoint.
+
+Every run takes one path: source -> plan -> quantize or decode -> write -> finalize and verify (validate, on a
+loader). The modules stand on floors, the lowest last; a module imports from its own floor and those below it,
+never from one above, and no import goes round in a circle (`tests/test_layout.py` reads every import, those
+inside functions too, and holds them to this table):
+
+    commands  cli, validate, doctor, demo
+    run       convert
+    publish   publish, publish_commit, hub_commit
+    check     finalize, verify
+    write     lanes, decode, stripes, write, manifest, resume, card
+    plan      plan, transcode, presets
+    dialects  dialects
+    source    source, hub, origin, arch
+    math      quantize, quantize_fast, dequantize_fast, kernels
+    base      errors, configs, checksum
+
+A name is a module or a package (`dialects`, `kernels`, `validate`), which stands on its floor whole.
+"""
 
 __version__ = "0.1.0"

@@ -1,14 +1,18 @@
-"""The model card (README.md) of a converted checkpoint: pure text from the plan and the source's own card.
+"""The model card (README.md) of an output: pure text from the plan and the source's own card.
 
 The front matter keeps what still holds for the FP8 copy (licence, languages, task, library, gating prompts,
-tags) so that the card can be uploaded as is, and names the source as its quantized base model.
+tags) so that the card can be uploaded as is, and names the source as its quantized base model. A dequantized
+checkpoint's card (`decoded_card`) keeps the same keys.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from . import __version__
 from .configs import format_size
-from .plan import Plan
+from .dialects.decoded import CONFIG_DTYPE_NAMES
+from .plan import DECODE, Plan
 
 # Source front-matter keys that hold for a quantized copy as well, in the order they are written. `base_model`
 # (the source's own base), `model-index` (its evaluation results) and the rest describe the source only.
@@ -131,3 +135,47 @@ tok = AutoTokenizer.from_pretrained("{repo_name}")
 def _items(texts) -> str:
     """A sub-list under a list item: indented to the item's text, or Markdown renders it as the outer list."""
     return "\n".join(f"  - {t}" for t in texts) or "  - (none)"
+
+
+def decoded_card(plan: Plan, values_text: str, base_model: str, source_card: str | None = None,
+                 base_model_id: str | None = None, commit: str | None = None) -> str:
+    """The model card of a dequantized checkpoint: where it comes from and how it was made. The front matter of
+    the source's card that still holds (licence, language, task, library, tags, gating prompts) is kept, as the
+    conversion keeps it; `base_model` is written only when the source's Hub id is known. `values_text` says
+    how the source dialect's scales read (its reader's `values_text`)."""
+    import yaml
+
+    try:
+        meta, unreadable = source_front_matter(source_card), None
+    except UnreadableFrontMatter as exc:
+        meta, unreadable = {}, str(exc)
+    decoded = [t for t in plan.tensors if t.action == DECODE]
+    dtype = CONFIG_DTYPE_NAMES[decoded[0].dtype] if decoded else "bfloat16"
+    front = {key: meta[key] for key in KEPT_KEYS if key in meta}
+    if base_model_id:
+        front["base_model"] = base_model_id
+    tags = meta.get("tags")
+    tags = [tags] if isinstance(tags, str) else list(tags) if isinstance(tags, list) else []
+    front["tags"] = list(dict.fromkeys([*(t for t in tags if t != "fp8"), dtype, "convert-fp8"]))
+    front.update({key: value for key, value in meta.items() if str(key).startswith(GATED_PREFIX)})
+    front_text = yaml.safe_dump(front, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1000)
+    archs = plan.config.get("architectures") or ["(unknown architecture)"]
+    origin = f"`{base_model}`" + (f" at commit `{commit}`" if commit else "")
+    warning = (f"\n> The source card's metadata could not be read ({unreadable}): copy its licence into the front "
+               "matter above before publishing.\n" if unreadable else "")
+    return f"""---
+{front_text}---
+# {Path(base_model).name}, dequantized to {dtype}
+
+{origin} ({archs[0]}) with its FP8 weights dequantized to {dtype} by `convert-fp8 dequantize` {__version__},
+streaming, without loading the model.
+{warning}
+- Source: {plan.decoded_from}.
+- {len(decoded)} FP8 weights dequantized: each E4M3 value times its block's scale in float32,
+  rounded once to {dtype}, {values_text}.
+  The scale tensors are dropped and `quantization_config` is removed from the config.
+- Every other tensor and file is copied unchanged.
+- Tensor data: {format_size(plan.source_nbytes)} in the source, {format_size(plan.output_nbytes)} here.
+
+The values are those of the FP8 checkpoint: dequantizing does not restore what quantization lost.
+"""

@@ -383,21 +383,23 @@ def dequantize_command(ctx, **opts):
 
 
 def _dequantize(src, dst, dry_run, quiet, push_to_hub, private, hub_branch, commit_message, **options):
-    from .dequantize import DequantOptions, dequantize, describe_dequant_plan, prepare
+    from .convert import convert, prepare
     from .hub import looks_like_repo_id
+    from .plan import describe_plan
 
-    options = DequantOptions(src=src if looks_like_repo_id(src) else Path(src), dst=dst, **options)
+    options = ConvertOptions(src=src if looks_like_repo_id(src) else Path(src), dst=dst, **options)
     if dry_run:
-        _, plan = prepare(options)
-        click.echo(describe_dequant_plan(plan))
+        _, plan, _ = prepare(options)
+        click.echo(describe_plan(plan))
         click.echo("dry run: nothing written")
         return
     if push_to_hub:
-        return _publish(lambda publish: _with_progress_bar(lambda *a, **k: dequantize(*a, **k, publish=publish),
+        return _publish(lambda publish: _with_progress_bar(lambda *a, **k: convert(*a, **k, publish=publish),
                                                            options, "dequantize", quiet),
                         options, push_to_hub, private, hub_branch, commit_message, quiet,
-                        describe=lambda s: click.echo(f"{s.dequantized} tensors dequantized, {s.copied} copied"))
-    summary = _with_progress_bar(dequantize, options, "dequantize", quiet)
+                        describe=lambda s: click.echo(f"{s.decoded_tensors} tensors dequantized, "
+                                                      f"{s.copied_tensors - s.decoded_tensors} copied"))
+    summary = _with_progress_bar(convert, options, "dequantize", quiet)
     if summary.already_finished:
         return _say_finished(summary)
     if not quiet:
@@ -407,7 +409,8 @@ def _dequantize(src, dst, dry_run, quiet, push_to_hub, private, hub_branch, comm
             click.echo(f"resumed: kept {format_size(summary.resumed_bytes)} of source already written by an "
                        "earlier run")
         click.echo(
-            f"{summary.dequantized} tensors dequantized, {summary.copied} copied, {summary.files_copied} other files; "
+            f"{summary.decoded_tensors} tensors dequantized, {summary.copied_tensors - summary.decoded_tensors} "
+            f"copied, {summary.files_copied} other files; "
             f"{format_size(summary.bytes_in)} in, {format_size(summary.bytes_out)} out in {summary.shards} shard(s); "
             f"{summary.seconds:.1f} s ({format_size(int(summary.bytes_in / max(summary.seconds, 1e-9)))}/s); "
             f"peak memory {format_size(summary.peak_rss_bytes)}"

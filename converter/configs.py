@@ -43,6 +43,10 @@ SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
+# An unfinished output lives in `DST/STAGING_NAME` until it moves into place; a publish's record of its uploads in
+# the staging folder from the first upload, then in `DST` until the commit.
+STAGING_NAME = ".convert-fp8.partial"
+PENDING_RECORD = ".convert-fp8.publish.json"
 
 
 def scale_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
@@ -122,13 +126,19 @@ class Preset:
     origin: str = ""  # the name or file it was loaded from
 
 
+NO_PRESET = Preset("none", ())
+OUTPUT_DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}  # `dequantize --dtype` -> safetensors dtype
+
+
 @dataclass(frozen=True)
 class ConvertOptions:
-    """Everything one conversion run needs to know."""
+    """Everything one run needs to know: a conversion into an FP8 dialect, or, with `dtype`, `dequantize`'s
+    16-bit checkpoint of an FP8 source (then only src, dst, max_shard_size, overwrite, base_model, revision,
+    low_disk and allow_external_links apply)."""
 
     src: Path | str  # a folder, or a Hub repo id
     dst: Path
-    preset: Preset
+    preset: Preset = NO_PRESET
     extra_excludes: tuple[str, ...] = ()
     block_size: int | None = None  # None: the preset's
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
@@ -144,9 +154,15 @@ class ConvertOptions:
     format: str = "fp8"  # output dialect, see FORMATS
     quant_scheme: str = "fp8-block"  # compressed-tensors scheme, see CT_SCHEMES
     scale_fmt: str = "float"  # transformers fp8 scale format, see SCALE_FORMATS
-    scheme: FP8Scheme = field(init=False)
+    dtype: str | None = None  # `dequantize`: a key of OUTPUT_DTYPES, the decoded weights' dtype
+    scheme: FP8Scheme | None = field(init=False)  # None for `dequantize`
 
     def __post_init__(self):
+        if self.dtype is not None:
+            if self.dtype not in OUTPUT_DTYPES:
+                raise ValueError(f"dtype {self.dtype!r}: expected one of {', '.join(OUTPUT_DTYPES)}")
+            object.__setattr__(self, "scheme", None)
+            return
         # compressed-tensors' FP8_BLOCK is 128x128 unless asked otherwise; the preset's 64 is transformers'
         default_block = CT_DEFAULT_BLOCK_SIZE if self.format == "compressed-tensors" else self.preset.block_size
         object.__setattr__(self, "scheme", FP8Scheme(self.block_size or default_block, self.format,
@@ -154,6 +170,11 @@ class ConvertOptions:
         i, n = self.part
         if not 1 <= i <= n:
             raise ValueError(f"part {i}/{n}: expected 1 <= I <= N")
+
+    @property
+    def command(self) -> str:
+        """The command this run is: `convert-fp8 convert` or `convert-fp8 dequantize`."""
+        return "convert" if self.dtype is None else "dequantize"
 
     @property
     def exclude_patterns(self) -> tuple[str, ...]:

@@ -1,6 +1,7 @@
-"""The conversion, driven by the plan: check and plan, then write this run's shards in two lanes
-(`lanes.py`), keeping what an interrupted run left (`resume.py`), and complete the checkpoint when every part
-is done (`finalize.py`)."""
+"""The one driver of every run, driven by the plan: read the source (`origin`), plan, then write this run's shards
+in two lanes (`lanes`, `decode`), keeping what an interrupted run left (`resume`), and complete the checkpoint
+when every part is done (`finalize`). A conversion (BF16 or FP8 source) and `dequantize` (an FP8 source to 16
+bits, `ConvertOptions.dtype`) differ only in their plan."""
 
 from __future__ import annotations
 
@@ -12,15 +13,18 @@ from pathlib import Path
 from typing import Callable
 
 from . import arch, transcode
-from .configs import CONFIG_NAME, INDEX_NAME, ConvertOptions
+from .configs import CONFIG_NAME, INDEX_NAME, OUTPUT_DTYPES, ConvertOptions
+from .decode import main_lane
 from .dialects import writer_for
+from .dialects.decoded import decoded_view, requantized
 from .errors import PublishError, UsageError
-from .finalize import conversion_card, finalize_if_complete, finished_output
+from .finalize import finalize_if_complete, finished_output, output_card
 from .lanes import Progress, Stop, write_shards
 from .manifest import RUN_FILE, Manifest, read_run, run_identity, source_stamp
-from .plan import QUANTIZE, SCALE, Plan, ShardPlan, make_plan
+from .plan import DECODE, QUANTIZE, SCALE, Plan, ShardPlan, make_plan
 from .resume import claim_part, run_record, verified_pieces
-from .source import SourceIndex, open_hub_source, open_source
+from .origin import load_source
+from .source import SourceIndex
 from .stripes import Quantizer
 from .write import STAGING_NAME, OutputDir
 
@@ -31,7 +35,7 @@ class Summary:
     dst: Path
     shards: int
     fp8_tensors: int
-    copied_tensors: int
+    copied_tensors: int  # an FP8 source's weights written in 16 bits are counted here too
     bytes_in: int
     bytes_out: int
     files_copied: int
@@ -41,6 +45,7 @@ class Summary:
     finalized: bool = True
     notes: list[str] = field(default_factory=list)
     already_finished: str | None = None  # what showed that --dst already held this run's finished output
+    decoded_tensors: int = 0  # FP8 weights of the source written in 16 bits
 
 
 def prepare(options: ConvertOptions, check_arch_now: bool = True) -> tuple[SourceIndex, Plan, list[str]]:
@@ -51,6 +56,9 @@ def prepare(options: ConvertOptions, check_arch_now: bool = True) -> tuple[Sourc
         `(source, plan, notes)`; notes say what could not be checked.
     """
     source = load_source(options.src, options.dst, options.revision, options.low_disk, options.allow_external_links)
+    if options.dtype is not None:  # dequantize: the FP8 source as its 16-bit view, written as it is
+        view = decoded_view(source, OUTPUT_DTYPES[options.dtype])
+        return view, transcode.decode_plan(view, options.max_shard_size), []
     source = transcode.source_to_convert(source, options.scheme)  # an FP8 source: as dequantize would write it
     notes = []
     loader = None
@@ -69,8 +77,8 @@ def prepare(options: ConvertOptions, check_arch_now: bool = True) -> tuple[Sourc
         notes.append(f"preset {options.preset.name!r} is meant for {', '.join(preset_archs)}, not {archs}")
     if options.arch_check and check_arch_now:
         _note_once(notes, arch.cross_check(plan))
-    if transcode.requantized(source):
-        notes.append(f"the source is FP8 ({transcode.requantized(source)}): its weights are decoded as dequantize "
+    if requantized(source):
+        notes.append(f"the source is FP8 ({requantized(source)}): its weights are decoded as dequantize "
                      "decodes them and quantized again, a lossy step")
     return source, plan, notes
 
@@ -79,32 +87,6 @@ def _note_once(notes: list[str], note: str | None) -> None:
     """Add the cross-check's note unless choosing the tensors already said why transformers could not answer."""
     if note and not any(n.startswith(note) for n in notes):
         notes.append(note)
-
-
-def load_source(src: Path | str, dst: Path, revision: str | None = None, low_disk: bool = False,
-                allow_external_links: bool = False) -> SourceIndex:
-    """The source `src`: a local folder, or a Hub repository id (`org/name`) at `revision`; `dst` is where the
-    output goes (a local source must not hold it, nor sit inside it).
-
-    Raises:
-        UsageError: `revision` or `low_disk` for a local folder, `dst` inside `src` or `src` inside `dst`.
-    """
-    from .hub import HubRepo, looks_like_repo_id
-
-    if looks_like_repo_id(src):
-        return open_hub_source(HubRepo(str(src), revision, low_disk))
-    if revision or low_disk:
-        raise UsageError("--revision and --low-disk apply to Hub sources (--src org/name), not to a local folder")
-    _check_paths(src, dst)
-    return open_source(src, allow_external_links=allow_external_links)
-
-
-def _check_paths(src: Path, dst: Path) -> None:
-    src_abs, dst_abs = Path(src).resolve(), Path(dst).resolve()
-    if dst_abs == src_abs or src_abs in dst_abs.parents:
-        raise UsageError(f"--dst {dst} is inside --src {src}: the source is never written to; choose another folder")
-    if dst_abs in src_abs.parents:
-        raise UsageError(f"--src {src} is inside --dst {dst}: replacing --dst would destroy the source")
 
 
 def _output_names(plan: Plan, source) -> list[str]:
@@ -149,7 +131,7 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     started = time.monotonic()
     source, plan, notes = prepare(options, check_arch_now=False)
     if publish is None and not options.overwrite:
-        checked = finished_output(options.dst, plan, source, lambda: conversion_card(plan, source, options))
+        checked = finished_output(options.dst, plan, source, lambda: output_card(plan, source, options))
         if checked is not None:
             return _finished_summary(options.dst, plan, source, started, notes, checked)
     out = OutputDir(options.dst, options.overwrite)
@@ -159,15 +141,16 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     shard_bytes = publish.disk_needed(mine) if publish is not None else sum(s.nbytes for s in mine)
     out.check_space(shard_bytes + extra + 2**20, already=out.staged_bytes([s.name for s in mine]))
     progress = progress or (lambda n: None)
-    part_source_bytes = sum(source.tensors[t.source].nbytes for s in mine for t in s.tensors if t.action != SCALE)
+    part_source_bytes = sum(source.stored_nbytes(t.source) for s in mine for t in s.tensors if t.action != SCALE)
     if on_start:
         on_start(part_source_bytes)
-    quantizer = Quantizer(plan.dialect, options.quantizer, options.device)
+    quantizer = Quantizer(plan.dialect, options.quantizer, options.device) if plan.scheme is not None else None
     # The cross-check builds the model on the meta device and places every output tensor (seconds on a large
     # model the first time; cached after): it runs beside the writing; its failure stops the lanes at once and
     # removes what this run wrote before anything is moved.
     stop = Stop()
-    arch_check = _Background(arch.cross_check, plan, on_error=stop.fail) if options.arch_check else None
+    arch_check = (_Background(arch.cross_check, plan, on_error=stop.fail)
+                  if options.arch_check and plan.scheme is not None else None)
     stamp = source_stamp(source)
     identity = run_identity(source, plan, stamp)
     i, n = options.part
@@ -182,11 +165,11 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
             publish.check_names(_output_names(plan, source), _copied_gitignore(plan, source))
         # shards an earlier run of this conversion uploaded and removed (--no-keep-output) are done
         gone = publish.resume(identity, done, mine, out.staging) if publish is not None else set()
-        gone_bytes = sum(source.tensors[t.source].nbytes for s in mine if s.name in gone for t in s.tensors
+        gone_bytes = sum(source.stored_nbytes(t.source) for s in mine if s.name in gone for t in s.tensors
                          if t.action != SCALE)
         progress(gone_bytes)
         resumed_bytes = gone_bytes + write_shards(
-            out, [s for s in mine if s.name not in gone], source, transcode.main_lane(source, quantizer), progress,
+            out, [s for s in mine if s.name not in gone], source, main_lane(source, quantizer), progress,
             manifest, done, claimed.resumed, stop, publish.shard_written if publish else None,
             gate=publish.may_write if publish is not None and not publish.keep else None)
         manifest.close()
@@ -215,13 +198,15 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
             arch_check.wait()
         raise
     finally:
-        quantizer.close()
+        if quantizer is not None:
+            quantizer.close()
     n_fp8 = sum(1 for s in mine for t in s.tensors if t.action == QUANTIZE)
     n_all = sum(len(s.tensors) for s in mine)
     return Summary(
         dst=options.dst,
         shards=len(mine),
         fp8_tensors=n_fp8,
+        decoded_tensors=sum(1 for s in mine for t in s.tensors if t.action == DECODE),
         copied_tensors=n_all - 2 * n_fp8,
         bytes_in=part_source_bytes,
         bytes_out=sum(s.nbytes for s in mine),
@@ -237,8 +222,8 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
 def _finished_summary(dst: Path, plan: Plan, source: SourceIndex, started: float, notes: list[str],
                       checked: str) -> Summary:
     """A run whose output was already finished: nothing written."""
-    n_fp8 = sum(1 for t in plan.tensors if t.action == QUANTIZE)
-    return Summary(dst=Path(dst), shards=len(plan.shards), fp8_tensors=n_fp8,
+    n_fp8 = plan.count(QUANTIZE)
+    return Summary(dst=Path(dst), shards=len(plan.shards), fp8_tensors=n_fp8, decoded_tensors=plan.count(DECODE),
                    copied_tensors=len(plan.tensors) - 2 * n_fp8, bytes_in=0, bytes_out=0, files_copied=0,
                    seconds=time.monotonic() - started,
                    peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, notes=notes,

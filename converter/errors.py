@@ -4,6 +4,11 @@ Every error a user can cause derives from `ConvertError`; its message names the 
 where there is one, the fix. The CLI prints it as one line and exits with `exit_code`.
 """
 
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
 
 class ConvertError(Exception):
     """Base class: a conversion cannot go on, for a reason the message states."""
@@ -37,3 +42,20 @@ class PublishError(ConvertError):
     """The output cannot be published: no token, no write access, the repository exists, the Hub failed. Raised
     while converting, it stops the conversion and keeps what was written, with the record of the uploads, so that
     the same command resumes."""
+
+
+def os_error(exc: OSError, path: Path | str, doing: str) -> WriteError:
+    """One-line message for an OS error while writing, naming the file."""
+    if exc.errno == errno.ENOSPC:
+        return WriteError(f"{path}: disk full while {doing}; free space and run again")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return WriteError(f"{path}: permission denied while {doing}")
+    if exc.errno == errno.EROFS:
+        return WriteError(f"{path}: read-only file system while {doing}")
+    return WriteError(f"{path}: {os_reason(exc)} while {doing}")
+
+
+def os_reason(exc: OSError) -> str:
+    """An OS error's reason as a message goes on: `input/output error`, `no such file or directory`."""
+    text = exc.strerror or str(exc)
+    return text[:1].lower() + text[1:]

@@ -6,13 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Collection
 
-from .card import model_card
-from .configs import CARD_NAME, CONFIG_NAME, INDEX_NAME, ConvertOptions
+from .card import decoded_card, model_card
+from .configs import CARD_NAME, CONFIG_NAME, INDEX_NAME, PENDING_RECORD, STAGING_NAME, ConvertOptions
+from .dialects.decoded import requantized
 from .errors import WriteError
 from .manifest import take_lock
+from .origin import source_origin
 from .plan import Plan
 from .source import ShardHeader, SourceIndex, TensorInfo, source_card
-from .write import STAGING_NAME, OutputDir, config_json, index_json, read_back_header, shard_header
+from .write import OutputDir, config_json, index_json, read_back_header, shard_header
 
 
 def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, options: ConvertOptions,
@@ -35,11 +37,10 @@ def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, option
         notes.append("another part is completing the checkpoint")
         return False
     try:
-        names = write_last_files(out, plan, source, lambda: conversion_card(plan, source, options))
+        names = write_last_files(out, plan, source, lambda: output_card(plan, source, options))
         check_written_headers(out.staging, plan, skip=removed)
-        self_check(out.staging, plan, removed)
-        from .publish import PENDING_RECORD
-
+        if plan.scheme is not None:  # `verify` checks FP8 weights and scales: a 16-bit output has none
+            self_check(out.staging, plan, removed)
         names = [n for n in names if n not in removed]
         if (out.staging / PENDING_RECORD).is_file():  # what its commit needs moves into place with the output
             names.append(PENDING_RECORD)
@@ -53,13 +54,13 @@ def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, option
     return True
 
 
-def conversion_card(plan: Plan, source: SourceIndex, options: ConvertOptions) -> str:
-    """The model card a conversion writes."""
-    from .publish import source_origin
-    from .transcode import requantized
-
+def output_card(plan: Plan, source: SourceIndex, options: ConvertOptions) -> str:
+    """The model card the run writes: a conversion's, or a dequantized checkpoint's."""
     hub_id, commit = source_origin(source)  # a Hub source, or a snapshot folder of the Hugging Face cache
     base = options.base_model or hub_id or source.root.resolve().name
+    if plan.scheme is None:
+        return decoded_card(plan, source.reader.values_text, base_model=base, source_card=source_card(source),
+                            base_model_id=options.base_model or hub_id, commit=commit)
     return model_card(plan, base_model=base, repo_name=f"{Path(base).name}-FP8", source_card=source_card(source),
                       base_model_id=options.base_model or hub_id, commit=commit, requantized_from=requantized(source))
 

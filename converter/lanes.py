@@ -52,8 +52,8 @@ class Stop:
 
 
 class MainLane:
-    """What the main thread writes beside the copy lane: the conversion's `QuantizeLane`, dequantize's
-    `DequantizeLane`. Its work items are tuples whose first two entries are the shard's writer and the planned
+    """What the main thread writes beside the copy lane: `QuantizeLane`, an FP8 source's
+    `DecodeLane` (`decode`). Its work items are tuples whose first two entries are the shard's writer and the planned
     tensor written; `run` calls `finished` with that tensor once it is written."""
 
     def items(self, writer: ShardWriter, tensors: list[TensorPlan]) -> list[tuple]:

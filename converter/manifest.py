@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .errors import UsageError
-from .write import STAGING_NAME, os_error
+from .configs import STAGING_NAME
+from .errors import UsageError, os_error
 
 RUN_FILE = "run.json"
 

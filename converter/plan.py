@@ -25,7 +25,9 @@ from .dialects.transformers_fp8 import should_convert_module  # noqa: F401 - the
 from .errors import PlanError
 from .source import SINGLE_FILE_NAME, SourceIndex, TensorInfo
 
-QUANTIZE, SCALE, COPY = "quantize", "scale", "copy"
+# A tensor's action: quantized into the target dialect, the scales of the FP8 weight just before it, copied as
+# stored, or decoded from FP8 to 16 bits (an FP8 source's weight that the output keeps unquantized)
+QUANTIZE, SCALE, COPY, DECODE = "quantize", "scale", "copy", "dequantize"
 
 # Last module-name component of an nn.Embedding (2-D `.weight`, but not a Linear). Names ending in a
 # projection (`embed_vision.embedding_projection`) are Linears and do not match.
@@ -49,7 +51,7 @@ class TensorPlan:
 
     name: str
     source: str
-    action: str  # QUANTIZE, SCALE (the inverse scales of the FP8 weight just before it) or COPY
+    action: str  # QUANTIZE, SCALE, COPY or DECODE
     dtype: str
     shape: tuple[int, ...]
     reason: str
@@ -74,11 +76,31 @@ class ShardPlan:
         return sum(t.nbytes for t in self.tensors)
 
 
-class ShardedOutput:
-    """What the writer, index and finalize read of any planned output: its shards (a conversion's `Plan`, a
-    dequantization's plan)."""
+@dataclass(frozen=True)
+class Plan:
+    """A complete output, decided before anything is written: a conversion into an FP8 dialect (`scheme`), or,
+    with `scheme` None, `dequantize`'s 16-bit checkpoint of an FP8 source (`transcode.decode_plan`)."""
 
+    scheme: FP8Scheme | None
     shards: tuple[ShardPlan, ...]
+    config: dict  # the output config.json
+    fp8_modules: tuple[str, ...]  # modules whose weight becomes FP8, in file order
+    kept_linears: dict[str, str]  # Linear-like module -> why it stays in the source dtype
+    modules_to_not_convert: tuple[str, ...]
+    ignored_layers: tuple[str, ...]
+    unmatched_patterns: tuple[tuple[str, str], ...]  # (pattern, note or suggestion)
+    files_to_copy: tuple[str, ...]
+    files_skipped: tuple[tuple[str, str], ...]
+    warnings: tuple[str, ...]
+    source_nbytes: int
+    decoded_from: str | None = None  # a 16-bit output: the FP8 source's dialect, in words
+    dropped_scales: int = 0  # a 16-bit output: the scale tensors of the source left out
+
+    @property
+    def dialect(self):
+        """The output dialect's writer (`converter.dialects`): names, dtypes, scale math, config; None for a
+        16-bit output."""
+        return writer_for(self.scheme) if self.scheme is not None else None
 
     @property
     def tensors(self) -> list[TensorPlan]:
@@ -96,28 +118,9 @@ class ShardedOutput:
         """Whether the output gets a `model.safetensors.index.json`: not when it is one `model.safetensors`."""
         return [s.name for s in self.shards] != [SINGLE_FILE_NAME]
 
-
-@dataclass(frozen=True)
-class Plan(ShardedOutput):
-    """A complete conversion, decided before anything is written."""
-
-    scheme: FP8Scheme
-    shards: tuple[ShardPlan, ...]
-    config: dict  # the output config.json
-    fp8_modules: tuple[str, ...]  # modules whose weight becomes FP8, in file order
-    kept_linears: dict[str, str]  # Linear-like module -> why it stays in the source dtype
-    modules_to_not_convert: tuple[str, ...]
-    ignored_layers: tuple[str, ...]
-    unmatched_patterns: tuple[tuple[str, str], ...]  # (pattern, note or suggestion)
-    files_to_copy: tuple[str, ...]
-    files_skipped: tuple[tuple[str, str], ...]
-    warnings: tuple[str, ...]
-    source_nbytes: int
-
-    @property
-    def dialect(self):
-        """The output dialect's writer (`converter.dialects`): names, dtypes, scale math, config."""
-        return writer_for(self.scheme)
+    def count(self, action: str) -> int:
+        """How many output tensors have this action."""
+        return sum(1 for t in self.tensors if t.action == action)
 
 
 def should_convert_module_legacy(full_name: str, patterns) -> bool:
@@ -426,6 +429,8 @@ def _legacy_matching_warnings(modules: Iterable[str], patterns: tuple[str, ...])
 
 def describe_plan(plan: Plan) -> str:
     """A human summary of a plan: counts per fate, output size, exclusions, warnings."""
+    if plan.scheme is None:
+        return _describe_decoding(plan)
     fates = Counter()
     for t in plan.tensors:
         if t.action == QUANTIZE:
@@ -453,5 +458,21 @@ def describe_plan(plan: Plan) -> str:
     lines.append(f"other files copied: {len(plan.files_to_copy)}")
     for path, why in plan.files_skipped:
         lines.append(f"not copied: {path} ({why})")
+    lines += [f"warning: {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+def _describe_decoding(plan: Plan) -> str:
+    """`dequantize`'s plan in words: what is read, what is written."""
+    decoded = [t for t in plan.tensors if t.action == DECODE]
+    dtype = decoded[0].dtype if decoded else "?"
+    lines = [
+        f"source: {plan.decoded_from}",
+        f"{len(decoded)} FP8 weights to {dtype}, {plan.dropped_scales} scale tensors dropped, "
+        f"{len(plan.tensors) - len(decoded)} tensors copied; {len(plan.shards)} shard(s)",
+        f"source tensors {format_size(plan.source_nbytes)} -> output tensors {format_size(plan.output_nbytes)}",
+        f"other files copied: {len(plan.files_to_copy)}",
+    ]
+    lines += [f"not copied: {path} ({why})" for path, why in plan.files_skipped]
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)

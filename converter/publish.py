@@ -50,8 +50,6 @@ from .write import STAGING_NAME
 log = logging.getLogger(__name__)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-_SNAPSHOT = re.compile(r"^models--([^/]+?)--([^/]+)$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _UPLOADERS = 2  # two shards at a time: one is hashed (LFS path) while the other's bytes go up
 
 
@@ -71,25 +69,6 @@ class PublishOptions:
     @property
     def where(self) -> str:
         return self.repo_id + (f"@{self.branch}" if self.branch else "")
-
-
-def source_origin(source) -> tuple[str | None, str | None]:
-    """The source's Hub id and commit when known: a Hub source's, or those a folder of the Hugging Face cache
-    (`.../models--org--name/snapshots/<commit>`) is named by; `(None, None)` otherwise."""
-    if source.name:
-        return source.name, source.commit
-    return cache_snapshot_origin(Path(source.root))
-
-
-def cache_snapshot_origin(root: Path) -> tuple[str | None, str | None]:
-    """`(org/name, commit)` for a snapshot folder of the Hugging Face cache, else `(None, None)`."""
-    root = Path(root).absolute()
-    if root.parent.name != "snapshots" or not _COMMIT.match(root.name):
-        return None, None
-    found = _SNAPSHOT.match(root.parent.parent.name)
-    if not found:
-        return None, None
-    return f"{found.group(1)}/{found.group(2)}", root.name
 
 
 class Publisher(CommitPhase):

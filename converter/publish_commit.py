@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import hub_commit as hc
-from .configs import INDEX_NAME
+from .configs import INDEX_NAME, PENDING_RECORD, STAGING_NAME
 from .errors import PublishError
-from .write import STAGING_NAME
 
 log = logging.getLogger("converter.publish")
 
-PENDING_RECORD = ".convert-fp8.publish.json"  # in the staging folder from the first upload, then in --dst until the commit
 
 
 def _retries() -> tuple[int, float]:

@@ -26,6 +26,12 @@ def source_name(src: Path | str) -> str:
 
 
 def run_record(options: ConvertOptions, identity: str, stamp: dict) -> dict:
+    """What the staging folder records of a run: what `finalize` and a rerun read back."""
+    if options.dtype is not None:
+        return {"identity": identity, "source_stamp": stamp, "parts": 1, "tool": __version__, "command": "dequantize",
+                "src": source_name(options.src), "revision": options.revision,
+                "options": {"dtype": options.dtype, "max_shard_size": options.max_shard_size,
+                            "base_model": options.base_model}}
     return {
         "identity": identity,
         "source_stamp": stamp,

@@ -103,6 +103,15 @@ class SourceIndex:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def stored_nbytes(self, name: str) -> int:
+        """The bytes a tensor is read from (a decoded view's FP8 weight: its codes and scales)."""
+        return self.tensors[name].nbytes
+
+    @property
+    def stored(self) -> SourceIndex:
+        """The checkpoint as its files hold it (a decoded view's FP8 checkpoint)."""
+        return self
+
 
 def read_header(path: Path) -> ShardHeader:
     """Parse and check one safetensors header.
@@ -288,7 +297,7 @@ def open_source(src: Path, allow_external_links: bool = False) -> SourceIndex:
 
 
 def _check_same_header(path: Path, source: SourceIndex, shard: str) -> None:
-    planned = {n: (t.dtype, t.shape, t.offset) for n, t in source.tensors.items() if t.shard == shard}
+    planned = {n: (t.dtype, t.shape, t.offset) for n, t in source.stored.tensors.items() if t.shard == shard}
     found = {n: (t.dtype, t.shape, t.offset) for n, t in read_header(path).tensors.items() if n in planned}
     if found != planned:
         raise SourceError(f"{path}: differs from the header the plan was made from (did the repository change?)")

@@ -1,33 +1,17 @@
-"""Converting an FP8 checkpoint into another FP8 dialect in one streaming pass: the bytes of `dequantize` then a
-conversion, without the BF16 checkpoint in between.
-
-The source is read as the BF16 checkpoint `dequantize` would write (`dialects.decoded`), planned as any BF16
-source, and written in the usual lanes: a weight the target quantizes is decoded stripe by stripe and quantized
-(`QuantizeLane` over a `DecodingReader`); one it keeps unquantized is dequantized as `dequantize` writes it
-(`DequantizeLane`); every other tensor is copied.
-"""
+"""Planning an FP8 source: read through its 16-bit view (`dialects.decoded`), it is planned as any BF16 source, and
+its FP8 weights that stay unquantized are marked to be decoded (`DECODE`), not copied. `dequantize` is the
+plan that decodes every one of them and quantizes nothing (`decode_plan`)."""
 
 from __future__ import annotations
 
 import dataclasses
 
+from .configs import CARD_NAME
 from .dialects import writer_for, writer_from_config
-from .dialects.decoded import DECODED_DTYPE, DecodedSource, DecodingReader, decoded_view
+from .dialects.decoded import DecodedSource, decoded_view
 from .errors import PlanError, SourceError
-from .lanes import MainLane, QuantizeLane
-from .plan import COPY, QUANTIZE, Plan
-from .source import SourceIndex
-
-DECODE = "dequantize"  # a kept FP8 weight, written in BF16 (dequantize's action, which `DequantizeLane` writes)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Kept:
-    """What `DequantizeLane` reads of its plan: the FP8 weights with their scales, their reader, the dtype."""
-
-    pairs: dict
-    reader: object
-    dtype: str = DECODED_DTYPE
+from .plan import COPY, DECODE, Plan, TensorPlan, assign_shards
+from .source import SINGLE_FILE_NAME, SourceIndex
 
 
 def source_to_convert(source: SourceIndex, scheme) -> SourceIndex:
@@ -54,11 +38,6 @@ def source_to_convert(source: SourceIndex, scheme) -> SourceIndex:
     return view
 
 
-def requantized(source: SourceIndex) -> str | None:
-    """What the source is when it is an FP8 checkpoint read through its BF16 view; else None."""
-    return source.dialect if isinstance(source, DecodedSource) else None
-
-
 def plan_for(plan: Plan, source: SourceIndex) -> Plan:
     """The plan with the FP8 weights of a decoded source that stay unquantized marked to be dequantized, not
     copied (their stored bytes are FP8)."""
@@ -67,55 +46,37 @@ def plan_for(plan: Plan, source: SourceIndex) -> Plan:
 
     def retag(t):
         if t.action == COPY and t.source in source.pairs:
-            return dataclasses.replace(t, action=DECODE, dtype=DECODED_DTYPE)
+            return dataclasses.replace(t, action=DECODE, dtype=source.dtype)
         return t
 
     shards = tuple(dataclasses.replace(s, tensors=tuple(map(retag, s.tensors))) for s in plan.shards)
     return dataclasses.replace(plan, shards=shards)
 
 
-def main_lane(source: SourceIndex, quantizer) -> MainLane:
-    """The conversion's main lane for this source: `QuantizeLane`, with FP8 weights decoded on the way when the
-    source is FP8."""
-    if isinstance(source, DecodedSource):
-        return TranscodeLane(source, quantizer)
-    return QuantizeLane(source, quantizer)
-
-
-class _DecodingQuantizeLane(QuantizeLane):
-    def open_reader(self):
-        return DecodingReader(self.source)
-
-    def reads(self, tensor) -> tuple[str, ...]:
-        pair = self.source.pairs.get(tensor.source)
-        return (pair.weight.shard, pair.scale.shard) if pair is not None else super().reads(tensor)
-
-
-class TranscodeLane(MainLane):
-    """Quantizes the weights the target quantizes (decoded on the way) and dequantizes those it keeps."""
-
-    def __init__(self, source: DecodedSource, quantizer):
-        from .dequantize import DequantizeLane
-
-        self.quantize = _DecodingQuantizeLane(source, quantizer)
-        self.decode = DequantizeLane(_Kept(source.pairs, source.reader), source.fp8)
-
-    def items(self, writer, tensors) -> list[tuple]:
-        return self.quantize.items(writer, tensors) + self.decode.items(writer, tensors)
-
-    def reads(self, tensor) -> tuple[str, ...]:
-        return (self.quantize if tensor.action == QUANTIZE else self.decode).reads(tensor)
-
-    def _split(self, items):
-        return [i for i in items if i[1].action == QUANTIZE], [i for i in items if i[1].action != QUANTIZE]
-
-    def keep(self, done: dict, items: list[tuple]) -> dict:
-        quantized, decoded = self._split(items)
-        return {**self.quantize.keep(done, quantized), **self.decode.keep(done, decoded)}
-
-    def run(self, items: list[tuple], stop, *args) -> int:
-        quantized, decoded = self._split(items)
-        kept = self.quantize.run(quantized, stop, *args)
-        if stop.is_set():
-            return kept
-        return kept + self.decode.run(decoded, stop, *args)
+def decode_plan(source: DecodedSource, max_shard_size: int) -> Plan:
+    """`dequantize`'s plan: every FP8 weight of `source` decoded to its view's dtype, every other tensor copied,
+    the scales dropped, the shards and the output config (the view's) decided from headers alone."""
+    groups = []
+    for info in source.tensors.values():
+        if info.name in source.pairs:
+            groups.append([TensorPlan(info.name, info.name, DECODE, source.dtype, info.shape, "dequantized")])
+        else:
+            groups.append([TensorPlan(info.name, info.name, COPY, info.dtype, info.shape, "copied")])
+    skipped = tuple((f, "replaced by the dequantized model card" if f == CARD_NAME else why)
+                    for f, why in source.files_skipped)
+    return Plan(
+        scheme=None,
+        shards=assign_shards(groups, max_shard_size, single_file=source.shards == (SINGLE_FILE_NAME,)),
+        config=source.config,
+        fp8_modules=(),
+        kept_linears={},
+        modules_to_not_convert=(),
+        ignored_layers=(),
+        unmatched_patterns=(),
+        files_to_copy=source.files_to_copy,
+        files_skipped=skipped,
+        warnings=source.warnings,
+        source_nbytes=source.fp8.nbytes,
+        decoded_from=source.dialect,
+        dropped_scales=len(source.pairs),
+    )

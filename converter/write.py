@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .checksum import buffer_crc, file_crc
-from .configs import CONFIG_NAME, INDEX_NAME
-from .errors import SourceError, UsageError, WriteError
+from .configs import CONFIG_NAME, INDEX_NAME, PENDING_RECORD, STAGING_NAME  # noqa: F401 - the staging layout, re-exported
+from .errors import SourceError, UsageError, WriteError, os_error, os_reason
 from .plan import Plan, ShardPlan
 from .source import DIRECT_ALIGN, PAGE_SIZE
 
 if TYPE_CHECKING:
     import numpy as np
 
-STAGING_NAME = ".convert-fp8.partial"
 _MOVING_NAME = "moving.json"  # in the staging folder while its output is moved into place
 _COPY_CHUNK = 16 * 2**20
 
@@ -90,23 +89,6 @@ def index_json(plan: Plan) -> str:
 
 def config_json(plan: Plan) -> str:
     return json.dumps(plan.config, indent=2) + "\n"
-
-
-def os_error(exc: OSError, path: Path | str, doing: str) -> WriteError:
-    """One-line message for an OS error while writing, naming the file."""
-    if exc.errno == errno.ENOSPC:
-        return WriteError(f"{path}: disk full while {doing}; free space and run again")
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return WriteError(f"{path}: permission denied while {doing}")
-    if exc.errno == errno.EROFS:
-        return WriteError(f"{path}: read-only file system while {doing}")
-    return WriteError(f"{path}: {_reason(exc)} while {doing}")
-
-
-def _reason(exc: OSError) -> str:
-    """An OS error's reason as a message goes on: `input/output error`, `no such file or directory`."""
-    text = exc.strerror or str(exc)
-    return text[:1].lower() + text[1:]
 
 
 # O_DIRECT writes cover whole pages of the page cache, so that no page holds both direct and buffered bytes
@@ -546,7 +528,7 @@ class OutputDir:
             with open(src, "rb") as f:
                 os.fstat(f.fileno())
         except OSError as exc:
-            raise SourceError(f"{src}: cannot read this file of the source: {_reason(exc)}") from None
+            raise SourceError(f"{src}: cannot read this file of the source: {os_reason(exc)}") from None
         try:
             shutil.copyfile(src, path)
             shutil.copymode(src, path)

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from transformers import FineGrainedFP8Config
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
 
-from converter import dequantize as dq
+from converter import decode as dq
 from converter.demo import build_checkpoint, gemma4_moe_config
 
 from .conftest import read_json, run_cli, tree_digest

@@ -20,7 +20,8 @@ import yaml
 from safetensors.torch import save_file
 
 from converter.configs import INDEX_NAME
-from converter.publish import PENDING_RECORD, cache_snapshot_origin
+from converter.origin import cache_snapshot_origin
+from converter.publish import PENDING_RECORD
 
 from .fake_hub_upload import UploadHub
 

@@ -1,11 +1,12 @@
-"""An FP8 checkpoint read as the BF16 checkpoint `dequantize` would write from it, without writing it.
+"""An FP8 checkpoint read as the 16-bit checkpoint `dequantize` writes from it, without writing it.
 
 `decoded_view` turns the `SourceIndex` of a checkpoint in a dialect this tool reads (its `reader_for`) into the
-index of that BF16 checkpoint: the FP8 weights become BF16 tensors of the same names and shapes, their scales
-(and static activation scales) are gone, every other tensor is the source's own, and the config is the one
-`dequantize` writes. `DecodingReader` serves the bytes of those BF16 weights, stripe by stripe, from the FP8
-codes and scales: each value `float32(q) * float32(scale)` rounded once to BF16, as `dequantize` computes it.
-The conversion then plans and quantizes this view as it would a BF16 source.
+index of that checkpoint: the FP8 weights become BF16 (F16, F32) tensors of the same names and shapes, their
+scales (and static activation scales) are gone, every other tensor is the source's own, and the config is the one
+`dequantize` writes. `DecodingReader` serves the bytes of the BF16 weights, stripe by stripe, from the FP8 codes
+and scales: each value `float32(q) * float32(scale)` rounded once to BF16, as `dequantize` computes it. A
+conversion plans and quantizes this view as it would a BF16 source; `dequantize` is the conversion that writes
+it as it is.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import copy
+
 from ..configs import CONFIG_NAME, DTYPE_SIZES
+from ..errors import SourceError
 from ..source import SourceIndex, TensorInfo, TensorReader
 
-DECODED_DTYPE = "BF16"  # `dequantize`'s default --dtype
+DECODED_DTYPE = "BF16"  # `dequantize`'s default --dtype, and what a conversion of an FP8 source quantizes from
+CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 DECODE_ELEMENTS = 2**20  # values decoded per step of a stripe
 
 
@@ -28,25 +33,37 @@ class DecodedSource(SourceIndex):
     fp8: SourceIndex | None = None
     pairs: dict = dataclasses.field(default_factory=dict)
     reader: object = None
+    dtype: str = DECODED_DTYPE  # of the decoded weights
 
     @property
     def dialect(self) -> str:
         """What the stored checkpoint is, in words."""
         return self.reader.describe()
 
+    @property
+    def stored(self) -> SourceIndex:
+        return self.fp8
 
-def decoded_view(source: SourceIndex) -> DecodedSource:
-    """The BF16 view of an FP8 `source` (whose config has a `quantization_config`).
+    def stored_nbytes(self, name: str) -> int:
+        """The bytes a tensor of the view is read from: a decoded weight's FP8 codes and its scales."""
+        pair = self.pairs.get(name)
+        return pair.weight.nbytes + pair.scale.nbytes if pair is not None else self.tensors[name].nbytes
+
+
+def decoded_view(source: SourceIndex, dtype: str = DECODED_DTYPE) -> DecodedSource:
+    """The 16-bit view of an FP8 `source` (whose config has a `quantization_config`), its weights in `dtype`.
 
     Raises:
-        SourceError: a dialect or config no reader reads, a weight without its scale, a scale grid that does not
-            fit (the reader's refusals, as `dequantize` makes them).
+        SourceError: no `quantization_config`, a dialect or config no reader reads, no FP8 weight, a weight
+            without its scale, a scale grid that does not fit (the reader's refusals).
     """
     from . import reader_for
 
     name = source.name or source.root
     reader = reader_for(source.config, f"{name}/{CONFIG_NAME}")
     pairs = reader.pair(source.tensors, lambda info: f"{name}/{info.shard}")
+    if not pairs:
+        raise SourceError(f"{name}/{CONFIG_NAME}: says {reader.quant_method} but the checkpoint holds no FP8 weights")
     gone = {p.scale.name for p in pairs.values()} | reader.dropped(source.tensors)
     tensors = {}
     for info in source.tensors.values():
@@ -54,23 +71,52 @@ def decoded_view(source: SourceIndex) -> DecodedSource:
             continue
         if info.name in pairs:
             numel = info.numel
-            info = dataclasses.replace(info, dtype=DECODED_DTYPE, nbytes=numel * DTYPE_SIZES[DECODED_DTYPE])
+            info = dataclasses.replace(info, dtype=dtype, nbytes=numel * DTYPE_SIZES[dtype])
         tensors[info.name] = info
     fields = {f.name: getattr(source, f.name) for f in dataclasses.fields(SourceIndex)}
-    fields.update(tensors=tensors, config=decoded_config(source.config))
-    return DecodedSource(**fields, fp8=source, pairs=pairs, reader=reader)
+    fields.update(tensors=tensors, config=decoded_config(source.config, dtype))
+    return DecodedSource(**fields, fp8=source, pairs=pairs, reader=reader, dtype=dtype)
 
 
-def decoded_config(config: dict) -> dict:
-    """The config `dequantize` writes: without `quantization_config`, its top-level dtype BF16."""
-    from ..dequantize import output_config
+def decoded_config(config: dict, dtype: str = DECODED_DTYPE) -> dict:
+    """The config `dequantize` writes: the source's without `quantization_config`, its top-level dtype `dtype`."""
+    out = copy.deepcopy(config)
+    out.pop("quantization_config", None)
+    for key in ("dtype", "torch_dtype"):
+        if key in out:
+            out[key] = CONFIG_DTYPE_NAMES[dtype]
+    return out
 
-    return output_config(config, DECODED_DTYPE)
+
+def requantized(source: SourceIndex) -> str | None:
+    """What the source is when it is an FP8 checkpoint read through its 16-bit view; else None."""
+    return source.dialect if isinstance(source, DecodedSource) else None
+
+
+def read_scales(reader: TensorReader, pair, dialect, source: SourceIndex):
+    """A weight's inverse scales as a float32 numpy matrix (experts' grids stacked), checked finite; `dialect` is
+    the source's dialect reader (`scales_from_bytes`).
+
+    Raises:
+        SourceError: a scale is NaN or infinite, naming the tensor and the block.
+    """
+    import numpy as np
+
+    info = pair.scale
+    scales = dialect.scales_from_bytes(reader.read(info), info.dtype).reshape(-1, info.shape[-1])
+    bad = np.argwhere(~np.isfinite(scales))
+    if len(bad):
+        row, col = (int(i) for i in bad[0])
+        *lead, grid_rows, _ = info.shape
+        at = f"expert {row // grid_rows}, block ({row % grid_rows}, {col})" if lead else f"block ({row}, {col})"
+        raise SourceError(f"{source.name or source.root}/{info.shard}: scale {info.name} is "
+                          f"{float(scales[row, col])} at {at}; the checkpoint is damaged")
+    return scales
 
 
 def decode_rows(codes, scales, block: tuple[int, int], first: int, rows_per_matrix: int):
     """BF16 bits of rows `[first, first + n)` of an FP8 weight's matrix view (experts' rows stacked), from any
-    row: `float32(q) * float32(scale)` per element, rounded once to BF16 (`dequantize.dequantize_rows`' product,
+    row: `float32(q) * float32(scale)` per element, rounded once to BF16 (`decode.dequantize_rows`' product,
     bit for bit, with `dequantize_fast`'s E4M3 values and BF16 rounding in numpy: no torch). Pure.
 
     Args:
@@ -172,8 +218,6 @@ class DecodingReader:
     def scales(self, pair):
         """A weight's scales as float32 `(matrices * grid rows, grid columns)`, checked finite as `dequantize`
         checks them (kept for the weight's next stripe)."""
-        from ..dequantize import read_scales
-
         if self._scales is not None and self._scales[0] == pair.weight.name:
             return self._scales[1]
         scales = read_scales(self._inner, pair, self.source.reader, self.source.fp8)
