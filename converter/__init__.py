@@ -5,14 +5,14 @@ loader). The modules stand on floors, the lowest last; a module imports from its
 never from one above, and no import goes round in a circle (`tests/test_layout.py` reads every import, those
 inside functions too, and holds them to this table):
 
-    commands  cli, validate, doctor, demo
+    commands  cli, console, validate, doctor, demo
     run       convert
-    publish   publish, publish_commit, hub_commit
-    check     finalize, verify
-    write     lanes, decode, stripes, write, manifest, resume, card
+    publish   publish, publish_commit, publish_record, hub_commit
+    check     finalize, verify, verify_report
+    write     lanes, decode, stripes, write, output_dir, manifest, resume, card
     plan      plan, transcode, presets
     dialects  dialects
-    source    source, hub, origin, arch
+    source    origin, reader, source, hub, arch
     math      quantize, quantize_fast, dequantize_fast, kernels
     base      errors, configs, checksum
 

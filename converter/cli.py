@@ -6,7 +6,6 @@ The only module that imports click or tqdm, prints, or exits.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import click
 
 from . import __version__
 from .configs import DEFAULT_MAX_SHARD_SIZE, DEFAULT_PRESET, ConvertOptions, format_size, parse_size
-from .errors import ConvertError
+from .console import print_summary, run_command, say_finished, with_progress_bar
 
 EXAMPLES = """
 Examples:
@@ -105,7 +104,7 @@ def main(ctx, debug, **opts):
         return
     if opts["src"] is None or opts["dst"] is None:
         raise click.UsageError("--src and --dst are required (see --help)")
-    _run(debug, _convert, **opts)
+    run_command(debug, _convert, **opts)
 
 
 def _block(text: str | None) -> int | None:
@@ -162,16 +161,16 @@ def _convert(src, dst, preset_name, exclude, no_arch_check, part, dry_run, quiet
         return
 
     if push_to_hub:
-        return _publish(lambda publish: _with_progress_bar(lambda *a, **k: convert(*a, **k, publish=publish),
+        return _publish(lambda publish: with_progress_bar(lambda *a, **k: convert(*a, **k, publish=publish),
                                                            options, "convert", quiet),
                         options, push_to_hub, private, hub_branch, commit_message, quiet, part,
                         keep_output=not no_keep_output)
-    summary = _with_progress_bar(convert, options, "convert", quiet)
+    summary = with_progress_bar(convert, options, "convert", quiet)
     if summary.already_finished:
-        return _say_finished(summary)
+        return say_finished(summary)
     status = None if summary.finalized else summary.notes.pop()  # who completes the checkpoint
     if not quiet:
-        _print_summary(summary)
+        print_summary(summary)
     if status is None:
         click.echo(f"wrote {summary.dst}")
     else:
@@ -195,7 +194,7 @@ def _publish(run, options, repo_id, private, branch, message, quiet, part=(1, 1)
     target = PublishOptions(repo_id, private, branch, message, options.overwrite, keep_output)
     summary, result = run_and_publish(run, options.dst, target, identity)
     if summary is not None and not quiet:
-        (describe or _print_summary)(summary)
+        (describe or print_summary)(summary)
     if result.already:
         click.echo(f"{target.where} already holds exactly the {result.files} files of {options.dst} (names, sizes "
                    f"and sha256 or git blob ids of its branch compared in {result.seconds:.1f} s): nothing to commit; "
@@ -229,43 +228,6 @@ def _check_dialect(options: dict) -> None:
         options["quant_scheme"] = "fp8-block"
 
 
-def _with_progress_bar(run, options, desc: str, quiet: bool):
-    """`run(options, progress=..., on_start=...)` with a bar of source bytes, opened once the run knows its total."""
-    bars = []
-
-    def start_bar(total: int):
-        from tqdm import tqdm
-
-        bars.append(tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr,
-                         disable=quiet or os.environ.get("CONVERT_FP8_NO_PROGRESS") == "1"))
-
-    try:
-        return run(options, progress=lambda n: bars[0].update(n), on_start=start_bar)
-    finally:
-        for bar in bars:
-            bar.close()
-
-
-def _say_finished(summary) -> None:
-    """The same command, run again after it finished: nothing to do, and how that was established."""
-    click.echo(f"{summary.dst} already holds this command's finished output: nothing written (checked in "
-               f"{summary.seconds:.1f} s: {summary.already_finished}; `convert-fp8 verify` checks every byte, "
-               "--overwrite writes it again)")
-
-
-def _print_summary(summary) -> None:
-    for note in summary.notes:
-        click.echo(f"note: {note}")
-    if summary.resumed_bytes:
-        click.echo(f"resumed: kept {format_size(summary.resumed_bytes)} of source already converted by an earlier run")
-    click.echo(
-        f"{summary.fp8_tensors} tensors to FP8, {summary.copied_tensors} copied, {summary.files_copied} other files; "
-        f"{format_size(summary.bytes_in)} in, {format_size(summary.bytes_out)} out in {summary.shards} shard(s); "
-        f"{summary.seconds:.1f} s ({format_size(int(summary.bytes_in / max(summary.seconds, 1e-9)))}/s); "
-        f"peak memory {format_size(summary.peak_rss_bytes)}"
-    )
-
-
 @main.command("finalize", epilog="""
 Example:
 
@@ -276,14 +238,14 @@ Example:
 def finalize_command(ctx, dst):
     """Complete a conversion run in parts (--part I/N) once every part has finished: check the parts, write the
     index, other files, model card and config, and move everything into place."""
-    _run(ctx.obj["debug"], _finalize, dst=dst)
+    run_command(ctx.obj["debug"], _finalize, dst=dst)
 
 
 def _finalize(dst):
     from .convert import finalize
 
     summary = finalize(dst)
-    _print_summary(summary)
+    print_summary(summary)
     click.echo(f"wrote {summary.dst}")
 
 
@@ -304,7 +266,7 @@ Examples:
 @click.pass_context
 def verify_command(ctx, dst, src, report_path, no_arch_check, quiet):
     """Check a converted checkpoint tensor by tensor, in bounded memory; exit 1 naming each problem."""
-    _run(ctx.obj["debug"], _verify, dst=dst, src=src, report_path=report_path, arch_check=not no_arch_check,
+    run_command(ctx.obj["debug"], _verify, dst=dst, src=src, report_path=report_path, arch_check=not no_arch_check,
          quiet=quiet)
 
 
@@ -379,7 +341,7 @@ Examples:
 def dequantize_command(ctx, **opts):
     """Dequantize a block-FP8 checkpoint (transformers fp8, DeepSeek-V3 style) to BF16, F16 or F32, streaming,
     with the values transformers computes when it dequantizes on load."""
-    _run(ctx.obj["debug"], _dequantize, **opts)
+    run_command(ctx.obj["debug"], _dequantize, **opts)
 
 
 def _dequantize(src, dst, dry_run, quiet, push_to_hub, private, hub_branch, commit_message, **options):
@@ -394,14 +356,14 @@ def _dequantize(src, dst, dry_run, quiet, push_to_hub, private, hub_branch, comm
         click.echo("dry run: nothing written")
         return
     if push_to_hub:
-        return _publish(lambda publish: _with_progress_bar(lambda *a, **k: convert(*a, **k, publish=publish),
+        return _publish(lambda publish: with_progress_bar(lambda *a, **k: convert(*a, **k, publish=publish),
                                                            options, "dequantize", quiet),
                         options, push_to_hub, private, hub_branch, commit_message, quiet,
                         describe=lambda s: click.echo(f"{s.decoded_tensors} tensors dequantized, "
                                                       f"{s.copied_tensors - s.decoded_tensors} copied"))
-    summary = _with_progress_bar(convert, options, "dequantize", quiet)
+    summary = with_progress_bar(convert, options, "dequantize", quiet)
     if summary.already_finished:
-        return _say_finished(summary)
+        return say_finished(summary)
     if not quiet:
         for note in summary.notes:
             click.echo(f"note: {note}")
@@ -449,7 +411,7 @@ Examples:
 def validate_command(ctx, dst, src, device, kernel, prompt, max_new_tokens, min_cosine, min_top1, max_kl,
                      min_embedding_cosine, min_rank_correlation, report_path):
     """Load the checkpoint with transformers, confirm the FP8 path, find NaN/Inf, compare with BF16, generate."""
-    _run(ctx.obj["debug"], _validate, dst=dst, src=src, device=device, kernel=kernel, prompt=prompt,
+    run_command(ctx.obj["debug"], _validate, dst=dst, src=src, device=device, kernel=kernel, prompt=prompt,
          max_new_tokens=max_new_tokens, min_cosine=min_cosine, min_top1=min_top1, max_kl=max_kl,
          min_embedding_cosine=min_embedding_cosine, min_rank_correlation=min_rank_correlation,
          report_path=report_path)
@@ -506,55 +468,13 @@ Examples:
 def doctor_command(ctx, dst):
     """Print what a bug report needs: versions of the tool, Python and its packages, whether numba can cache its
     kernels, CPU features, GPUs and their compute capability, free disk at --dst. Uses no network."""
-    _run(ctx.obj["debug"], _doctor, dst=dst)
+    run_command(ctx.obj["debug"], _doctor, dst=dst)
 
 
 def _doctor(dst):
     from .doctor import describe, report
 
     click.echo(describe(report(dst)))
-
-
-class _LibraryNotes(logging.Handler):
-    """Warnings the library logs (on the `converter.*` loggers) as one `note:` line on stderr, above any bar."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
-
-        tqdm.write(f"note: {record.getMessage()}", file=sys.stderr)
-
-
-def _run(debug: bool, func, **kwargs):
-    """Call `func`; map every error to one line on stderr and a non-zero exit (traceback only with --debug)."""
-    library = logging.getLogger("converter")
-    if not any(isinstance(h, _LibraryNotes) for h in library.handlers):
-        library.addHandler(_LibraryNotes(logging.WARNING))
-    try:
-        return func(**kwargs)
-    except ConvertError as exc:
-        if debug:
-            raise
-        click.echo(f"convert-fp8: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("convert-fp8: interrupted; the same command resumes the conversion (--overwrite with other "
-                   "options discards it)", err=True)
-        sys.exit(130)
-    except BrokenPipeError:  # the reader of stdout went away (`| head -1`): stop quietly, as `cat` would
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(128 + 13)
-    except OSError as exc:
-        if debug:
-            raise
-        where = f"{exc.filename}: " if exc.filename else ""
-        click.echo(f"convert-fp8: error: {where}{(exc.strerror or str(exc)).lower()} (run with --debug for the "
-                   "traceback)", err=True)
-        sys.exit(1)
-    except Exception as exc:  # noqa: BLE001 - the one place unknown errors become one line
-        if debug:
-            raise
-        click.echo(f"convert-fp8: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

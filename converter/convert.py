@@ -26,7 +26,8 @@ from .resume import claim_part, run_record, verified_pieces
 from .origin import load_source
 from .source import SourceIndex
 from .stripes import Quantizer
-from .write import STAGING_NAME, OutputDir
+from .configs import STAGING_NAME
+from .output_dir import OutputDir
 
 @dataclass
 class Summary:

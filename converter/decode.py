@@ -18,7 +18,8 @@ from .configs import DTYPE_SIZES
 from .dialects.decoded import DecodedSource, DecodingReader, read_scales
 from .lanes import MainLane, Progress, QuantizeLane, Stop
 from .plan import DECODE, QUANTIZE, TensorPlan
-from .source import DIRECT_ALIGN, AlignedBuffers, SourceIndex, TensorReader
+from .source import SourceIndex
+from .reader import DIRECT_ALIGN, AlignedBuffers, TensorReader
 from .stripes import Quantizer
 from .write import ShardWriter
 

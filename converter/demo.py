@@ -133,7 +133,7 @@ def build_sentence_encoder(path: Path, seed: int = 0, hidden_size: int = 128, la
     import torch
     import transformers
 
-    from .validate import SENTENCES
+    from .validate.kind import SENTENCES
 
     words = sorted({w.strip(".,").lower() for s in SENTENCES for w in s.split()})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + words

@@ -14,7 +14,8 @@ from .manifest import take_lock
 from .origin import source_origin
 from .plan import Plan
 from .source import ShardHeader, SourceIndex, TensorInfo, source_card
-from .write import OutputDir, config_json, index_json, read_back_header, shard_header
+from .write import config_json, index_json, read_back_header, shard_header
+from .output_dir import OutputDir
 
 
 def finalize_if_complete(out: OutputDir, plan: Plan, source: SourceIndex, options: ConvertOptions,

@@ -15,9 +15,11 @@ from .configs import DTYPE_SIZES, matrix_shape
 from .manifest import Manifest
 from .plan import COPY, QUANTIZE, ShardPlan, TensorPlan
 from .resume import COPY_BUFFER_BYTES, stripe_keys, usable_copy_pieces, usable_stripe_pieces
-from .source import DIRECT_ALIGN, AlignedBuffers, SourceIndex, TensorReader
+from .source import SourceIndex
+from .reader import DIRECT_ALIGN, AlignedBuffers, TensorReader
 from .stripes import Quantizer
-from .write import OutputDir, ShardWriter
+from .write import ShardWriter
+from .output_dir import OutputDir
 
 Progress = Callable[[int], None]
 # A stripe's FP8 bytes below this are written by the quantizing thread itself: handing a write to the writing

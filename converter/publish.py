@@ -29,7 +29,6 @@ size recorded; the conversion's resume takes a shard recorded as removed as writ
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -42,10 +41,10 @@ from pathlib import Path
 from . import hub_commit as hc
 from .configs import CONFIG_NAME, INDEX_NAME
 from .errors import ConvertError, PublishError, UsageError
-from .plan import SCALE, ShardPlan
+from .plan import ShardPlan
 from .publish_commit import PENDING_RECORD, CommitPhase, CommitResult, _read_json, _Stopped  # noqa: F401 - re-exported
-from .source import read_header
-from .write import STAGING_NAME
+from .publish_record import check_scales, check_shard, covers, entry_ok, write_json
+from .configs import STAGING_NAME
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +136,7 @@ class Publisher(CommitPhase):
         if not same:
             return False  # another command's uploads: this run's record replaces it
         uploaded = data.get("uploaded") if isinstance(data.get("uploaded"), dict) else {}
-        self._recorded = {n: e for n, e in uploaded.items() if _entry_ok(e)}
+        self._recorded = {n: e for n, e in uploaded.items() if entry_ok(e)}
         self._recorded_run = data.get("run")
         in_git = data.get("in_git") if isinstance(data.get("in_git"), dict) else {}
         self.in_git = {n: v for n, v in in_git.items() if isinstance(v, int)}
@@ -251,7 +250,7 @@ class Publisher(CommitPhase):
         pieces: dict[tuple[str, str], list[tuple[int, int]]] = {}
         for piece in done.values():
             pieces.setdefault((piece.shard, piece.tensor), []).append((piece.start, piece.length))
-        self._covered = {s.name for s in shards if all(_covers(pieces.get((s.name, t.name), []), t.nbytes)
+        self._covered = {s.name for s in shards if all(covers(pieces.get((s.name, t.name), []), t.nbytes)
                                                        for t in s.tensors)}
         removed = {n: e for n, e in self._recorded.items() if e.get("removed")}
         if removed:
@@ -346,9 +345,9 @@ class Publisher(CommitPhase):
             return
         try:
             started = time.monotonic()
-            header = _check_shard(path, shard)
+            header = check_shard(path, shard)
             if not self.keep:  # the output's self-check cannot read a removed shard's scales: checked here
-                _check_scales(path, shard, header)
+                check_scales(path, shard, header)
             entry = self._trusted(path, shard.name)
             if entry is None:
                 self._send(path, shard.name)
@@ -441,7 +440,7 @@ class Publisher(CommitPhase):
         folder = self.dst if self._in_place else self.dst / STAGING_NAME
         with self._record_lock:
             if folder.is_dir():
-                _write_json(folder / PENDING_RECORD, self._record())
+                write_json(folder / PENDING_RECORD, self._record())
 
     def close(self) -> None:
         """Tell the upload threads to stop, without waiting: one in flight is cut off when the process exits (the
@@ -462,62 +461,6 @@ class _QuietUploads(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.threadName.startswith("convert-fp8-upload")
-
-
-def _check_shard(path: Path, shard: ShardPlan):
-    """A shard is uploaded only once its header is, byte for byte, the one the plan gives, and its size the
-    plan's. Returns the header."""
-    from .write import read_back_header
-
-    try:
-        header_ok, size_ok = read_back_header(path, shard)
-    except OSError as exc:
-        raise PublishError(f"{path}: cannot read the written shard ({exc.strerror}); not uploaded") from None
-    if not (header_ok and size_ok):
-        raise PublishError(f"{path}: the written shard does not match the plan; not uploaded")
-    return read_header(path)
-
-
-def _check_scales(path: Path, shard: ShardPlan, header) -> None:
-    """The self-check's scale test (every scale finite and positive) on one shard, before it is removed."""
-    import numpy as np
-
-    from .dialects.transformers_fp8 import decode_scale_bytes
-
-    with open(path, "rb") as f:
-        for t in shard.tensors:
-            if t.action != SCALE:
-                continue
-            info = header.tensors[t.name]
-            f.seek(info.offset)
-            values = decode_scale_bytes(f.read(info.nbytes), info.dtype)
-            bad = int((~np.isfinite(values) | (values <= 0)).sum())
-            if bad:
-                raise PublishError(f"{path}: {t.name}: {bad} scale(s) not finite and positive; not uploaded")
-
-
-def _covers(pieces: list[tuple[int, int]], nbytes: int) -> bool:
-    """Whether `(start, length)` ranges cover `[0, nbytes)` without a gap."""
-    end = 0
-    for start, length in sorted(pieces):
-        if start > end:
-            return False
-        end = max(end, start + length)
-    return end >= nbytes
-
-
-def _entry_ok(entry) -> bool:
-    return (isinstance(entry, dict) and isinstance(entry.get("size"), int)
-            and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def run_and_publish(run, dst: Path, target: PublishOptions, identity: dict):

@@ -15,7 +15,7 @@ from .hub import looks_like_repo_id
 from .manifest import Manifest, PartLock, Piece, claim_run
 from .source import SourceIndex, read_header
 from .stripes import Quantizer
-from .write import OutputDir
+from .output_dir import OutputDir
 
 COPY_BUFFER_BYTES = 16 * 2**20  # copied tensors move in pieces of this: the unit of progress, stops and resume
 

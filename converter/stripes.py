@@ -15,7 +15,7 @@ import numpy as np
 from . import quantize_fast
 from .configs import DTYPE_SIZES, matrix_shape
 from .errors import QuantizeError, UsageError
-from .source import DIRECT_ALIGN, AlignedBuffers, TensorReader
+from .reader import DIRECT_ALIGN, AlignedBuffers, TensorReader
 
 # Source bytes quantized per step. With the numba kernel the working set is this, the next stripe being read and
 # half of it in FP8; the torch formula needs about 6x (float32 copies).

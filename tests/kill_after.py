@@ -46,7 +46,7 @@ elif mode == "writes":
 
         setattr(ShardWriter, method, write_then_maybe_die)
 elif mode == "moving":
-    from converter import write
+    from converter import output_dir as write
 
     limit = int(sys.argv[2])
     args = sys.argv[3:]
@@ -62,7 +62,7 @@ elif mode == "moving":
 
     write.os.replace = replace_then_maybe_die
 elif mode == "cleanup":
-    from converter import write
+    from converter import output_dir as write
 
     args = sys.argv[2:]
     moved = [False]

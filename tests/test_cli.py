@@ -138,9 +138,9 @@ def tiny_filesystem(tmp_path):
 
 def test_disk_full_on_a_real_small_filesystem(gemma_src, tiny_filesystem, monkeypatch):
     convert_refused(gemma_src, tiny_filesystem / "dst", "disk full: the output needs")
-    import converter.write as write  # now skip the up-front space check: the file system itself must say no
+    import converter.output_dir as output_dir  # now skip the up-front space check: the file system itself must say no
 
-    monkeypatch.setattr(write.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, 10**12))
+    monkeypatch.setattr(output_dir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, 10**12))
     convert_refused(gemma_src, tiny_filesystem / "dst", "disk full while ")
     assert list(tiny_filesystem.iterdir()) == []
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from converter import write
-from converter.write import OutputDir, ShardWriter
+from converter.write import ShardWriter
+from converter.output_dir import OutputDir
 
 from .conftest import run_cli, tree_digest
 

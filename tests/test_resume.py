@@ -151,10 +151,10 @@ def test_free_space_on_resume_counts_the_blocks_on_disk(toy_src, tmp_path, monke
     lengths = sum(p.stat().st_size for p in shards)
     on_disk = sum(p.stat().st_blocks * 512 for p in shards)
     assert on_disk < lengths / 2  # sized in full, mostly holes
-    import converter.write as write
+    import converter.output_dir as output_dir
 
     free = lengths // 2  # enough if the staged lengths were written data, not enough for what is missing
-    monkeypatch.setattr(write.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+    monkeypatch.setattr(output_dir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
     result = run_cli(*args)
     assert result.exit_code == 1
     assert f"{dst}: disk full: the output needs" in result.stderr and f"has {free:,} free" in result.stderr

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from converter.errors import SourceError
-from converter.source import DIRECT_ALIGN, TensorReader, aligned_buffer, open_source, read_header
+from converter.source import open_source, read_header
+from converter.reader import DIRECT_ALIGN, TensorReader, aligned_buffer
 
 
 def test_headers_give_offsets_that_read_the_right_bytes(gemma_src):

@@ -11,20 +11,10 @@ from torch import nn
 
 from converter.kernels.loading import check_kernels_version
 from converter.errors import UsageError
-from converter.validate import (
-    Check,
-    Pooling,
-    ValidateReport,
-    _main,
-    _run_checked,
-    compare_embeddings,
-    compare_logits,
-    compare_outputs,
-    forward_with_hooks,
-    model_kind,
-    pool,
-    spearman,
-)
+from converter.validate.compare import compare_embeddings, compare_logits, compare_outputs, pool, spearman
+from converter.validate.engines.transformers import _main, _run_checked, forward_with_hooks
+from converter.validate.kind import Pooling, model_kind
+from converter.validate.report import Check, ValidateReport
 
 from .conftest import run_cli
 from .test_verify import patch

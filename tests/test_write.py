@@ -106,7 +106,7 @@ def test_large_writes_go_to_disk_behind_the_writer_and_leave_the_page_cache(tmp_
 
 def aligned_tile_rows(rows: int, cols: int, value: int):
     """A page-aligned uint8 buffer, as the quantize lane hands the writer a stripe of FP8 tile rows."""
-    from converter.source import aligned_buffer
+    from converter.reader import aligned_buffer
 
     buf = aligned_buffer(rows * cols).reshape(rows, cols)
     buf[:] = value

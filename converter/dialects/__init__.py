@@ -9,8 +9,10 @@ Adding a dialect is adding a module and a row in `READERS`.
 from __future__ import annotations
 
 from ..errors import SourceError
-from .compressed_tensors import MX_SCHEME_NAMES, CompressedTensorsReader, CompressedTensorsWriter, MXWriter
-from .transformers_fp8 import ScaledWeight, TransformersFP8Reader, TransformersFP8Writer
+from .compressed_tensors import MX_SCHEME_NAMES, CompressedTensorsWriter, MXWriter
+from .compressed_tensors_reader import CompressedTensorsReader
+from .transformers_fp8 import ScaledWeight, TransformersFP8Writer
+from .transformers_fp8_reader import TransformersFP8Reader
 
 READERS = {"fp8": TransformersFP8Reader, "compressed-tensors": CompressedTensorsReader}
 

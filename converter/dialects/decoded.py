@@ -18,7 +18,8 @@ import copy
 
 from ..configs import CONFIG_NAME, DTYPE_SIZES
 from ..errors import SourceError
-from ..source import SourceIndex, TensorInfo, TensorReader
+from ..source import SourceIndex, TensorInfo
+from ..reader import TensorReader
 
 DECODED_DTYPE = "BF16"  # `dequantize`'s default --dtype, and what a conversion of an FP8 source quantizes from
 CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
