@@ -1,6 +1,7 @@
 """GPU check: the builtin FP8 kernel on real shapes, and tiny + real-shape Gemma-4 conversions and a tiny
-sentence-transformers BERT encoder validated with transformers' FP8Linear on the GPU. Prints one table; writes
-gpu_check.json (to $OUT when set).
+sentence-transformers BERT encoder validated with transformers' FP8Linear on the GPU; then the tiny Gemma-4
+output served by vLLM (`validate --engine vllm`, under CONVERT_FP8_VLLM_PYTHON or this Python; a row saying
+vLLM is not installed where it is not). Prints one table; writes gpu_check.json (to $OUT when set).
 
     python bench/gpu_check.py [--device cuda] [--kernel builtin|hub|local:PATH] [--vocab 262144] [--skip-slice]
 
@@ -115,6 +116,14 @@ def tiny_encoder(work: Path, device: str, kernel: str):
     return convert_and_validate(src, work / "encoder-FP8", device, kernel, tokens=0, preset="default")
 
 
+@stage("vllm_tiny_gemma4")
+def vllm_tiny(work: Path, device: str):
+    """The tiny Gemma-4 output (64x64 blocks) in vLLM, against transformers on it and the source in vLLM."""
+    report = validate(work / "tiny-FP8", work / "tiny", device=device, max_new_tokens=10, engine="vllm")
+    return {"ok": report.ok, "checks": {c.name: ("ok " if c.ok else "FAIL ") + c.detail for c in report.checks},
+            "engine_results": report.engine_results}
+
+
 def build_slice(path: Path, vocab: int, device: str) -> Path:
     """Two text layers of gemma-4-31B (one sliding, one full attention) at their real widths, a small vision
     tower (excluded anyway), random N(0, 0.02) weights, saved in 2 GB shards."""
@@ -162,10 +171,15 @@ def table() -> str:
     if f:
         lines.append(f"| transformers FP8Linear -> kernel | {f['kernel_calls']} call(s), rel err "
                      f"{f['rel_err_vs_emulated_bf16']:.1e} vs bf16-rounded reference |")
-    for name in [n for n in ("tiny_gemma4", "tiny_gemma4_moe", "tiny_encoder", "real_shape_slice") if n in RESULTS]:
+    for name in [n for n in ("tiny_gemma4", "tiny_gemma4_moe", "tiny_encoder", "real_shape_slice",
+                              "vllm_tiny_gemma4") if n in RESULTS]:
         r = RESULTS[name]
         if "error" in r:
             lines.append(f"| {name} | ERROR {r['error'][:200]} |")
+            continue
+        if name.startswith("vllm"):
+            lines.append(f"| {name} | {'OK' if r.get('ok') else 'FAILED'}; "
+                         + "; ".join(f"{k}: {v}" for k, v in r["checks"].items())[:600] + " |")
             continue
         if r.get("embeddings") is not None:
             e = r["embeddings"]
@@ -198,13 +212,16 @@ def main() -> int:
     tiny(work, args.device, args.kernel)
     tiny_moe(work, args.device, args.kernel)
     tiny_encoder(work, args.device, args.kernel)
+    if "tiny_gemma4" in RESULTS and "error" not in RESULTS["tiny_gemma4"]:
+        vllm_tiny(work, args.device)
     if not args.skip_slice:
         real_slice(work, args.device, args.kernel, args.vocab)
     out = Path(os.environ.get("OUT", work))
     (out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=2))
     print(table())
-    # the MoE stage reports what transformers does with FP8 experts; it does not decide the verdict
-    ok = all("error" not in r for k, r in RESULTS.items() if k != "tiny_gemma4_moe") and all(
+    # the MoE stage reports what transformers does with FP8 experts, the vLLM stage what vLLM makes of the output
+    # (where it is installed): neither decides the verdict
+    ok = all("error" not in r for k, r in RESULTS.items() if k not in ("tiny_gemma4_moe", "vllm_tiny_gemma4")) and all(
         RESULTS[k].get("ok") for k in ("tiny_gemma4", "tiny_encoder", "real_shape_slice") if k in RESULTS)
     print("gpu check:", "OK" if ok else "FAILED")
     return 0 if ok else 1

@@ -388,11 +388,16 @@ Examples:
   convert-fp8 validate --dst model-FP8 --device cuda --kernel local:/models/finegrained-fp8/build/torch-universal
 
   convert-fp8 validate --dst model-FP8 --src model --device cpu     # transformers' dequantize path
+
+  convert-fp8 validate --dst model-FP8 --src model --engine vllm    # served by vLLM, beside transformers
 """)
 @click.option("--dst", required=True, type=click.Path(path_type=Path), help="The converted checkpoint folder.")
 @click.option("--src", type=click.Path(path_type=Path), default=None, help="The BF16 source, to compare outputs.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="auto: cuda when a GPU is visible, else cpu.")
+@click.option("--engine", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True,
+              help="What runs the checkpoint: transformers, or vLLM (its log-probs held to transformers' and the "
+                   "source's; a Python with vLLM from CONVERT_FP8_VLLM_PYTHON, else this one).")
 @click.option("--kernel", default="hub", show_default=True, metavar="hub|local:PATH|builtin",
               help="Where the FP8 matmul kernel comes from (GPU only).")
 @click.option("--prompt", default=None, help="Chat prompt for the forward pass and generation.")
@@ -408,16 +413,17 @@ Examples:
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Where to write the JSON report [DST/convert-fp8-validate.json].")
 @click.pass_context
-def validate_command(ctx, dst, src, device, kernel, prompt, max_new_tokens, min_cosine, min_top1, max_kl,
+def validate_command(ctx, dst, src, device, engine, kernel, prompt, max_new_tokens, min_cosine, min_top1, max_kl,
                      min_embedding_cosine, min_rank_correlation, report_path):
-    """Load the checkpoint with transformers, confirm the FP8 path, find NaN/Inf, compare with BF16, generate."""
-    run_command(ctx.obj["debug"], _validate, dst=dst, src=src, device=device, kernel=kernel, prompt=prompt,
-         max_new_tokens=max_new_tokens, min_cosine=min_cosine, min_top1=min_top1, max_kl=max_kl,
-         min_embedding_cosine=min_embedding_cosine, min_rank_correlation=min_rank_correlation,
-         report_path=report_path)
+    """Run the checkpoint in transformers (or vLLM), confirm the FP8 path, find NaN/Inf, compare with BF16,
+    generate."""
+    run_command(ctx.obj["debug"], _validate, dst=dst, src=src, device=device, engine=engine, kernel=kernel,
+                prompt=prompt, max_new_tokens=max_new_tokens, min_cosine=min_cosine, min_top1=min_top1,
+                max_kl=max_kl, min_embedding_cosine=min_embedding_cosine, min_rank_correlation=min_rank_correlation,
+                report_path=report_path)
 
 
-def _validate(dst, src, device, kernel, prompt, max_new_tokens, min_cosine, min_top1, max_kl, min_embedding_cosine,
+def _validate(dst, src, device, engine, kernel, prompt, max_new_tokens, min_cosine, min_top1, max_kl, min_embedding_cosine,
               min_rank_correlation, report_path):
     from .errors import UsageError
     from .validate import DEFAULT_PROMPT, REPORT_NAME, Thresholds, describe_report, validate
@@ -439,7 +445,7 @@ def _validate(dst, src, device, kernel, prompt, max_new_tokens, min_cosine, min_
         min_rank_correlation=defaults.min_rank_correlation if min_rank_correlation is None else min_rank_correlation,
     )
     report = validate(dst, src, device=device, kernel=kernel, prompt=prompt or DEFAULT_PROMPT,
-                      max_new_tokens=max_new_tokens, thresholds=thresholds)
+                      max_new_tokens=max_new_tokens, thresholds=thresholds, engine=engine)
     report_path, refused = _report_path(dst, report_path, REPORT_NAME)
     text = describe_report(report)
     try:

@@ -45,6 +45,8 @@ class ValidateReport:
     head_output: dict | None = None  # other heads: their main output tensor
     generation: dict | None = None
     peak_gpu_memory_bytes: int | None = None
+    engine: str = "transformers"  # what ran it (`validate.engines`)
+    engine_results: dict | None = None  # an engine's own figures: vLLM's per-sequence log-prob comparisons
 
     @property
     def ok(self) -> bool:
@@ -61,10 +63,15 @@ class ValidateReport:
 
 
 def describe_report(report: ValidateReport) -> str:
-    lines = [f"validate {report.dst} on {report.device}" + (f" with kernel {report.kernel}" if report.device == "cuda" else "")]
+    lines = [f"validate {report.dst} in {report.engine} on {report.device}"
+             + (f" with kernel {report.kernel}" if report.device == "cuda" and report.engine == "transformers" else "")]
     lines += [f"  [{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}" for c in report.checks]
     if report.generation and "text" in report.generation:
         lines.append(f"  generated: {report.generation['text']!r}")
+    for k, entry in enumerate((report.engine_results or {}).get("sequences", [])):
+        figures = ", ".join(f"{key.replace('_', ' ')} {value:.4f}" for key, value in entry.items()
+                            if isinstance(value, float))
+        lines.append(f"  sequence {k}: {entry['tokens']} tokens" + (f", {figures}" if figures else ""))
     if report.peak_gpu_memory_bytes:
         lines.append(f"  peak GPU memory: {report.peak_gpu_memory_bytes / 2**30:.2f} GiB")
     lines.append("validate: OK" if report.ok else

@@ -5,6 +5,6 @@ engine is adding a module and a row in `ENGINES`."""
 
 from __future__ import annotations
 
-from . import transformers
+from . import transformers, vllm
 
-ENGINES = {transformers.NAME: transformers}
+ENGINES = {transformers.NAME: transformers, vllm.NAME: vllm}
