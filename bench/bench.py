@@ -421,12 +421,17 @@ def main() -> int:
 
     print(f"\nslice: {src} ({src_bytes / 2**30:.2f} GiB); machine: {os.cpu_count()} cores, {cpu_features()}; "
           f"kernel alone {k['fused_gbs']:.2f} GB/s; {time.strftime('%Y-%m-%d')}")
+    print_table(rows)
+    return 0
+
+
+def print_table(rows: list[tuple[str, str, str]]) -> None:
+    """The rows as one markdown table: what, time, result."""
     width = max(len(r[0]) for r in rows)
     print(f"| {'what'.ljust(width)} | time | result |")
     print(f"| {'-' * width} | --- | --- |")
     for what, t, result in rows:
         print(f"| {what.ljust(width)} | {t} | {result} |")
-    return 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench import cpu_features, drop_caches, print_table  # noqa: E402
 
 DIALECTS = [
     [],
@@ -34,14 +37,6 @@ DIALECTS = [
     ["--format", "compressed-tensors", "--scheme", "mxfp8"],
     ["--format", "compressed-tensors", "--scheme", "mxfp8a16"],
 ]
-
-
-def drop_caches() -> None:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        pass
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
@@ -185,15 +180,8 @@ def main() -> int:
             subprocess.run([sys.executable, "bench/make_slice.py", str(src), "--layers",
                             ",".join(str(i) for i in range(args.mix_layers))], check=True, cwd=ROOT)
         rows += compare_slice(f"{args.mix_layers}-layer slice", src, args.dir, checkouts, args, dequantize=False)
-    sys.path.insert(0, str(ROOT / "bench"))
-    from bench import cpu_features
-
     print(f"\nmachine: {os.cpu_count()} cores, {cpu_features()}; {time.strftime('%Y-%m-%d')}; before: {args.other}")
-    width = max(len(r[0]) for r in rows)
-    print(f"| {'what'.ljust(width)} | time | result |")
-    print(f"| {'-' * width} | --- | --- |")
-    for what, t, result in rows:
-        print(f"| {what.ljust(width)} | {t} | {result} |")
+    print_table(rows)
     return 0
 
 

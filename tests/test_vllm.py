@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from converter.validate.engines.vllm import cpu_has_amx, cpu_refusal
+from converter.validate.engines.vllm import cpu_has_amx, cpu_refusal, has_experts
 
 from .conftest import run_cli
 from .model_zoo import save_family
@@ -47,6 +47,11 @@ def test_the_cpu_build_refusals_say_what_would_work():
     channel = {"quant_method": "compressed-tensors", "format": "float-quantized",
                "config_groups": {"group_0": {"weights": {"strategy": "channel"}}}}
     assert cpu_refusal(channel, amx=False) is None and cpu_refusal(channel, amx=True) is None
+    # FP8 experts: measured on the same EPYC with fp8-dynamic, `Unsupported FP8 MoE backend: NONE`
+    assert "no FP8 MoE backend without it" in cpu_refusal(channel, amx=False, moe=True)
+    assert cpu_refusal(channel, amx=True, moe=True) is None
+    assert has_experts({"num_experts": 4}) and has_experts({"text_config": {"num_local_experts": 8}})
+    assert not has_experts({"num_hidden_layers": 2})
     assert cpu_refusal(fp8(64), amx=True) == (
         "vLLM's CPU FP8 kernel requires a K block of 128, this checkpoint has 64x64 blocks: convert with "
         "--block-size 128, or run it on a GPU")
@@ -175,8 +180,11 @@ def test_vllm_serves_block_fp8_within_twice_the_engines_bf16_difference(vllm_pyt
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
 def test_vllm_serves_fp8_dynamic_on_any_cpu(vllm_python, served_models, family, tmp_path):
-    """One scale per channel runs through vLLM's torch W8A8 path on any CPU: activations quantized at run time, so
-    the output is held to transformers by its top-1 tokens, and to the source in vLLM."""
+    """One scale per channel runs through vLLM's torch W8A8 path on any CPU (FP8 experts only with AMX):
+    activations quantized at run time, so the output is held to transformers by its top-1 tokens, and to the
+    source in vLLM."""
+    if family == "qwen3_moe" and not cpu_has_amx():
+        pytest.skip(NO_AMX + " and no FP8 MoE backend (test_vllm_refuses_fp8_experts_without_amx)")
     src = served_models[family]
     dst = tmp_path / "out"
     converted = run_cli("--src", src, "--dst", dst, "--format", "compressed-tensors", "--scheme", "fp8-dynamic")
@@ -200,6 +208,19 @@ def test_vllm_refuses_block_fp8_on_the_cpu_and_says_what_works(vllm_python, serv
                 else "this CPU has no AMX (no amx_tile in /proc/cpuinfo), which vLLM's CPU kernel for block-scaled FP8 "
                      "needs")
     assert "[FAIL] engine: vLLM 0.32.0 on the CPU: " in result.stdout and expected in result.stdout
+
+
+@pytest.mark.slow
+def test_vllm_refuses_fp8_experts_without_amx(vllm_python, served_models, tmp_path):
+    if cpu_has_amx():
+        pytest.skip("this CPU has AMX: vLLM's CPU build serves FP8 experts here")
+    dst = tmp_path / "out"
+    assert run_cli("--src", served_models["qwen3_moe"], "--dst", dst, "--format", "compressed-tensors", "--scheme",
+                   "fp8-dynamic").exit_code == 0
+    result = validate_in_vllm(dst, python=vllm_python)
+    assert result.returncode == 1
+    assert ("[FAIL] engine: vLLM 0.32.0 on the CPU: this CPU has no AMX (no amx_tile in /proc/cpuinfo), and vLLM's "
+            "CPU build has no FP8 MoE backend without it (`Unsupported FP8 MoE backend: NONE`)") in result.stdout
 
 
 @pytest.mark.slow

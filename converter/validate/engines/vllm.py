@@ -60,12 +60,16 @@ def cpu_has_amx(cpuinfo: str | None = None) -> bool:
     return "amx_tile" in cpuinfo.split()
 
 
-def cpu_refusal(qc: dict, amx: bool) -> str | None:
-    """Why vLLM's CPU build cannot run a checkpoint with this `quantization_config`, and what would; None when it
-    can. Block-scaled FP8 runs through `CPUFp8BlockScaledMMKernel`, which needs AMX and a K block of 128; FP8
-    with one scale per channel (fp8-dynamic) through a torch W8A8 path that runs on any CPU; MXFP8 has no CPU
-    kernel. Pure."""
+def cpu_refusal(qc: dict, amx: bool, moe: bool = False) -> str | None:
+    """Why vLLM's CPU build cannot run a checkpoint with this `quantization_config` (`moe`: of a model with routed
+    experts), and what would; None when it can. Block-scaled FP8 runs through `CPUFp8BlockScaledMMKernel`, which
+    needs AMX and a K block of 128; FP8 with one scale per channel (fp8-dynamic) through a torch W8A8 path that
+    runs on any CPU, but FP8 experts only with AMX; MXFP8 has no CPU kernel. Pure."""
     method, block = qc.get("quant_method"), None
+    if moe and not amx:
+        return ("this CPU has no AMX (no amx_tile in /proc/cpuinfo), and vLLM's CPU build has no FP8 MoE backend "
+                "without it (`Unsupported FP8 MoE backend: NONE`): run it on a GPU (--device cuda) or on a CPU with "
+                "AMX")
     if method == "fp8":
         block = qc.get("weight_block_size") or None
     elif method == "compressed-tensors":
@@ -87,6 +91,17 @@ def cpu_refusal(qc: dict, amx: bool) -> str | None:
     return None
 
 
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def has_experts(config: dict) -> bool:
+    """Whether the model routes tokens to experts (a count of experts in its config or its text config). Pure."""
+    for part in (config, config.get("text_config") or {}):
+        if any(isinstance(part.get(key), int) and part[key] > 1 for key in _EXPERT_COUNTS):
+            return True
+    return False
+
+
 def scale_problem(dst: Path) -> str | None:
     """The first scale of the output that is not finite and positive, with its module, or any structural problem
     `verify` finds without reading the weights; None when there is none."""
@@ -100,11 +115,26 @@ def scale_problem(dst: Path) -> str | None:
     return f"module {module}: {first}" if module else str(first)
 
 
-def serve(interpreter: str, model: Path, sequences: list[list[int]], max_new_tokens: int) -> dict:
-    """vLLM's answer for one model (`vllm_worker.py`, in its own process)."""
+# On its CPU backend vLLM reserves this share of the machine's memory (its default, 0.92, fails to start whenever
+# the process that asks, or the page cache it cannot drop, holds more than 8%); a few short sequences need little
+CPU_MEMORY_FRACTION = 0.5
+
+
+def serve(interpreter: str, model: Path, sequences: list[list[int]], max_new_tokens: int, device: str) -> dict:
+    """vLLM's answer for one model (`vllm_worker.py`, in its own process). An engine whose worker died without
+    logging why is started once more: vLLM's CPU build starts in several processes, and the first start of a
+    session has been seen to fail so; a refusal with its reason is final."""
+    served = _serve_once(interpreter, model, sequences, max_new_tokens, device)
+    if "error" in served and not served.get("cause"):
+        served = _serve_once(interpreter, model, sequences, max_new_tokens, device)
+    return served
+
+
+def _serve_once(interpreter: str, model: Path, sequences: list[list[int]], max_new_tokens: int, device: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="convert-fp8-vllm-") as scratch:
         request, answer = Path(scratch) / "request.json", Path(scratch) / "answer.json"
-        request.write_text(json.dumps({"sequences": sequences, "max_new_tokens": max_new_tokens}))
+        request.write_text(json.dumps({"sequences": sequences, "max_new_tokens": max_new_tokens,
+                                       "memory_fraction": CPU_MEMORY_FRACTION if device == "cpu" else None}))
         # run from a scratch folder and not as a script: the worker's own folder holds modules named as the
         # packages it imports (`vllm`, `transformers`), which would shadow them
         done = subprocess.run([interpreter, "-c", _RUN_WORKER, str(WORKER), str(Path(model).resolve()), str(request),
@@ -115,11 +145,12 @@ def serve(interpreter: str, model: Path, sequences: list[list[int]], max_new_tok
             tail = (done.stderr or done.stdout).strip().splitlines()
             served = {"error": f"the vLLM process exited with {done.returncode}: {tail[-1] if tail else 'no output'}"}
         if "error" in served:
-            cause = root_cause(done.stderr)
+            log_text = done.stdout + done.stderr  # vLLM logs on stdout, Python's tracebacks go to stderr
+            served["cause"] = cause = root_cause(log_text)
             if cause and cause not in served["error"]:
                 served["error"] += f" ({cause})"
             with tempfile.NamedTemporaryFile("w", prefix="convert-fp8-vllm-", suffix=".log", delete=False) as log:
-                log.write(done.stderr)
+                log.write(log_text)
             served["error"] += f"; vLLM's log: {log.name}"
         return served
 
@@ -220,12 +251,12 @@ def run(report: ValidateReport, dst: Path, src: Path | None, device: str, kernel
                                     f"CPU with AMX), or set {PYTHON_VARIABLE} to a Python that has it")
         return report
     report.versions["vllm"] = version
-    why = cpu_refusal(qc, cpu_has_amx()) if device == "cpu" else None
+    why = cpu_refusal(qc, cpu_has_amx(), has_experts(config)) if device == "cpu" else None
     if why is not None:
         report.add("engine", False, f"vLLM {version} on the CPU: {why}")
         return report
     sequences, how = sequences_of(dst, prompt, config)
-    served = serve(interpreter, dst, sequences, max_new_tokens)
+    served = serve(interpreter, dst, sequences, max_new_tokens, device)
     if "error" in served:
         report.add("load", False, f"vLLM {version} cannot serve {dst}: {served['error']}")
         return report
@@ -250,7 +281,7 @@ def run(report: ValidateReport, dst: Path, src: Path | None, device: str, kernel
                    f"mean |log-prob difference| {tf_diff:.4f} on the output (max 0.05 without --src)")
     if src is None:
         return report
-    reference = serve(interpreter, Path(src), sequences, max_new_tokens)
+    reference = serve(interpreter, Path(src), sequences, max_new_tokens, device)
     if "error" in reference:
         report.add("source", False, f"vLLM {version} cannot serve the source {src}: {reference['error']}")
         return report

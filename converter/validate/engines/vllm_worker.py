@@ -6,7 +6,8 @@ has vLLM (it imports nothing of convert-fp8), from another folder than its own (
     python -c "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
         .../vllm_worker.py MODEL_DIR REQUEST.json ANSWER.json
 
-REQUEST holds `sequences` (lists of token ids), `max_new_tokens` and `dtype`. ANSWER gets, per sequence, the
+REQUEST holds `sequences` (lists of token ids), `max_new_tokens`, and optionally `dtype` and `memory_fraction`
+(vLLM's `gpu_memory_utilization`, which on its CPU backend is the share of the machine's memory it reserves). ANSWER gets, per sequence, the
 log-prob vLLM gives each token after the first (`logprobs`), its most likely token there (`top1`) and the greedy
 continuation (`greedy`), and the vLLM
 version and the quantization method it loaded; or `error`, one line, when vLLM refuses the checkpoint. A process
@@ -30,8 +31,9 @@ def main(model: str, request_path: str, answer_path: str) -> int:
         answer["vllm"] = vllm.__version__
         longest = max(len(s) for s in request["sequences"]) + request["max_new_tokens"] + 8
         # token ids in, token ids out: no tokenizer needed (a tiny test model has none)
+        memory = {"gpu_memory_utilization": request["memory_fraction"]} if request.get("memory_fraction") else {}
         llm = LLM(model=model, dtype=request.get("dtype", "bfloat16"), enforce_eager=True, max_model_len=longest,
-                  seed=0, skip_tokenizer_init=True)
+                  seed=0, skip_tokenizer_init=True, **memory)
         config = llm.llm_engine.model_config
         answer["quantization"] = getattr(config, "quantization", None)
         prompts = [TokensPrompt(prompt_token_ids=list(s)) for s in request["sequences"]]
