@@ -134,8 +134,9 @@ def compare_demo(work: Path, checkouts: dict[str, Path]) -> list:
                 for part in ("1/2", "2/2"):
                     subprocess.run(cli(checkout, *base, "--part", part), check=True, cwd=checkout)
             else:
-                fp8 = work / f"demo-fp8-{name}"
+                fp8 = work / name / "demo-FP8"  # the same name for both: a dequantized card names its source
                 shutil.rmtree(fp8, ignore_errors=True)
+                fp8.parent.mkdir(exist_ok=True)
                 subprocess.run(cli(checkout, "--src", demo, "--dst", fp8, "-q", "--no-arch-check"), check=True,
                                cwd=checkout)
                 if extra == "fp8":
