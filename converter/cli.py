@@ -161,7 +161,7 @@ def _convert(src, dst, preset_name, exclude, no_arch_check, part, dry_run, quiet
         return
 
     if push_to_hub:
-        return _publish(lambda publish: with_progress_bar(lambda *a, **k: convert(*a, **k, publish=publish),
+        return _publish(lambda publish: with_progress_bar(lambda *a, **k: convert(*a, **k, watcher=publish),
                                                            options, "convert", quiet),
                         options, push_to_hub, private, hub_branch, commit_message, quiet, part,
                         keep_output=not no_keep_output)
@@ -356,7 +356,7 @@ def _dequantize(src, dst, dry_run, quiet, push_to_hub, private, hub_branch, comm
         click.echo("dry run: nothing written")
         return
     if push_to_hub:
-        return _publish(lambda publish: with_progress_bar(lambda *a, **k: convert(*a, **k, publish=publish),
+        return _publish(lambda publish: with_progress_bar(lambda *a, **k: convert(*a, **k, watcher=publish),
                                                            options, "dequantize", quiet),
                         options, push_to_hub, private, hub_branch, commit_message, quiet,
                         describe=lambda s: click.echo(f"{s.decoded_tensors} tensors dequantized, "

@@ -28,6 +28,7 @@ from .source import SourceIndex
 from .stripes import Quantizer
 from .configs import STAGING_NAME
 from .output_dir import OutputDir
+from .watch import OutputWatcher
 
 @dataclass
 class Summary:
@@ -112,7 +113,7 @@ def part_shards(plan: Plan, part: tuple[int, int]) -> list[ShardPlan]:
 
 
 def convert(options: ConvertOptions, progress: Progress | None = None,
-            on_start: Callable[[int], None] | None = None, publish=None) -> Summary:
+            on_start: Callable[[int], None] | None = None, watcher: OutputWatcher | None = None) -> Summary:
     """Convert `options.src` into `options.dst` (or, with `options.part`, one part of it).
 
     An earlier run of the same conversion killed half-way leaves its work in `DST/.convert-fp8.partial/`; this
@@ -123,15 +124,17 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
         progress (`Callable[[int], None]`, *optional*): called with the number of source bytes done, per step.
         on_start (`Callable[[int], None]`, *optional*): called once, before anything is written, with the
             number of source bytes this run (or part) will go through.
-        publish (`publish.Publisher`, *optional*): uploads each shard once written, all before the output moves
-            into place (the commit is the caller's, once the output is in place).
+        watcher (`watch.OutputWatcher`, *optional*): follows the shards as they are written; publishing's
+            `Publisher` uploads each one, all before the output moves into place (the commit is the caller's,
+            once the output is in place).
 
     Raises:
         ConvertError: any failure; by then what this run wrote has been removed (a part removes its own files).
     """
     started = time.monotonic()
     source, plan, notes = prepare(options, check_arch_now=False)
-    if publish is None and not options.overwrite:
+    watcher = watcher or OutputWatcher()
+    if watcher.ends_at_finished_output and not options.overwrite:
         checked = finished_output(options.dst, plan, source, lambda: output_card(plan, source, options))
         if checked is not None:
             return _finished_summary(options.dst, plan, source, started, notes, checked)
@@ -139,8 +142,7 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     out.check()
     mine = part_shards(plan, options.part)
     extra = sum((source.root / f).stat().st_size for f in plan.files_to_copy if (source.root / f).is_file())
-    shard_bytes = publish.disk_needed(mine) if publish is not None else sum(s.nbytes for s in mine)
-    out.check_space(shard_bytes + extra + 2**20, already=out.staged_bytes([s.name for s in mine]))
+    out.check_space(watcher.disk_needed(mine) + extra + 2**20, already=out.staged_bytes([s.name for s in mine]))
     progress = progress or (lambda n: None)
     part_source_bytes = sum(source.stored_nbytes(t.source) for s in mine for t in s.tensors if t.action != SCALE)
     if on_start:
@@ -162,21 +164,16 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     finalized = False
     try:
         done = verified_pieces(manifest, out.staging) if claimed.resumed else {}
-        if publish is not None:  # the Hub would store every shard, the index and the config
-            publish.check_names(_output_names(plan, source), _copied_gitignore(plan, source))
-        # shards an earlier run of this conversion uploaded and removed (--no-keep-output) are done
-        gone = publish.resume(identity, done, mine, out.staging) if publish is not None else set()
+        watcher.check_names(_output_names(plan, source), _copied_gitignore(plan, source))
+        gone = watcher.resume(identity, done, mine, out.staging)  # shards done elsewhere (uploaded, removed)
         gone_bytes = sum(source.stored_nbytes(t.source) for s in mine if s.name in gone for t in s.tensors
                          if t.action != SCALE)
         progress(gone_bytes)
         resumed_bytes = gone_bytes + write_shards(
             out, [s for s in mine if s.name not in gone], source, main_lane(source, quantizer), progress,
-            manifest, done, claimed.resumed, stop, publish.shard_written if publish else None,
-            gate=publish.may_write if publish is not None and not publish.keep else None)
+            manifest, done, claimed.resumed, stop, watcher)
         manifest.close()
-        if publish is not None:
-            publish.shards_written(out.staging, [s for s in mine if s.name not in gone])
-            gone = {name for name, blob in publish.uploaded.items() if blob.get("removed")}
+        gone = watcher.all_written(out.staging, [s for s in mine if s.name not in gone])
         if arch_check is not None:
             _note_once(notes, arch_check.result())
         out.write_text(f"part-{i}-of-{n}.done", identity + "\n")
@@ -189,7 +186,7 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
         raise
     except BaseException:
         claimed.release()
-        if publish is not None and publish.uploaded:  # blobs uploaded, perhaps removed here: keep their record
+        if watcher.holds_work_elsewhere():  # blobs uploaded, perhaps removed here: keep their record
             raise
         if n == 1:
             out.abort()

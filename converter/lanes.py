@@ -20,6 +20,7 @@ from .reader import DIRECT_ALIGN, AlignedBuffers, TensorReader
 from .stripes import Quantizer
 from .write import ShardWriter
 from .output_dir import OutputDir
+from .watch import OutputWatcher
 
 Progress = Callable[[int], None]
 # A stripe's FP8 bytes below this are written by the quantizing thread itself: handing a write to the writing
@@ -78,18 +79,17 @@ class MainLane:
 
 def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, main_lane: MainLane,
                  progress: Progress, manifest: Manifest, done: dict, resume: bool, stop: Stop | None = None,
-                 closed: Callable | None = None, gate: Callable | None = None) -> int:
+                 watcher: OutputWatcher | None = None) -> int:
     """Write the given shards: all headers first, then two lanes at once, each writing at the offsets the headers
     fix. A thread copies the tensors that stay as they are (in the kernel where it can), while the main thread
     runs `main_lane` on the others. Pieces in `done` are kept. The first error anywhere, or Ctrl-C, or a failure
     handed to `stop` from outside, stops both lanes and is raised.
 
-    `closed(path, shard)`, if given, is called (from either lane) once every byte of a shard is written, kept
-    pieces included.
-
-    `gate(shard name, stop)`, if given, is called before each write into a shard and may wait (for the upload and
-    removal of earlier shards, `--no-keep-output`); both lanes then take their work in the order of the shards,
-    so that waiting for an earlier shard never waits for the other lane's later work.
+    `watcher.shard_closed(path, shard)` is called (from either lane) once every byte of a shard is written, kept
+    pieces included. Where the watcher holds back writes, `watcher.may_write(shard name, stop)` is called before
+    each write into a shard and may wait (for the upload and removal of earlier shards, `--no-keep-output`); both
+    lanes then take their work in the order of the shards, so that waiting for an earlier shard never waits for
+    the other lane's later work.
 
     Returns:
         Source bytes whose output was kept from an earlier run.
@@ -101,9 +101,10 @@ def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, m
         copies += [(writers[shard.name], t) for t in tensors if t.action == COPY]
         others += main_lane.items(writers[shard.name], tensors)
     stop = stop or Stop()
-    if gate is not None:
+    watcher = watcher or OutputWatcher()
+    if watcher.holds_back_writes:
         for name, writer in writers.items():
-            writer.gate = functools.partial(gate, name, stop)
+            writer.gate = functools.partial(watcher.may_write, name, stop)
     lock = threading.Lock()
     reads = {t.name: (source.tensors[t.source].shard,) for _, t in copies}
     reads.update({t.name: main_lane.reads(t) for _, t, *_rest in others})
@@ -116,11 +117,11 @@ def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, m
     units: dict[str, int] = {}  # output shard -> its work items (copies, main-lane items) not finished yet
     for writer, *_ in copies + others:
         units[writer.shard.name] = units.get(writer.shard.name, 0) + 1
-    if closed is not None:  # small copies first: a shard is then complete once the main lane is past it, not
+    if watcher.follows_shards:  # small copies first: a shard is then complete once the main lane is past it, not
         # only after a large copy of an earlier shard (an embedding); within each source shard, so the reader does
         # not hop between shards (a Hub source would download them all at once)
         copies.sort(key=lambda item: (source.tensors[item[1].source].shard, item[1].nbytes))
-    if gate is not None:  # a shard's copies, smallest first, before any of the next shard's
+    if watcher.holds_back_writes:  # a shard's copies, smallest first, before any of the next shard's
         order = {shard.name: k for k, shard in enumerate(shards)}
         copies.sort(key=lambda item: (order[item[0].shard.name], item[1].nbytes))
 
@@ -135,13 +136,13 @@ def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, m
                 last = pending[shard] == 0
             if last and source.provider is not None:
                 source.provider.release(shard)
-        if closed is not None:
+        if watcher.follows_shards:
             name = owner[tensor.name]
             with lock:
                 units[name] -= 1
                 complete = units[name] == 0
             if complete:
-                closed(writers[name].path, writers[name].shard)
+                watcher.shard_closed(writers[name].path, writers[name].shard)
 
     # Everything built so far (numba's and torch's modules, the plan, these tables) lives to the end: frozen, it is
     # no longer walked by every collection the lanes' allocations set off (a tenth of a per-expert MoE's CPU).

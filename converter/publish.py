@@ -45,6 +45,7 @@ from .plan import ShardPlan
 from .publish_commit import PENDING_RECORD, CommitPhase, CommitResult, _read_json, _Stopped  # noqa: F401 - re-exported
 from .publish_record import check_scales, check_shard, covers, entry_ok, write_json
 from .configs import STAGING_NAME
+from .watch import OutputWatcher
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +71,21 @@ class PublishOptions:
         return self.repo_id + (f"@{self.branch}" if self.branch else "")
 
 
-class Publisher(CommitPhase):
+class Publisher(CommitPhase, OutputWatcher):
     """Uploads one conversion's (or dequantization's) output to `options.repo_id` and commits it at once.
 
     `identity` (the command's options) is kept in the resume records: a rerun with other options does not commit
     an output the records were not written for."""
+
+    follows_shards = True  # each shard is uploaded as soon as it is complete
+    ends_at_finished_output = False  # a finished output may still wait for its commit (`pending`)
 
     def __init__(self, options: PublishOptions, dst: Path, identity: dict):
         from huggingface_hub import HfApi
 
         self.options, self.dst, self.identity = options, Path(dst), identity
         self.keep = options.keep_output
+        self.holds_back_writes = not self.keep  # at most two shards on disk (`may_write`)
         self.api = HfApi()
         from huggingface_hub.utils import disable_progress_bars
 
@@ -285,7 +290,7 @@ class Publisher(CommitPhase):
                 raise self.error
         self._cleared.add(name)
 
-    def shard_written(self, path: Path, shard: ShardPlan) -> None:
+    def shard_closed(self, path: Path, shard: ShardPlan) -> None:
         """Every byte of a shard is written: upload it in the background. Called from the writing lanes; returns
         at once, or, removing shards once uploaded, once no earlier shard is left on disk. An upload that failed
         is raised here: it stops the conversion, which keeps what it wrote."""
@@ -311,14 +316,20 @@ class Publisher(CommitPhase):
         if self.error is not None:
             raise self.error
 
-    def shards_written(self, staging: Path, shards: list[ShardPlan]) -> None:
+    def all_written(self, staging: Path, shards: list[ShardPlan]) -> set[str]:
         """Every shard is written (some perhaps kept from an earlier run, never announced): upload the rest and
-        wait for all, before the shards are moved into place; a failed upload is raised."""
+        wait for all, before the shards are moved into place; a failed upload is raised. Returns the shards
+        removed once uploaded."""
         for shard in shards:
-            self.shard_written(staging / shard.name, shard)
+            self.shard_closed(staging / shard.name, shard)
         self._wait(lambda: self._outstanding == 0)
         if self.error is not None:
             raise self.error
+        return {name for name, blob in self.uploaded.items() if blob.get("removed")}
+
+    def holds_work_elsewhere(self) -> bool:
+        """Blobs are uploaded (and perhaps removed here): their record stays with the staged work."""
+        return bool(self.uploaded)
 
     def _wait(self, done) -> None:
         """Wait until `done()` (checked under the lock), an upload failed, or the run stops. Waits in short steps:
