@@ -8,7 +8,7 @@ inside functions too, and holds them to this table):
     commands  cli, console, validate, doctor, demo
     run       convert
     publish   publish, publish_commit, publish_record, hub_commit
-    check     finalize, verify, verify_report
+    check     finalize, verify, verify_data, verify_report
     write     lanes, decode, stripes, write, output_dir, manifest, resume, card, watch
     plan      plan, transcode, presets
     dialects  dialects

@@ -29,7 +29,7 @@ _OTHER_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpac
 _NEVER_COPIED_DIRS = {".git", ".cache", ".huggingface"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """Where one tensor's bytes are: shard file, absolute offset and length, with its dtype and shape."""
 
@@ -155,8 +155,9 @@ def parse_header_bytes(path: Path, raw: bytes, header_len: int, file_size: int) 
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise SourceError(f"{path}: corrupt header: __metadata__ must map names to strings")
     tensors = {}
+    shard = path.name  # one string for every tensor of the shard
     for name, entry in header.items():
-        tensors[name] = _parse_entry(path, name, entry, data_start, file_size)
+        tensors[name] = _parse_entry(path, shard, name, entry, data_start, file_size)
     _check_no_overlap(path, tensors)
     return ShardHeader(tensors=tensors, metadata=metadata, data_start=data_start, file_size=file_size)
 
@@ -165,7 +166,7 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _parse_entry(path: Path, name: str, entry, data_start: int, file_size: int) -> TensorInfo:
+def _parse_entry(path: Path, shard: str, name: str, entry, data_start: int, file_size: int) -> TensorInfo:
     """One tensor's entry, checked as strictly as safetensors itself: a string dtype, a list of non-negative
     integer dimensions, two integer offsets (no floats, booleans or strings standing in for numbers)."""
     shown = _short(name)
@@ -188,7 +189,7 @@ def _parse_entry(path: Path, name: str, entry, data_start: int, file_size: int) 
         raise SourceError(
             f"{path}: truncated: {file_size} bytes on disk, but tensor {shown!r} ends at byte {_short(data_start + end)}"
         )
-    return TensorInfo(name=name, dtype=dtype, shape=shape, shard=path.name, offset=data_start + begin, nbytes=end - begin)
+    return TensorInfo(name=name, dtype=dtype, shape=shape, shard=shard, offset=data_start + begin, nbytes=end - begin)
 
 
 def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:

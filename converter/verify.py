@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from . import arch
-from .configs import CONFIG_NAME, DTYPE_SIZES, FP8_DTYPE_NAME, INDEX_NAME, matrix_shape
+from .configs import CONFIG_NAME, DTYPE_SIZES, FP8_DTYPE_NAME, INDEX_NAME
 from .dialects import writer_from_config
 from .dialects.transformers_fp8 import decode_scale_bytes
 from .dialects.transformers_fp8_reader import renamed_scale
@@ -25,10 +24,8 @@ from .errors import ConvertError
 from .plan import classify, experts_module, module_of
 from .source import SINGLE_FILE_NAME, ShardHeader, SourceIndex, TensorInfo, open_source, read_header
 from .reader import TensorReader
+from .verify_data import check_data
 from .verify_report import REPORT_NAME, Problem, TensorStats, VerifyReport, describe_report  # noqa: F401 - re-exported
-
-CHUNK_BYTES = 16 * 2**20
-FP8_STRIPE_ELEMENTS = 4 * 2**20
 
 
 class _Output:
@@ -128,7 +125,7 @@ def verify(dst: Path, src: Path | None = None, progress: Callable[[int], None] |
             _check_against_source_structure(out, source, report, writer)
     _check_scales(out, fp8, report, writer)
     if data:
-        _check_data(out, source, fp8, writer, report, progress)
+        check_data(out.as_source(), out.scale_of, source, fp8, writer, report, progress)
     return report
 
 
@@ -307,158 +304,3 @@ def _check_against_source_structure(out: _Output, source: SourceIndex, report: V
         if rest != source.config:
             changed = sorted(k for k in set(rest) | set(source.config) if rest.get(k) != source.config.get(k))
             report.problems.append(Problem(f"config.json differs from the source config in {changed}"))
-
-
-def _check_data(out: _Output, source: SourceIndex | None, fp8: dict[str, TensorInfo], writer,
-                report: VerifyReport, progress) -> None:
-    output = out.as_source()
-    tensors = output.tensors
-    scales = out.scales
-    with TensorReader(output) as reader, (_source_reader(source) if source else _Null()) as src_reader:
-        for name, info in tensors.items():
-            report.tensors_checked += 1
-            if name in scales:
-                pass  # checked with its weight
-            elif name in fp8:
-                scale = tensors.get(out.scale_of.get(name, ""))
-                if (scale is not None and scale.shape == writer.scale_shape(info.shape)
-                        and writer.accepts_scale_dtype(scale.dtype)):
-                    report.fp8_tensors += 1
-                    _check_fp8(name, info, scale, reader, source, src_reader, writer, report)
-            else:
-                _check_copied(info, reader, source, src_reader, report)
-            report.bytes_checked += info.nbytes
-            progress(info.nbytes)
-
-
-def _source_reader(source: SourceIndex):
-    from .dialects.decoded import DecodedSource, DecodingReader
-
-    return DecodingReader(source) if isinstance(source, DecodedSource) else TensorReader(source)
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
-
-
-def _check_fp8(name, info, scale_info, reader, source, src_reader, writer, report) -> None:
-    import torch
-
-    problems = report.problems
-    src_info = source.tensors.get(name) if source else None
-    if src_info is not None and tuple(src_info.shape) != tuple(info.shape):
-        problems.append(Problem(f"shape {list(info.shape)} differs from the source's {list(src_info.shape)}",
-                                tensor=name, shard=info.shard))
-        src_info = None
-    rows, cols = matrix_shape(info.shape)
-    unit = writer.rows_per_scale  # weight rows per row of scales
-    group_cols = writer.group_columns or cols  # columns one scale covers
-    scale_row_bytes = scale_info.shape[-1] * DTYPE_SIZES[scale_info.dtype]
-    # The re-derivation uses the dialect's torch formula, independent of the converter's own kernel; its float32
-    # temporaries are 4x the FP8 stripe, hence smaller stripes than elsewhere.
-    stripe = max(unit, FP8_STRIPE_ELEMENTS // (cols * unit) * unit)
-    scale_rows_total = scale_info.numel // scale_info.shape[-1]
-    zero_groups = nan_count = 0
-    err_sq = ref_sq = 0.0
-    max_abs = 0.0
-    first_byte_diff = first_scale_diff = None
-    for first in range(0, rows, stripe):
-        end = min(rows, first + stripe)
-        raw = torch.frombuffer(reader.read(info, first * cols, (end - first) * cols), dtype=torch.uint8)
-        raw = raw.reshape(end - first, cols)
-        s_first, s_end = first // unit, min(scale_rows_total, -(-end // unit))
-        s_raw = reader.read(scale_info, s_first * scale_row_bytes, (s_end - s_first) * scale_row_bytes)
-        nan_count += int(((raw & 0x7F) == 0x7F).sum())  # E4M3FN has no Inf; S.1111.111 is NaN
-        zero_groups += _zero_groups(raw, unit, group_cols)
-        if src_info is None:
-            continue
-        weight = src_reader.read_rows(src_info, first, end)
-        try:
-            want_fp8, want_scale = writer.quantize(weight)
-        except ValueError as exc:
-            problems.append(Problem(f"source tensor cannot be quantized: {exc}", tensor=name))
-            return
-        diff = (want_fp8.view(torch.uint8) != raw).nonzero()
-        if len(diff) and first_byte_diff is None:
-            first_byte_diff = (first + int(diff[0, 0]), int(diff[0, 1]), len(diff))
-        want_bytes = want_scale.contiguous().view(torch.uint8).reshape(s_end - s_first, scale_row_bytes)
-        got_bytes = torch.frombuffer(bytearray(s_raw), dtype=torch.uint8).reshape(s_end - s_first, scale_row_bytes)
-        sdiff = (want_bytes != got_bytes).nonzero()
-        if len(sdiff) and first_scale_diff is None:
-            itemsize = DTYPE_SIZES[scale_info.dtype]
-            first_scale_diff = (s_first + int(sdiff[0, 0]), int(sdiff[0, 1]) // itemsize)
-        reference = weight.to(torch.float32)
-        scales = got_bytes.view(want_scale.dtype).reshape(want_scale.shape)
-        got = writer.dequantize(raw.view(torch.float8_e4m3fn), scales)
-        delta = got.sub_(reference).nan_to_num_(nan=math.inf)
-        err_sq += float(torch.sum(delta * delta, dtype=torch.float64))
-        ref_sq += float(torch.sum(reference * reference, dtype=torch.float64))
-        max_abs = max(max_abs, float(delta.abs_().max()))
-    groups = scale_info.numel
-    if nan_count:
-        problems.append(Problem(f"{nan_count} NaN value(s) in the FP8 weight", tensor=name, shard=info.shard))
-    if zero_groups == groups:
-        problems.append(Problem("every tile of the FP8 weight is zero", tensor=name, shard=info.shard))
-    if first_byte_diff:
-        r, c, n = first_byte_diff
-        problems.append(Problem(f"FP8 bytes differ from the re-quantized source: {n}+ byte(s), first at row {r}, "
-                                f"column {c}", tensor=name, shard=info.shard))
-    if first_scale_diff:
-        problems.append(Problem(f"{scale_info.name.rpartition('.')[2]} differs from the re-quantized source, first "
-                                f"at tile {first_scale_diff}", tensor=scale_info.name, shard=scale_info.shard))
-    stats = TensorStats(tensor=name, shard=info.shard, shape=tuple(info.shape), tiles=groups, zero_tiles=zero_groups)
-    if src_info is not None:
-        stats.relative_error = math.sqrt(err_sq / ref_sq) if ref_sq > 0 else (0.0 if err_sq == 0 else math.inf)
-        stats.max_abs_error = max_abs
-    report.stats.append(stats)
-
-
-def _zero_groups(raw, unit: int, group_cols: int) -> int:
-    """All-zero scale groups (tiles, or rows) of a stripe of E4M3 bytes; a partial last group is padded with
-    zeros, which do not change whether it is all zero."""
-    import torch
-
-    rows, cols = raw.shape
-    pr, pc = -(-rows // unit) * unit, -(-cols // group_cols) * group_cols
-    if (pr, pc) != (rows, cols):
-        padded = torch.zeros((pr, pc), dtype=torch.uint8)
-        padded[:rows, :cols] = raw
-        raw = padded
-    tiles = raw.reshape(pr // unit, unit, pc // group_cols, group_cols)
-    return int(((tiles & 0x7F) == 0).all(dim=3).all(dim=1).sum())
-
-
-def _check_copied(info, reader, source, src_reader, report) -> None:
-    import torch
-
-    from .quantize import TORCH_DTYPES
-
-    src_info = source.tensors.get(info.name) if source else None
-    if src_info is not None and (src_info.dtype, src_info.shape) != (info.dtype, info.shape):
-        report.problems.append(Problem(f"{info.dtype}{list(info.shape)} here, {src_info.dtype}"
-                                       f"{list(src_info.shape)} in the source", tensor=info.name, shard=info.shard))
-        src_info = None
-    dtype = TORCH_DTYPES.get(info.dtype) if info.dtype != FP8_DTYPE_NAME else None
-    itemsize = DTYPE_SIZES[info.dtype]
-    chunk = max(itemsize, CHUNK_BYTES // itemsize * itemsize)
-    non_finite = 0
-    differs_at = None
-    for start in range(0, info.nbytes, chunk):
-        length = min(chunk, info.nbytes - start)
-        data = reader.read(info, start, length)
-        if dtype is not None:
-            non_finite += int((~torch.isfinite(torch.frombuffer(data, dtype=dtype))).sum())
-        if src_info is not None and differs_at is None:
-            if src_reader.read(src_info, start, length) != data:
-                differs_at = start
-    if non_finite:
-        report.problems.append(Problem(f"{non_finite} NaN/Inf value(s)", tensor=info.name, shard=info.shard))
-    if differs_at is not None:
-        report.problems.append(Problem(f"bytes differ from the source (from byte {differs_at} of the tensor)",
-                                       tensor=info.name, shard=info.shard))
-
-

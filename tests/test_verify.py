@@ -150,3 +150,45 @@ def test_a_source_that_cannot_be_read_is_a_problem_not_a_crash(dst, tmp_path):
     assert result.exit_code == 1
     assert result.output == (f"problem: source: {tmp_path / 'missing'}: source folder not found\n"
                              "verify: FAILED with 1 problem(s)\n")
+
+
+def _experts_checkpoint(path, experts=24):
+    """Many small expert Linears of one shape (checked together, stacked), in two shards."""
+    gen = torch.Generator().manual_seed(3)
+    path.mkdir()
+    names = [f"model.layers.0.mlp.experts.{e}.{p}.weight" for e in range(experts) for p in ("gate_proj", "up_proj")]
+    weight_map = {}
+    for k, part in enumerate((names[::2], names[1::2])):
+        shard = f"model-{k + 1:05d}-of-00002.safetensors"
+        save_file({n: (torch.randn(128, 256, generator=gen) * 0.02).bfloat16() for n in part}, path / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps({"model_type": "toy"}))
+    return path
+
+
+def test_small_weights_checked_together_each_fault_named_on_its_own_weight(tmp_path):
+    src = _experts_checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    assert run_cli("--src", src, "--dst", out, "-q", "--no-arch-check").exit_code == 0
+    clean = verify(out, src, arch_check=False)
+    assert clean.ok and clean.fp8_tensors == 48 and len(clean.stats) == 48
+    byte = "model.layers.0.mlp.experts.7.up_proj.weight"
+    scale = "model.layers.0.mlp.experts.11.gate_proj.weight_scale_inv"
+    zeroed = "model.layers.0.mlp.experts.20.gate_proj.weight"
+    patch(out, byte, lambda t: t[65, 130].bitwise_xor_(1))
+    patch(out, scale, lambda t: t[1, 2].mul_(2))
+    patch(out, zeroed, lambda t: t.zero_())
+    report = verify(out, src, arch_check=False)
+    found = {(p.tensor, p.what) for p in report.problems}
+    assert (byte, "FP8 bytes differ from the re-quantized source: 1+ byte(s), first at row 65, column 130") in found
+    assert (scale, "weight_scale_inv differs from the re-quantized source, first at tile (1, 2)") in found
+    assert (zeroed, "every tile of the FP8 weight is zero") in found
+    assert {t for t, _ in found} == {byte, scale, zeroed}
+    stats = {s.tensor: s for s in report.stats}
+    assert [s.tensor for s in report.stats] == [s.tensor for s in clean.stats]  # in the output's order
+    assert stats[zeroed].zero_tiles == 8 and stats[zeroed].relative_error == pytest.approx(1.0)
+    same = [n for n in stats if n not in (byte, scale.removesuffix("_scale_inv"), zeroed)]
+    before = {s.tensor: s.relative_error for s in clean.stats}
+    assert [stats[n].relative_error for n in same] == pytest.approx([before[n] for n in same], rel=1e-9)
+    assert stats[byte].relative_error != before[byte]  # the changed byte is in its own weight's figures
