@@ -16,7 +16,7 @@ from typing import Callable
 
 from .configs import DTYPE_SIZES
 from .dialects.decoded import DecodedSource, DecodingReader, read_scales
-from .lanes import MainLane, Progress, QuantizeLane, Stop
+from .lanes import INLINE_WRITE_BYTES, MainLane, Progress, QuantizeLane, Stop
 from .plan import DECODE, QUANTIZE, TensorPlan
 from .source import SourceIndex
 from .reader import DIRECT_ALIGN, AlignedBuffers, TensorReader
@@ -140,13 +140,17 @@ class DecodeLane(MainLane):
                         advance(rows * cols)
                     else:
                         todo.append((first, rows, scale_first))
+                # a weight of one small stripe is read and written on this thread: handing it to another
+                # costs more than the work (a per-expert MoE's tens of thousands of small weights)
+                inline = len(todo) == 1 and todo[0][1] * cols < INLINE_WRITE_BYTES
                 if todo:
                     scale_inv = read_scales(reader, pair, source.reader, source.fp8)
                     reader.fd_for(info)  # open the weight's shard here, not in the reading thread
-                    reading = ahead.submit(engine.read, reader, info, todo[0][0], todo[0][1], 0)
+                    if not inline:
+                        reading = ahead.submit(engine.read, reader, info, todo[0][0], todo[0][1], 0)
                 writing = None
                 for k, (first, rows, scale_first) in enumerate(todo):
-                    codes = reading.result()
+                    codes = engine.read(reader, info, first, rows, 0) if inline else reading.result()
                     if stop.is_set():
                         return kept
                     if k + 1 < len(todo):
@@ -156,7 +160,10 @@ class DecodeLane(MainLane):
                     out = engine.dequantize(codes, scale_rows, pair.block, slot=k % 2)
                     if writing is not None:
                         writing.result()
-                    writing = io.submit(writer.write_at, t.name, _stripe_start(t, first), out)
+                    if inline:
+                        writer.write_at(t.name, _stripe_start(t, first), out)
+                    else:
+                        writing = io.submit(writer.write_at, t.name, _stripe_start(t, first), out)
                     advance(rows * cols)
                 if writing is not None:
                     writing.result()

@@ -19,7 +19,10 @@ import numpy as np
 
 from .quantize_fast import available, numba
 
-_kernels: dict = {}  # output element size -> compiled kernel
+_kernels: dict = {}  # (output element size, parallel) -> compiled kernel
+# Below this many codes a stripe is decoded on the calling thread: waking the kernel's threads costs more than the
+# work (a per-expert MoE's tens of thousands of small weights)
+PARALLEL_MIN_CODES = 1 << 20
 
 
 def e4m3_values() -> np.ndarray:
@@ -66,31 +69,35 @@ def table_of(scale_inv: np.ndarray, dtype: str) -> np.ndarray:
     return float32_to_bits(products, dtype)
 
 
-def _make_kernel():
+def _make_kernel(parallel: bool):
+    row_range = numba.prange if parallel else range
+
     def kernel(codes, tables, bm, bn, out):  # pragma: no cover - compiled
         rows, cols = codes.shape
-        for r in numba.prange(rows):
+        for r in row_range(rows):
             row_tables = tables[r // bm]
             for t in range(row_tables.shape[0]):
                 table = row_tables[t]
                 for c in range(t * bn, min(t * bn + bn, cols)):
                     out[r, c] = table[codes[r, c]]
 
+    kernel.parallel = parallel
     return kernel
 
 
-def _kernel(itemsize: int):
-    if itemsize not in _kernels:
+def _kernel(itemsize: int, parallel: bool = True):
+    key = (itemsize, parallel)
+    if key not in _kernels:
         from .quantize_fast import _compile
 
-        kernel = _make_kernel()
+        kernel = _make_kernel(parallel)
         # one name per variant gives each its own on-disk cache index
-        kernel.__qualname__ = kernel.__name__ = f"dequantize_lookup_{itemsize * 8}"
+        kernel.__qualname__ = kernel.__name__ = f"dequantize_lookup_{itemsize * 8}" + ("" if parallel else "_serial")
         try:
-            _kernels[itemsize] = _compile(kernel, cache=True)
+            _kernels[key] = _compile(kernel, cache=True)
         except RuntimeError:  # no writable cache folder: compiled for this process only
-            _kernels[itemsize] = _compile(kernel, cache=False)
-    return _kernels[itemsize]
+            _kernels[key] = _compile(kernel, cache=False)
+    return _kernels[key]
 
 
 def dequantize_into(codes: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int], dtype: str,
@@ -104,7 +111,7 @@ def dequantize_into(codes: np.ndarray, scale_inv: np.ndarray, block: tuple[int, 
         dtype (`str`): "BF16", "F16" or "F32".
         out (`np.ndarray`): unsigned integers of `dtype`'s size, `(rows, cols)`, C-contiguous; receives the bits.
     """
-    _kernel(out.itemsize)(codes, table_of(scale_inv, dtype), block[0], block[1], out)
+    _kernel(out.itemsize, codes.size >= PARALLEL_MIN_CODES)(codes, table_of(scale_inv, dtype), block[0], block[1], out)
 
 
 __all__ = ["available", "dequantize_into", "e4m3_float32", "e4m3_values", "float32_to_bits", "table_of"]

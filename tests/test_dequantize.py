@@ -423,10 +423,18 @@ def test_the_torch_formula_without_numba_gives_the_same_bytes(gemma_dst, gemma_b
     assert tree_digest(out_dir) == tree_digest(gemma_bf16)
 
 
-def test_lookup_tables_give_the_torch_formula_on_every_code_and_extreme_scales():
+@pytest.mark.parametrize("parallel", [True, False], ids=["threads", "serial"])
+def test_lookup_tables_give_the_torch_formula_on_every_code_and_extreme_scales(parallel, monkeypatch):
     import numpy as np
 
+    from converter import dequantize_fast
     from converter.dequantize_fast import dequantize_into
+
+    # a stripe this small runs the serial kernel; with the threshold at 0, the threaded one
+    monkeypatch.setattr(dequantize_fast, "PARALLEL_MIN_CODES", 0 if parallel else 1 << 20)
+    real = dequantize_fast._kernel
+    used = []
+    monkeypatch.setattr(dequantize_fast, "_kernel", lambda size, threads: used.append(threads) or real(size, threads))
 
     codes = torch.arange(256, dtype=torch.uint8).repeat(200, 1)[:, torch.randperm(256)].contiguous()  # NaN codes too
     scales = torch.exp2(torch.randint(-149, 128, (4, 3)).float()) * (1 + torch.rand(4, 3))
@@ -438,6 +446,7 @@ def test_lookup_tables_give_the_torch_formula_on_every_code_and_extreme_scales()
         out = np.empty((200, 256), np_bits)
         dequantize_into(codes.numpy(), scales.numpy(), (64, 100), name, out)  # blocks cut short both ways
         assert (out == ref).all(), name
+    assert used == [parallel] * 3
 
 
 def test_numpy_tables_decode_e4m3_and_round_as_torch_does():
