@@ -20,6 +20,7 @@ from .reader import DIRECT_ALIGN, AlignedBuffers, TensorReader
 # Source bytes quantized per step. With the numba kernel the working set is this, the next stripe being read and
 # half of it in FP8; the torch formula needs about 6x (float32 copies).
 STRIPE_BYTES = 32 * 2**20
+READ_GROUP_BYTES = 4 * 2**20  # small stripes read ahead together, up to this many bytes (`_read_groups`)
 
 
 class Quantizer:
@@ -86,25 +87,33 @@ class Quantizer:
                      for first in range(0, rows, step) if not skip(first)]
         if not work:
             return
-        read_bytes = max(n * row_bytes for _, _, _, n, row_bytes, _ in work)
-        buffers = [self._buffers.get(i, read_bytes + 2 * DIRECT_ALIGN) for i in (0, 1)]
+        groups, group_bytes = _read_groups(work)
+        buffers = [self._buffers.get(i, group_bytes) for i in (0, 1)]
         outs = [self._buffers.get(i, max(n * cols for *_, n, _, cols in work)) for i in (2, 3)]
 
-        def read(i):
-            _, info, first, n, row_bytes, _ = work[i]
-            return reader.read_stripe(info, first * row_bytes, n * row_bytes, buffers[i % 2])
+        def read(g):
+            views, offset = [], 0
+            for i in groups[g]:
+                _, info, first, n, row_bytes, _ = work[i]
+                room = _room(n * row_bytes)
+                views.append(reader.read_stripe(info, first * row_bytes, n * row_bytes,
+                                                buffers[g % 2][offset:offset + room]))
+                offset += room
+            return views
 
         reader.fd_for(work[0][1])  # shards are opened here, not in the reading thread
         pending = self._pool.submit(read, 0)
         try:
-            for i, (k, info, first, n, row_bytes, cols) in enumerate(work):
-                raw = pending.result()
-                if i + 1 < len(work):
-                    reader.fd_for(work[i + 1][1])
-                    pending = self._pool.submit(read, i + 1)
-                out = outs[i % 2][: n * cols].reshape(n, cols)
-                fp8, scale_inv = self._quantize(raw, info, n, cols, first, out)
-                yield k, first, fp8, scale_inv, n * row_bytes
+            for g, members in enumerate(groups):
+                views = pending.result()
+                if g + 1 < len(groups):
+                    reader.fd_for(work[groups[g + 1][0]][1])
+                    pending = self._pool.submit(read, g + 1)
+                for i, raw in zip(members, views):
+                    k, info, first, n, row_bytes, cols = work[i]
+                    out = outs[i % 2][: n * cols].reshape(n, cols)
+                    fp8, scale_inv = self._quantize(raw, info, n, cols, first, out)
+                    yield k, first, fp8, scale_inv, n * row_bytes
         finally:  # a lane that stops early: the read ahead must be over before its reader closes the files
             pending.cancel() or pending.exception()
 
@@ -131,6 +140,30 @@ class Quantizer:
             raise _non_finite(info, str(exc), first + exc.row) from None
         # scales of any dtype (float32, F8_E8M0, BF16) leave as their bytes
         return fp8.view(torch.uint8).cpu().numpy(), scales.contiguous().view(torch.uint8).cpu().numpy()
+
+
+def _room(nbytes: int) -> int:
+    """Buffer bytes a read of `nbytes` takes (`TensorReader.read_stripe`), rounded so the next one starts aligned."""
+    return -(-(nbytes + 2 * DIRECT_ALIGN) // DIRECT_ALIGN) * DIRECT_ALIGN
+
+
+def _read_groups(work: list) -> tuple[list[list[int]], int]:
+    """The stripes of `work` in groups read by one hand-off to the reading thread: consecutive stripes of one
+    shard, up to READ_GROUP_BYTES together (a larger stripe alone). Handing each small stripe over on its own cost
+    more than reading it (a per-expert MoE's tens of thousands of weights). Returns the groups and the buffer bytes
+    the largest one needs."""
+    groups: list[list[int]] = []
+    size = largest = 0
+    for i, (_, info, _, n, row_bytes, _) in enumerate(work):
+        room = _room(n * row_bytes)
+        if groups and work[groups[-1][0]][1].shard == info.shard and size + room <= READ_GROUP_BYTES:
+            groups[-1].append(i)
+            size += room
+        else:
+            groups.append([i])
+            size = room
+        largest = max(largest, size)
+    return groups, largest
 
 
 def _non_finite(info, what: str, row: int) -> QuantizeError:

@@ -138,3 +138,22 @@ def test_every_copy_path_gives_the_same_bytes(toy_src, toy_reference, tmp_path, 
     assert result.exit_code == 0, result.output
     assert calls == expected_calls
     assert tree_digest(dst) == tree_digest(toy_reference)
+
+
+def test_small_stripes_are_read_ahead_together_within_one_shard_and_the_group_bound():
+    from types import SimpleNamespace
+
+    from converter import stripes
+    from converter.reader import DIRECT_ALIGN
+
+    def item(shard, nbytes):
+        return (0, SimpleNamespace(shard=shard), 0, 1, nbytes, nbytes)
+
+    small = 64 * 1024
+    room = small + 2 * DIRECT_ALIGN
+    per_group = stripes.READ_GROUP_BYTES // room
+    work = [item("a", small)] * (per_group + 2) + [item("b", small)] * 2 + [item("b", stripes.READ_GROUP_BYTES)]
+    groups, largest = stripes._read_groups(work)
+    assert [len(g) for g in groups] == [per_group, 2, 2, 1]  # bound, then shard a's rest, shard b, the large one
+    assert sum(groups, []) == list(range(len(work)))  # every stripe once, in order
+    assert largest == stripes.READ_GROUP_BYTES + 2 * DIRECT_ALIGN
