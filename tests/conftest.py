@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,12 @@ from safetensors.torch import save_file
 from converter.cli import main
 from converter.configs import INDEX_NAME
 from converter.demo import build_gemma4_checkpoint
+
+# A shell without job control (`cmd &` in a script, some CI runners) starts the tests with SIGINT ignored, and every
+# command they start would inherit that and outlive the Ctrl-C the tests send: Ctrl-C is restored here, as in a
+# terminal (a handler, unlike SIG_IGN, is reset to the default in each started command).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_cli(*args: str):
