@@ -9,7 +9,7 @@ inside functions too, and holds them to this table):
     run       convert
     publish   publish, publish_commit, publish_record, hub_commit
     check     finalize, verify, verify_data, verify_report
-    write     lanes, decode, stripes, write, output_dir, manifest, resume, card, watch
+    write     lanes, decode, stripes, write, combine, output_dir, manifest, resume, card, watch
     plan      plan, transcode, presets
     dialects  dialects
     source    origin, reader, source, hub, arch

@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from .combine import WriteCombiner
 from .configs import DTYPE_SIZES, matrix_shape
 from .manifest import Manifest
 from .plan import COPY, QUANTIZE, ShardPlan, TensorPlan
@@ -94,7 +95,8 @@ def write_shards(out: OutputDir, shards: list[ShardPlan], source: SourceIndex, m
     Returns:
         Source bytes whose output was kept from an earlier run.
     """
-    writers = {shard.name: ShardWriter(out.path(shard.name), shard, manifest) for shard in shards}
+    combiner = WriteCombiner()  # the small writes of all shards, gathered (a per-expert MoE's many small weights)
+    writers = {shard.name: ShardWriter(out.path(shard.name), shard, manifest, combiner) for shard in shards}
     copies, others = [], []
     for shard in shards:
         tensors = list(shard.tensors)
@@ -251,20 +253,22 @@ class QuantizeLane(MainLane):
         so the quantizer's two output buffers are never overwritten early)."""
         source, quantizer = self.source, self.quantizer
         kept = 0
-        weights, keys, left = [], [], []  # per item: (info, skip), its stripes' manifest keys, stripes to write
+        weights, places, left = [], [], []  # per item: (info, skip), (cols, bytes per row of scales), stripes to write
         for writer, weight, scale in items:
             info = source.tensors[weight.source]
             rows, cols = matrix_shape(info.shape)
             row_bytes, step = cols * DTYPE_SIZES[info.dtype], quantizer.stripe_rows(info)
-            keys.append({first: stripe_keys(writer.shard.name, weight, scale, cols, quantizer.block, first)
-                         for first in range(0, rows, step)})
-            kept_rows = {first for first, (fp8_key, _) in keys[-1].items() if fp8_key in done}
-            for first in kept_rows:  # `done` holds only whole stripes (see usable_stripe_pieces)
+            kept_rows = set()
+            if done:  # `done` holds only whole stripes (see usable_stripe_pieces)
+                kept_rows = {first for first in range(0, rows, step)
+                             if stripe_keys(writer.shard.name, weight, scale, cols, quantizer.block, first)[0] in done}
+            for first in kept_rows:
                 n = (min(rows, first + step) - first) * row_bytes
                 kept += n
                 advance(n)
             weights.append((info, kept_rows.__contains__))
-            left.append(len(keys[-1]) - len(kept_rows))
+            places.append((cols, scale.shape[-1] * DTYPE_SIZES[scale.dtype]))
+            left.append(-(-rows // step) - len(kept_rows))
         for k in (k for k, n in enumerate(left) if n == 0):
             finished(items[k][1])
 
@@ -282,7 +286,8 @@ class QuantizeLane(MainLane):
                 if stop.is_set():  # looked at after the wait, which a failure elsewhere may have outlasted
                     return kept
                 writer, weight, scale = items[k]
-                (_, _, start), (_, _, scale_start) = keys[k][first]
+                cols, scale_row_bytes = places[k]  # the offsets `stripe_keys` records the stripe at
+                start, scale_start = first * cols, first // quantizer.block * scale_row_bytes
                 if fp8.nbytes < INLINE_WRITE_BYTES:  # handing it over would cost more than writing it
                     _write_stripe(writer, weight.name, scale.name, start, fp8, scale_start, scale_inv)
                     writing = None

@@ -16,8 +16,9 @@ import os
 import shutil
 import socket
 import threading
-from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _json_string
 from pathlib import Path
+from typing import NamedTuple
 
 from . import __version__
 from .configs import STAGING_NAME
@@ -56,16 +57,22 @@ def run_identity(source, plan, stamp: dict | None = None) -> str:
         "tool": __version__,
         "source_stamp": source_stamp(source) if stamp is None else stamp,
         "source_config": source.config,
-        "source": sorted((t.name, t.dtype, list(t.shape), t.shard, t.offset, t.nbytes) for t in source.tensors.values()),
-        "shards": [[s.name, [(t.name, t.action, t.dtype, list(t.shape)) for t in s.tensors]] for s in plan.shards],
         "config": plan.config,
         "files": list(plan.files_to_copy),
     }
-    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps(state, sort_keys=True).encode())
+    # a line per tensor, names as JSON strings (no line break inside), formatted directly: an MoE has tens of
+    # thousands
+    digest.update("".join(f"{_json_string(t.name)} {t.dtype} {t.shape} {_json_string(t.shard)} {t.offset} {t.nbytes}\n"
+                          for t in sorted(source.tensors.values(), key=lambda t: t.name)).encode())
+    for shard in plan.shards:
+        digest.update(f"shard {_json_string(shard.name)}\n".encode())
+        digest.update("".join(f"{_json_string(t.name)} {t.action} {t.dtype} {tuple(t.shape)}\n"
+                              for t in shard.tensors).encode())
+    return digest.hexdigest()
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):  # a tuple: made for each of tens of thousands of pieces
     """A written range of one tensor, with the CRC-32C of all its bytes. `sample` and `boot` are read from the
     manifests of earlier versions (a CRC of the piece's ends, and the boot it was written in) and not used: every
     byte of a kept piece is checked."""
@@ -102,16 +109,16 @@ class Manifest:
             pieces[(p.shard, p.tensor, p.start)] = p
         return pieces
 
-    def record(self, piece: Piece) -> None:
-        """Append a piece whose bytes are on disk (only a `ShardWriter` knows when that is)."""
-        # the line json.dumps would write, formatted directly: tens of thousands of pieces in an MoE
-        line = (f'{{"shard":{json.dumps(piece.shard)},"tensor":{json.dumps(piece.tensor)},"start":{piece.start},'
-                f'"length":{piece.length},"crc":{piece.crc}}}\n').encode()
+    def record(self, pieces: list[Piece]) -> None:
+        """Append pieces whose bytes are on disk (only a `ShardWriter` knows when that is), in one write."""
+        # the lines json.dumps would write, formatted directly: tens of thousands of pieces in an MoE
+        data = "".join(f'{{"shard":{_json_string(p.shard)},"tensor":{_json_string(p.tensor)},"start":{p.start},'
+                       f'"length":{p.length},"crc":{p.crc}}}\n' for p in pieces).encode()
         with self._lock:
             try:
                 if self._fd is None:
                     self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-                os.write(self._fd, line)
+                os.write(self._fd, data)
             except OSError as exc:
                 raise os_error(exc, self.path, "recording the written pieces") from None
 

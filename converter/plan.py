@@ -45,7 +45,7 @@ _ROUTER_MODULE = re.compile(r"(^|\.)router(\.|$)|\.(mlp|block_sparse_moe)\.gate$
 ROUTER_BIAS = "e_score_correction_bias"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: an MoE plans tens of thousands
 class TensorPlan:
     """One output tensor: what it is made from, how, and why."""
 
@@ -56,7 +56,7 @@ class TensorPlan:
     shape: tuple[int, ...]
     reason: str
 
-    @functools.cached_property  # asked for per tensor at every step of a run
+    @property
     def nbytes(self) -> int:
         n = DTYPE_SIZES[self.dtype]
         for d in self.shape:
@@ -355,6 +355,9 @@ def _copy(info: TensorInfo, reason: str) -> TensorPlan:
 
 
 def _first_match(module: str, patterns: tuple[str, ...]) -> str | None:
+    """The first of `patterns` that excludes `module`, or None."""
+    if should_convert_module(module, patterns):  # all at once (one regex): most modules match none
+        return None
     for pattern in patterns:
         if not should_convert_module(module, [pattern]):
             return pattern

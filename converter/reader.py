@@ -97,6 +97,8 @@ class TensorReader:
     large ranges without the page cache.
     """
 
+    reads_spans = True  # `read_stripe` may read past a tensor's end into the ones after it in the file
+
     def __init__(self, source: SourceIndex):
         self._source = source
         self._shard: str | None = None

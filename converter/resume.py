@@ -4,16 +4,18 @@ keys under which the lanes record them."""
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .checksum import file_crc
+from .checksum import buffer_crc, file_crc
 from .configs import DTYPE_SIZES, ConvertOptions, matrix_shape
 from .errors import ConvertError, SourceError
 from .hub import looks_like_repo_id
 from .manifest import Manifest, PartLock, Piece, claim_run
-from .source import SourceIndex, read_header
+from .reader import DIRECT_ALIGN, TensorReader, aligned_buffer
+from .source import SourceIndex, TensorInfo, read_header
 from .stripes import Quantizer
 from .output_dir import OutputDir
 
@@ -100,29 +102,88 @@ def claim_part(out: OutputDir, record: dict, overwrite: bool, part: tuple[int, i
     return ClaimedPart(resumed, lock, Manifest(out.staging / f"manifest-part-{i}-of-{n}.jsonl"), taken_over)
 
 
+CHECK_SPAN_BYTES = 32 * 2**20  # kept pieces are read back in spans of up to this, each one request to the disk
+CHECK_GAP_BYTES = 2**20  # bytes between two kept pieces that a span reads through rather than around
+
+
 def verified_pieces(manifest: Manifest, staging: Path) -> dict[tuple[str, str, int], Piece]:
     """The recorded pieces whose bytes in the staged shards still match their CRC, every byte read back (see
-    `checksum`)."""
-    good, shards = {}, {}
-    try:
-        for key, piece in manifest.load().items():
-            if piece.shard not in shards:  # (descriptor, tensors) of each staged shard, read once
-                path = staging / piece.shard
-                try:
-                    shards[piece.shard] = (os.open(path, os.O_RDONLY), read_header(path).tensors)
-                except (OSError, SourceError):
-                    shards[piece.shard] = (None, {})
-            fd, tensors = shards[piece.shard]
-            info = tensors.get(piece.tensor)
-            if fd is None or info is None or piece.start + piece.length > info.nbytes:
-                continue
-            if file_crc(fd, info.offset + piece.start, piece.length) == piece.crc:
-                good[key] = piece
-    finally:
-        for fd, _ in shards.values():
-            if fd is not None:
-                os.close(fd)
+    `checksum`).
+
+    The pieces are read in file order, in spans of up to CHECK_SPAN_BYTES (straight from the disk where the page
+    cache does not hold them), the next span read while this one's pieces are checked: a rerun's cost is
+    reading what it keeps, at the disk's speed, not one small read after another.
+    """
+    headers: dict[str, dict] = {}  # each staged shard's tensors, read once ({} where unreadable)
+    located = []  # (shard, absolute offset, key, piece)
+    for key, piece in manifest.load().items():
+        if piece.shard not in headers:
+            try:
+                headers[piece.shard] = read_header(staging / piece.shard).tensors
+            except (OSError, SourceError):
+                headers[piece.shard] = {}
+        info = headers[piece.shard].get(piece.tensor)
+        if info is not None and piece.start + piece.length <= info.nbytes:
+            located.append((piece.shard, info.offset + piece.start, key, piece))
+    located.sort(key=lambda item: item[:2])
+    spans: list[list[tuple]] = []
+    for item in located:
+        last = spans[-1][-1] if spans else None
+        if (last is not None and last[0] == item[0] and last[1] + last[3].length <= item[1]
+                <= last[1] + last[3].length + CHECK_GAP_BYTES
+                and item[1] + item[3].length - spans[-1][0][1] <= CHECK_SPAN_BYTES):
+            spans[-1].append(item)
+        else:
+            spans.append([item])
+    if not spans:
+        return {}
+    folder = SourceIndex(root=staging, config={}, tensors={}, shards=tuple(headers), files_to_copy=())
+    size = max(_span(span).nbytes for span in spans) + 2 * DIRECT_ALIGN
+    buffers = [aligned_buffer(size), aligned_buffer(size)]
+    good = {}
+    with TensorReader(folder) as reader, ThreadPoolExecutor(1, thread_name_prefix="convert-fp8-check") as pool:
+        def read(k: int):
+            try:
+                return reader.read_stripe(_span(spans[k]), 0, _span(spans[k]).nbytes, buffers[k % 2])
+            except (OSError, SourceError):  # cut short, unreadable: what can be read is checked piece by piece
+                return None
+
+        reader.fd_for(_span(spans[0]))  # shards are opened here, not in the reading thread
+        pending = pool.submit(read, 0)
+        for k, span in enumerate(spans):
+            data = pending.result()
+            if k + 1 < len(spans):
+                reader.fd_for(_span(spans[k + 1]))
+                pending = pool.submit(read, k + 1)
+            start = span[0][1]
+            for shard, offset, key, piece in span:
+                if data is not None:
+                    crc = buffer_crc(data[offset - start:offset - start + piece.length])
+                else:
+                    crc = _file_crc(staging / shard, offset, piece.length)
+                if crc == piece.crc:
+                    good[key] = piece
     return good
+
+
+def _span(span: list[tuple]) -> TensorInfo:
+    """A span of kept pieces `[(shard, absolute offset, key, piece)]` as the reader's unit: a range of a file."""
+    shard, start = span[0][0], span[0][1]
+    length = span[-1][1] + span[-1][3].length - start
+    return TensorInfo(name="kept pieces", dtype="U8", shape=(length,), shard=shard, offset=start, nbytes=length)
+
+
+def _file_crc(path: Path, offset: int, length: int) -> int | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return file_crc(fd, offset, length)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def stripe_keys(shard: str, weight, scale, cols: int, block: int, first: int) -> tuple[tuple, tuple]:

@@ -87,29 +87,34 @@ class Quantizer:
                      for first in range(0, rows, step) if not skip(first)]
         if not work:
             return
-        groups, group_bytes = _read_groups(work)
+        groups, group_bytes = _read_groups(work, getattr(reader, "reads_spans", False))
         buffers = [self._buffers.get(i, group_bytes) for i in (0, 1)]
         outs = [self._buffers.get(i, max(n * cols for *_, n, _, cols in work)) for i in (2, 3)]
 
         def read(g):
+            # one read per run of stripes that follow each other in the file; each stripe a view of its run's
             views, offset = [], 0
-            for i in groups[g]:
-                _, info, first, n, row_bytes, _ = work[i]
-                room = _room(n * row_bytes)
-                views.append(reader.read_stripe(info, first * row_bytes, n * row_bytes,
-                                                buffers[g % 2][offset:offset + room]))
-                offset += room
+            for run in groups[g]:
+                _, info, first, _, row_bytes, _ = work[run[0]]
+                start = info.offset + first * row_bytes
+                length = _end(work[run[-1]]) - start
+                span = reader.read_stripe(info, first * row_bytes, length, buffers[g % 2][offset:])
+                offset += _room(length)
+                for i in run:
+                    _, member, first, n, row_bytes, _ = work[i]
+                    at = member.offset + first * row_bytes - start
+                    views.append(span[at:at + n * row_bytes])
             return views
 
         reader.fd_for(work[0][1])  # shards are opened here, not in the reading thread
         pending = self._pool.submit(read, 0)
         try:
-            for g, members in enumerate(groups):
+            for g, runs in enumerate(groups):
                 views = pending.result()
                 if g + 1 < len(groups):
-                    reader.fd_for(work[groups[g + 1][0]][1])
+                    reader.fd_for(work[groups[g + 1][0][0]][1])
                     pending = self._pool.submit(read, g + 1)
-                for i, raw in zip(members, views):
+                for i, raw in zip((i for run in runs for i in run), views):
                     k, info, first, n, row_bytes, cols = work[i]
                     out = outs[i % 2][: n * cols].reshape(n, cols)
                     fp8, scale_inv = self._quantize(raw, info, n, cols, first, out)
@@ -143,25 +148,48 @@ class Quantizer:
 
 
 def _room(nbytes: int) -> int:
-    """Buffer bytes a read of `nbytes` takes (`TensorReader.read_stripe`), rounded so the next one starts aligned."""
+    """Buffer bytes a read of `nbytes` takes (`TensorReader.read_stripe`: aligned at both ends)."""
     return -(-(nbytes + 2 * DIRECT_ALIGN) // DIRECT_ALIGN) * DIRECT_ALIGN
 
 
-def _read_groups(work: list) -> tuple[list[list[int]], int]:
-    """The stripes of `work` in groups read by one hand-off to the reading thread: consecutive stripes of one
-    shard, up to READ_GROUP_BYTES together (a larger stripe alone). Handing each small stripe over on its own cost
-    more than reading it (a per-expert MoE's tens of thousands of weights). Returns the groups and the buffer bytes
-    the largest one needs."""
-    groups: list[list[int]] = []
-    size = largest = 0
-    for i, (_, info, _, n, row_bytes, _) in enumerate(work):
-        room = _room(n * row_bytes)
-        if groups and work[groups[-1][0]][1].shard == info.shard and size + room <= READ_GROUP_BYTES:
-            groups[-1].append(i)
+def _end(item) -> int:
+    """Where a stripe of `work` ends in its source file."""
+    _, info, first, n, row_bytes, _ = item
+    return info.offset + (first + n) * row_bytes
+
+
+READ_GAP_BYTES = 64 * 2**10  # bytes of other tensors (norms, biases) a run's read goes through, not around
+
+
+def _read_groups(work: list, spans: bool) -> tuple[list[list[list[int]]], int]:
+    """The stripes of `work` in groups handed to the reading thread at once: consecutive stripes of one shard,
+    whose reads take up to READ_GROUP_BYTES of buffer together (a larger stripe alone). Within a group, stripes
+    that follow each other in the file (at most READ_GAP_BYTES of other bytes between two) form runs, each read
+    with one request where the reader `spans` tensors (a decoding reader reads each weight on its own). Handing
+    over and reading each small stripe alone cost more than its bytes (a per-expert MoE's tens of thousands of
+    weights), and on a cold disk each small read waits for the disk. Returns the groups, as lists of runs of
+    indices into `work`, and the buffer bytes the largest group needs."""
+    groups: list[list[list[int]]] = []
+    size = largest = start = end = 0
+    for i, item in enumerate(work):
+        _, info, first, _, row_bytes, _ = item
+        at = info.offset + first * row_bytes
+        same_shard = bool(groups) and work[groups[-1][0][0]][1].shard == info.shard
+        if spans and same_shard and end <= at <= end + READ_GAP_BYTES:
+            grown = size - _room(end - start) + _room(_end(item) - start)
+            if grown <= READ_GROUP_BYTES:
+                groups[-1][-1].append(i)
+                size, end = grown, _end(item)
+                largest = max(largest, size)
+                continue
+        room = _room(_end(item) - at)
+        if same_shard and size + room <= READ_GROUP_BYTES:
+            groups[-1].append([i])
             size += room
         else:
-            groups.append([i])
+            groups.append([[i]])
             size = room
+        start, end = at, _end(item)
         largest = max(largest, size)
     return groups, largest
 

@@ -133,31 +133,58 @@ SCALE_CHECK_BYTES = 2**20  # scale bytes decoded at a time
 
 
 def _check_scales(out: _Output, fp8: dict[str, TensorInfo], report: VerifyReport, writer) -> None:
-    """Every scale finite and positive (scales are small: read whole, and decoded a few rows at a time, as MX
-    scales, a thirty-second of their weight, take 4x as much in float32)."""
+    """Every scale finite and positive. Scales that lie one after another in a shard (an MoE's tens of thousands)
+    are read and checked together, up to SCALE_CHECK_BYTES at a time; only a group holding a bad value is looked
+    at scale by scale, for the report."""
     tensors = out.tensors
+    scales = [info for info in (tensors.get(out.scale_of.get(name, "")) for name in fp8)
+              if info is not None and writer.accepts_scale_dtype(info.dtype) and info.shard not in out.absent]
     with TensorReader(out.as_source()) as reader:
-        for name in fp8:
-            info = tensors.get(out.scale_of.get(name, ""))
-            if info is None or not writer.accepts_scale_dtype(info.dtype) or info.shard in out.absent:
-                continue
-            # expert scales are [experts, rows, cols]: look at them as the 2-D grid of tiles they cut
-            data, cols = reader.read(info), info.shape[-1]
-            row_bytes = max(1, cols * DTYPE_SIZES[info.dtype])
-            step = max(1, SCALE_CHECK_BYTES // row_bytes) * row_bytes
-            count, first = 0, None
-            for start in range(0, len(data), step):
-                scale = decode_scale_bytes(data[start:start + step], info.dtype).reshape(-1, cols)
-                bad = ~np.isfinite(scale) | (scale <= 0)
-                if bad.any():
-                    count += int(bad.sum())
-                    if first is None:
-                        r, c = (int(i) for i in np.argwhere(bad)[0])
-                        first = (start // row_bytes + r, c, scale[r, c])
-            if first is not None:
-                r, c, value = first
-                report.problems.append(Problem(f"{count} scale(s) not finite and positive, first at tile "
-                                               f"({r}, {c}): {value}", tensor=info.name, shard=info.shard))
+        for run in _adjacent(scales):
+            if len(run) > 1:
+                data = reader.read(run[0], 0, run[-1].offset + run[-1].nbytes - run[0].offset)
+                values = decode_scale_bytes(data, run[0].dtype)
+                if bool(((values > 0) & (values < np.inf)).all()):
+                    continue
+            for info in run:
+                _check_scale(reader, info, report)
+
+
+def _adjacent(scales: list[TensorInfo]) -> list[list[TensorInfo]]:
+    """`scales` in runs of consecutive ones of one dtype that follow each other in one shard's file, each run up
+    to SCALE_CHECK_BYTES."""
+    runs: list[list[TensorInfo]] = []
+    for info in scales:
+        last = runs[-1][-1] if runs else None
+        if (last is not None and last.shard == info.shard and last.dtype == info.dtype
+                and last.offset + last.nbytes == info.offset
+                and info.offset + info.nbytes - runs[-1][0].offset <= SCALE_CHECK_BYTES):
+            runs[-1].append(info)
+        else:
+            runs.append([info])
+    return runs
+
+
+def _check_scale(reader: TensorReader, info: TensorInfo, report: VerifyReport) -> None:
+    """One scale tensor, read whole and decoded a few rows at a time (MX scales, a thirty-second of their weight,
+    take 4x as much in float32)."""
+    # expert scales are [experts, rows, cols]: look at them as the 2-D grid of tiles they cut
+    data, cols = reader.read(info), info.shape[-1]
+    row_bytes = max(1, cols * DTYPE_SIZES[info.dtype])
+    step = max(1, SCALE_CHECK_BYTES // row_bytes) * row_bytes
+    count, first = 0, None
+    for start in range(0, len(data), step):
+        scale = decode_scale_bytes(data[start:start + step], info.dtype).reshape(-1, cols)
+        bad = ~np.isfinite(scale) | (scale <= 0)
+        if bad.any():
+            count += int(bad.sum())
+            if first is None:
+                r, c = (int(i) for i in np.argwhere(bad)[0])
+                first = (start // row_bytes + r, c, scale[r, c])
+    if first is not None:
+        r, c, value = first
+        report.problems.append(Problem(f"{count} scale(s) not finite and positive, first at tile "
+                                       f"({r}, {c}): {value}", tensor=info.name, shard=info.shard))
 
 
 def _check_config(out: _Output, report: VerifyReport):

@@ -10,11 +10,13 @@ import os
 import struct
 import threading
 from collections import deque
+from json.encoder import encode_basestring_ascii as _json_string
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .checksum import buffer_crc, file_crc
 from .errors import WriteError, os_error
+from .manifest import Piece
 from .plan import Plan, ShardPlan
 from .reader import DIRECT_ALIGN, PAGE_SIZE
 
@@ -68,20 +70,28 @@ def _shard_header(shard: ShardPlan) -> bytes:
     """
     offsets, offset = {}, 0
     for t in data_order(shard):
-        offsets[t.name] = [offset, offset + t.nbytes]
+        offsets[t.name] = (offset, offset + t.nbytes)
         offset += t.nbytes
-    header: dict = {"__metadata__": {"format": "pt"}}
-    for t in shard.tensors:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": offsets[t.name]}
-    raw = json.dumps(header, separators=(",", ":")).encode()
+    # what json.dumps(header, separators=(",", ":")) writes, formatted directly: an MoE shard lists thousands
+    entries = "".join(f',{_json_string(t.name)}:{{"dtype":{_json_string(t.dtype)},"shape":[{",".join(map(str, t.shape))}]'
+                      f',"data_offsets":[{offsets[t.name][0]},{offsets[t.name][1]}]}}' for t in shard.tensors)
+    raw = ('{"__metadata__":{"format":"pt"}' + entries + "}").encode()
     raw += b" " * (-(8 + len(raw)) % DIRECT_ALIGN)
     return struct.pack("<Q", len(raw)) + raw
 
 
 def index_json(plan: Plan) -> str:
     """`model.safetensors.index.json`: `total_size` counts tensor data bytes only, as transformers writes it."""
-    index = {"metadata": {"total_size": plan.output_nbytes}, "weight_map": dict(sorted(plan.weight_map().items()))}
-    return json.dumps(index, indent=2) + "\n"
+    return _index_json(plan.output_nbytes, plan.weight_map())
+
+
+def _index_json(total_size: int, weight_map: dict[str, str]) -> str:
+    """What json.dumps({"metadata": ..., "weight_map": sorted}, indent=2) writes, formatted directly: json's
+    indented output is made in Python, slowly for an MoE's tens of thousands of names."""
+    entries = ",\n".join(f"    {_json_string(name)}: {_json_string(shard)}" for name, shard in sorted(weight_map.items()))
+    body = f"{{\n{entries}\n  }}" if entries else "{}"
+    return f'{{\n  "metadata": {{\n    "total_size": {int(total_size)}\n  }},\n  "weight_map": {body}\n}}\n'
+
 
 
 def config_json(plan: Plan) -> str:
@@ -193,10 +203,11 @@ class ShardWriter:
     shard's final `fsync`. The writer closes itself (that `fsync`) as soon as its last declared byte is written.
     """
 
-    def __init__(self, path: Path, shard: ShardPlan, manifest=None):
+    def __init__(self, path: Path, shard: ShardPlan, manifest=None, combiner=None):
         self.path = path
         self.shard = shard
         self._manifest = manifest
+        self._combiner = combiner  # a `combine.WriteCombiner` that gathers small writes, shared by the writers
         self.state = "new"
         self._fd: int | None = None
         self._copy_fd: int | None = None  # a second descriptor, whose file position in-kernel copies may move
@@ -244,15 +255,11 @@ class ShardWriter:
         self._behind = _WriteBehind(self._fd, self._record)
         self.state = "open"
 
-    def _record(self, piece) -> None:
-        self._manifest.record(piece)
+    def _record(self, pieces: list) -> None:
+        self._manifest.record(pieces)
 
-    def _piece(self, name: str, start: int, nbytes: int, crc: int):
-        if self._manifest is None:
-            return None
-        from .manifest import Piece
-
-        return Piece(self.shard.name, name, start, nbytes, crc)
+    def _piece(self, name: str, start: int, nbytes: int, crc: int) -> Piece | None:
+        return None if self._manifest is None else Piece(self.shard.name, name, start, nbytes, crc)
 
     def credit(self, name: str, nbytes: int) -> None:
         """Count bytes of `name` that an earlier run wrote and that were checked, as written."""
@@ -296,16 +303,24 @@ class ShardWriter:
             self.gate()
         view = memoryview(data).cast("B")
         offset = self._claim(name, start, len(view))
-        piece = self._piece(name, start, len(view), buffer_crc(view)) if self._manifest is not None else None
+        piece = None if self._manifest is None else Piece(self.shard.name, name, start, len(view), buffer_crc(view))
+        if self._combiner is not None and len(view) < _WRITE_BEHIND_MIN:
+            self._combiner.add(self, offset, view, piece, name, doing)
+        else:
+            self.write_run(offset, view, [piece] if piece is not None else [], name, doing)
+        self._done(len(view))
+
+    def write_run(self, offset: int, view: memoryview, pieces: list, name: str, doing: str = "writing") -> None:
+        """Write bytes at an absolute file offset, already claimed, and record `pieces` (those bytes, one or
+        several written pieces, see `combine`) once they are on disk; `name` is the first tensor written."""
         try:
             if not self._write_direct(view, offset):
                 _pwrite_all(self._fd, view, offset)
-                self._behind.written(offset, len(view), piece)
-            elif piece is not None:
-                self._record(piece)
+                self._behind.written(offset, len(view), pieces or None)
+            elif pieces:
+                self._record(pieces)
         except OSError as exc:
             raise os_error(exc, self.path, f"{doing} {name}") from None
-        self._done(len(view))
 
     def takes_direct(self, name: str, start: int, nbytes: int) -> bool:
         """Whether a write of `nbytes` at `start` of tensor `name`, from a page-aligned buffer, would go to the
@@ -357,7 +372,7 @@ class ShardWriter:
                     raise WriteError(f"{self.path}: source ended while copying {name}")
                 done += n
             piece = self._piece(name, start, nbytes, file_crc(self._fd, offset, nbytes)) if self._manifest is not None else None
-            self._behind.written(offset, nbytes, piece)
+            self._behind.written(offset, nbytes, [piece] if piece is not None else None)
         except OSError as exc:
             raise os_error(exc, self.path, f"copying {name}") from None
         self._done(nbytes)
@@ -373,6 +388,8 @@ class ShardWriter:
                 raise WriteError(f"{self.path}: closed before {name} was complete "
                                  f"({self._written[name]} of {declared} bytes)")
         try:
+            if self._combiner is not None:
+                self._combiner.flush(self)
             self._behind.flush()
         except OSError as exc:
             raise os_error(exc, self.path, "flushing to disk") from None
@@ -381,6 +398,8 @@ class ShardWriter:
         self.state = "closed"
 
     def abort(self) -> None:
+        if self._combiner is not None and self.state != "closed":
+            self._combiner.drop(self)
         for fd in (self._fd, self._copy_fd, self._direct_fd):
             if fd is not None:
                 os.close(fd)

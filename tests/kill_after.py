@@ -24,11 +24,12 @@ if mode == "pieces":
     record = manifest.Manifest.record
     count = [0]
 
-    def record_then_maybe_die(self, piece):
-        record(self, piece)
-        count[0] += 1
-        if count[0] >= limit:
-            os.kill(os.getpid(), signal.SIGKILL)
+    def record_then_maybe_die(self, pieces):
+        for piece in pieces:  # one at a time: killed after exactly the N-th
+            record(self, [piece])
+            count[0] += 1
+            if count[0] >= limit:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     manifest.Manifest.record = record_then_maybe_die
 elif mode == "writes":
@@ -99,14 +100,15 @@ elif mode == "interrupt":
     record = manifest.Manifest.record
     count = [0]
 
-    def record_slowly_then_interrupt(self, piece):
-        time.sleep(0.1)
-        record(self, piece)
-        count[0] += 1
-        if count[0] == limit:
-            with open(marker, "w") as f:
-                f.write(repr(time.time()))
-            os.kill(os.getpid(), signal.SIGINT)
+    def record_slowly_then_interrupt(self, pieces):
+        for piece in pieces:
+            time.sleep(0.1)
+            record(self, [piece])
+            count[0] += 1
+            if count[0] == limit:
+                with open(marker, "w") as f:
+                    f.write(repr(time.time()))
+                os.kill(os.getpid(), signal.SIGINT)
 
     manifest.Manifest.record = record_slowly_then_interrupt
     # as in a terminal: a shell without job control starts background commands with SIGINT ignored, which Python

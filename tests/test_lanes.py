@@ -146,14 +146,32 @@ def test_small_stripes_are_read_ahead_together_within_one_shard_and_the_group_bo
     from converter import stripes
     from converter.reader import DIRECT_ALIGN
 
-    def item(shard, nbytes):
-        return (0, SimpleNamespace(shard=shard), 0, 1, nbytes, nbytes)
+    def item(shard, offset, nbytes):
+        return (0, SimpleNamespace(shard=shard, offset=offset), 0, 1, nbytes, nbytes)
 
     small = 64 * 1024
     room = small + 2 * DIRECT_ALIGN
     per_group = stripes.READ_GROUP_BYTES // room
-    work = [item("a", small)] * (per_group + 2) + [item("b", small)] * 2 + [item("b", stripes.READ_GROUP_BYTES)]
-    groups, largest = stripes._read_groups(work)
-    assert [len(g) for g in groups] == [per_group, 2, 2, 1]  # bound, then shard a's rest, shard b, the large one
-    assert sum(groups, []) == list(range(len(work)))  # every stripe once, in order
+    scattered = ([item("a", 10 * small * k, small) for k in range(per_group + 2)]
+                 + [item("b", 10 * small * k, small) for k in range(2)] + [item("b", 0, stripes.READ_GROUP_BYTES)])
+    groups, largest = stripes._read_groups(scattered, spans=True)
+    # apart in the file: a run each; the bound, then shard a's rest, shard b, the large one
+    assert [len(g) for g in groups] == [per_group, 2, 2, 1]
+    assert all(len(run) == 1 for g in groups for run in g)
+    assert [i for g in groups for run in g for i in run] == list(range(len(scattered)))
     assert largest == stripes.READ_GROUP_BYTES + 2 * DIRECT_ALIGN
+
+    # stripes that follow each other (with a norm's bytes between two): one read per group's span
+    gap = stripes.READ_GAP_BYTES
+    packed = [item("a", 0, small), item("a", small, small), item("a", 2 * small + gap, small),
+              item("a", 5 * small + gap, small)]  # the last is past a gap larger than READ_GAP_BYTES
+    groups, largest = stripes._read_groups(packed, spans=True)
+    assert groups == [[[0, 1, 2], [3]]]
+    assert largest == stripes._room(3 * small + gap) + room
+    # a reader that reads each tensor on its own (an FP8 source decoded on the way): a run per stripe
+    assert stripes._read_groups(packed, spans=False)[0] == [[[0], [1], [2], [3]]]
+    # a run never grows past the group bound
+    many = [item("a", k * small, small) for k in range(2 * per_group)]
+    groups, largest = stripes._read_groups(many, spans=True)
+    assert all(len(g) == 1 for g in groups) and largest <= stripes.READ_GROUP_BYTES
+    assert [i for g in groups for run in g for i in run] == list(range(len(many)))

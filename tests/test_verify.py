@@ -192,3 +192,19 @@ def test_small_weights_checked_together_each_fault_named_on_its_own_weight(tmp_p
     before = {s.tensor: s.relative_error for s in clean.stats}
     assert [stats[n].relative_error for n in same] == pytest.approx([before[n] for n in same], rel=1e-9)
     assert stats[byte].relative_error != before[byte]  # the changed byte is in its own weight's figures
+
+
+def test_a_bad_scale_among_scales_checked_together_is_named_on_its_own_tensor(tmp_path):
+    src = _experts_checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    assert run_cli("--src", src, "--dst", out, "-q", "--no-arch-check").exit_code == 0
+    scales = [f"model.layers.0.mlp.experts.{e}.up_proj.weight_scale_inv" for e in (0, 9, 23)]
+    every = sorted(locate(out, n)[1].offset for n in json.loads((out / "model.safetensors.index.json").read_text())
+                   ["weight_map"] if n.endswith("_scale_inv"))
+    assert len(every) == 48 and every[-1] - every[0] == 47 * 32  # adjacent in the file: checked together
+    patch(out, scales[1], lambda t: t[0, 3].fill_(float("inf")))
+    patch(out, scales[2], lambda t: t[1, 0].fill_(-1.0))
+    report = verify(out, arch_check=False, data=False)
+    assert sorted((p.tensor, p.what) for p in report.problems) == [
+        (scales[2], "1 scale(s) not finite and positive, first at tile (1, 0): -1.0"),
+        (scales[1], "1 scale(s) not finite and positive, first at tile (0, 3): inf")]

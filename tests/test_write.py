@@ -42,6 +42,41 @@ def test_written_file_is_valid_safetensors(tmp_path):
         assert f.metadata() == {"format": "pt"}
 
 
+def test_the_header_is_the_json_of_its_entries_byte_for_byte():
+    """The header is formatted directly, not through json.dumps: the same bytes, names that need escaping too."""
+    import json
+    import struct
+
+    from converter.write import data_order
+
+    names = ["model.layers.0.mlp.experts.7.up_proj.weight", 'quote"back\\slash', "ünïcode.名前", "tab\tnew\nline"]
+    plan = ShardPlan("s.safetensors", tuple(TensorPlan(n, n, COPY, "BF16", (4, 1024 * (k + 1)), "r")
+                                            for k, n in enumerate(names)) + (TensorPlan("s", "s", COPY, "F32", (3,), "r"),))
+    offsets, at = {}, 0
+    for t in data_order(plan):
+        offsets[t.name], at = [at, at + t.nbytes], at + t.nbytes
+    want = {"__metadata__": {"format": "pt"}}
+    want.update({t.name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": offsets[t.name]} for t in plan.tensors})
+    header = shard_header(plan)
+    (length,) = struct.unpack("<Q", header[:8])
+    assert header[8:].rstrip(b" ") == json.dumps(want, separators=(",", ":")).encode()
+    assert length == len(header) - 8 and len(header) % 4096 == 0
+    empty = shard_header(ShardPlan("e.safetensors", ()))
+    assert empty[8:].rstrip(b" ") == b'{"__metadata__":{"format":"pt"}}'
+
+
+def test_the_index_is_jsons_indented_output_byte_for_byte():
+    import json
+
+    from converter.write import _index_json
+
+    weight_map = {"b.weight": "model-00002-of-00002.safetensors", 'q"uote\\name': "model-00001-of-00002.safetensors",
+                  "ünï.名前": "model-00001-of-00002.safetensors", "a.weight_scale_inv": "model-00001-of-00002.safetensors"}
+    for names in (weight_map, {}):
+        want = json.dumps({"metadata": {"total_size": 12345}, "weight_map": dict(sorted(names.items()))}, indent=2)
+        assert _index_json(12345, names) == want + "\n"
+
+
 def test_writes_outside_the_declared_bytes_are_refused(tmp_path):
     writer = ShardWriter(tmp_path / "s.safetensors", shard())
     with pytest.raises(WriteError, match="writer is 'new', expected 'open'"):
