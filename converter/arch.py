@@ -206,9 +206,22 @@ def loader_fp8_tensors(config: dict, names: list[str], writer, patterns: tuple[s
     """
     if writer.quant_method != "fp8":
         return None
+    return placement(_asked(config, writer, patterns), names)
+
+
+def loader_fp8_tensors_known(config: dict, names: list[str], writer, patterns: tuple[str, ...]) -> bool:
+    """Whether `loader_fp8_tensors` answers without asking transformers (a cached answer, or no question)."""
+    if writer.quant_method != "fp8":
+        return True
+    path = _cache_path("placement", [_asked(config, writer, patterns), sorted(names)])
+    return path is not None and path.is_file()
+
+
+def _asked(config: dict, writer, patterns: tuple[str, ...]) -> dict:
+    """The config transformers is asked about: every module not excluded by `patterns` converted."""
     asked = copy.deepcopy(config)
     asked["quantization_config"] = writer.quantization_config(list(patterns), [])
-    return placement(asked, names)
+    return asked
 
 
 def cross_check(plan) -> str | None:

@@ -19,6 +19,9 @@ def with_progress_bar(run, options, desc: str, quiet: bool):
     def start_bar(total: int):
         from tqdm import tqdm
 
+        if bars:  # a run started again (its plan changed once transformers answered): the same bar, from zero
+            bars[0].reset(total=total)
+            return
         bars.append(tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr,
                          disable=quiet or os.environ.get("CONVERT_FP8_NO_PROGRESS") == "1"))
 

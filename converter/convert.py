@@ -57,22 +57,24 @@ def prepare(options: ConvertOptions, check_arch_now: bool = True) -> tuple[Sourc
     Returns:
         `(source, plan, notes)`; notes say what could not be checked.
     """
+    source, plan, notes, _ = _prepare(options, check_arch_now, provisional=False)
+    return source, plan, notes
+
+
+def _prepare(options: ConvertOptions, check_arch_now: bool,
+             provisional: bool) -> tuple[SourceIndex, Plan, list[str], bool]:
+    """`prepare`; with `provisional`, a plan made without transformers' answer on the source's tensors where that
+    answer is not known yet (computing it imports transformers and torch: seconds and hundreds of MB on a model's
+    first conversion), so that writing starts at once; the last value says whether the plan is such a one (see
+    `_arch_check`)."""
     source = load_source(options.src, options.dst, options.revision, options.low_disk, options.allow_external_links)
     if options.dtype is not None:  # dequantize: the FP8 source as its 16-bit view, written as it is
         view = decoded_view(source, OUTPUT_DTYPES[options.dtype])
-        return view, transcode.decode_plan(view, options.max_shard_size), []
+        return view, transcode.decode_plan(view, options.max_shard_size), [], False
     source = transcode.source_to_convert(source, options.scheme)  # an FP8 source: as dequantize would write it
-    notes = []
-    loader = None
-    if options.arch_check:
-        loader = arch.loader_fp8_tensors(source.config, list(source.tensors), writer_for(options.scheme),
-                                         options.exclude_patterns)
-        if isinstance(loader, str):
-            notes.append(f"architecture check skipped: {loader}; tensors are chosen by their names, dtypes and "
-                         "shapes alone")
-            loader = None
-    plan = transcode.plan_for(make_plan(source, options.scheme, options.exclude_patterns, options.max_shard_size,
-                                        loader), source)
+    pending = provisional and options.arch_check and not _loader_known(source, options)
+    loader, notes = _loader(source, options) if options.arch_check and not pending else (None, [])
+    plan = _plan(source, options, loader)
     preset_archs = options.preset.architectures
     archs = source.config.get("architectures") or []
     if preset_archs and not set(archs) & set(preset_archs):
@@ -82,7 +84,46 @@ def prepare(options: ConvertOptions, check_arch_now: bool = True) -> tuple[Sourc
     if requantized(source):
         notes.append(f"the source is FP8 ({requantized(source)}): its weights are decoded as dequantize "
                      "decodes them and quantized again, a lossy step")
-    return source, plan, notes
+    return source, plan, notes, pending
+
+
+def _loader_args(source: SourceIndex, options: ConvertOptions) -> tuple:
+    return source.config, list(source.tensors), writer_for(options.scheme), options.exclude_patterns
+
+
+def _loader_known(source: SourceIndex, options: ConvertOptions) -> bool:
+    return arch.loader_fp8_tensors_known(*_loader_args(source, options))
+
+
+def _loader(source: SourceIndex, options: ConvertOptions) -> tuple[arch.Placement | None, list[str]]:
+    """Where transformers' FP8 loader puts the source's tensors (None where it cannot say, with a note)."""
+    loader = arch.loader_fp8_tensors(*_loader_args(source, options))
+    if isinstance(loader, str):
+        return None, [f"architecture check skipped: {loader}; tensors are chosen by their names, dtypes and shapes "
+                      "alone"]
+    return loader, []
+
+
+def _plan(source: SourceIndex, options: ConvertOptions, loader) -> Plan:
+    return transcode.plan_for(make_plan(source, options.scheme, options.exclude_patterns, options.max_shard_size,
+                                        loader), source)
+
+
+class _PlanChanged(Exception):
+    """Transformers' answer on the source's tensors gives another plan than the provisional one being written."""
+
+
+def _arch_check(source: SourceIndex, options: ConvertOptions, plan: Plan, provisional: bool) -> list[str]:
+    """The transformers cross-check, beside the writing. For a `provisional` plan, first transformers' answer on
+    the source's tensors (then cached) and the plan it gives: another plan than the one being written raises
+    `_PlanChanged` (the run starts again with it). Returns notes on what could not be checked."""
+    notes = []
+    if provisional:
+        loader, notes = _loader(source, options)
+        if _plan(source, options, loader) != plan:
+            raise _PlanChanged()
+    _note_once(notes, arch.cross_check(plan))
+    return notes
 
 
 def _note_once(notes: list[str], note: str | None) -> None:
@@ -131,9 +172,19 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
     Raises:
         ConvertError: any failure; by then what this run wrote has been removed (a part removes its own files).
     """
+    try:  # a plan written before transformers' answer was known turned out not to be its plan: again, with it
+        return _convert(options, progress, on_start, watcher, provisional=True)
+    except _PlanChanged:
+        return _convert(options, progress, on_start, watcher, provisional=False)
+
+
+def _convert(options: ConvertOptions, progress: Progress | None, on_start: Callable[[int], None] | None,
+             watcher: OutputWatcher | None, provisional: bool) -> Summary:
     started = time.monotonic()
-    source, plan, notes = prepare(options, check_arch_now=False)
     watcher = watcher or OutputWatcher()
+    # a watcher that publishes each shard as it is written gets only final plans
+    source, plan, notes, pending = _prepare(options, check_arch_now=False,
+                                            provisional=provisional and not watcher.follows_shards)
     if watcher.ends_at_finished_output and not options.overwrite:
         checked = finished_output(options.dst, plan, source, lambda: output_card(plan, source, options))
         if checked is not None:
@@ -149,10 +200,11 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
         on_start(part_source_bytes)
     quantizer = Quantizer(plan.dialect, options.quantizer, options.device) if plan.scheme is not None else None
     # The cross-check builds the model on the meta device and places every output tensor (seconds on a large
-    # model the first time; cached after): it runs beside the writing; its failure stops the lanes at once and
-    # removes what this run wrote before anything is moved.
+    # model the first time; cached after), and on a model's first conversion checks the provisional plan: it runs
+    # beside the writing; its failure stops the lanes at once and removes what this run wrote before anything is
+    # moved.
     stop = Stop()
-    arch_check = (_Background(arch.cross_check, plan, on_error=stop.fail)
+    arch_check = (_Background(_arch_check, source, options, plan, pending, on_error=stop.fail)
                   if options.arch_check and plan.scheme is not None else None)
     stamp = source_stamp(source)
     identity = run_identity(source, plan, stamp)
@@ -175,7 +227,8 @@ def convert(options: ConvertOptions, progress: Progress | None = None,
         manifest.close()
         gone = watcher.all_written(out.staging, [s for s in mine if s.name not in gone])
         if arch_check is not None:
-            _note_once(notes, arch_check.result())
+            for note in arch_check.result():
+                _note_once(notes, note)
         out.write_text(f"part-{i}-of-{n}.done", identity + "\n")
         claimed.lock.release()
         finalized = finalize_if_complete(out, plan, source, options, notes, removed=gone)

@@ -160,6 +160,31 @@ def test_granitemoe_fused_experts_are_byte_identical_to_transformers_own_save(tm
     assert again.exit_code == 0, again.output
 
 
+@pytest.mark.parametrize("model_type, plans", [
+    ("llama", [True]),  # the names give transformers' plan: written once, while transformers answers
+    ("granitemoe", [True, False]),  # fused experts only transformers finds: written again with its plan
+])
+def test_a_first_conversion_writes_while_transformers_answers_and_again_if_the_plan_was_not_its(
+        model_type, plans, tmp_path, monkeypatch):
+    """`plans`: for each start of the run, whether its plan was provisional (made before transformers' answer)."""
+    from converter import convert
+
+    from .conftest import tree_digest
+
+    src = save_family(model_type, tmp_path / model_type)
+    provisional, real = [], convert._prepare
+    monkeypatch.setattr(convert, "_prepare", lambda *a, **k: (lambda r: provisional.append(r[3]) or r)(real(*a, **k)))
+    first = run_cli("--src", src, "--dst", tmp_path / "first")
+    assert first.exit_code == 0 and provisional == plans, first.output
+    provisional.clear()
+    later = run_cli("--src", src, "--dst", tmp_path / "later")  # the answer cached: the plan is final at once
+    assert later.exit_code == 0 and provisional == [False], later.output
+    assert tree_digest(tmp_path / "first") == tree_digest(tmp_path / "later")
+    said = lambda result, name: [line.replace(str(tmp_path / name), "DST") for line in result.output.splitlines()
+                                 if "peak memory" not in line]  # noqa: E731 - the same notes, the same lines
+    assert said(first, "first") == said(later, "later")
+
+
 def test_gpt2_conv1d_is_refused_in_one_line(tmp_path):
     src = save_family("gpt2", tmp_path / "gpt2")
     result = run_cli("--src", src, "--dst", tmp_path / "o")
