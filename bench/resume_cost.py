@@ -3,6 +3,9 @@ SIGKILL at a fraction of that time and rerun with the same command; prints both 
 system, which moves less on a shared machine) and the rerun's share.
 
     python bench/resume_cost.py --dir /tmp/resume-cost [--layers 24] [--at 0.6] [--repeat 3]
+    python bench/resume_cost.py --dir /tmp/resume-cost --src /tmp/convert-fp8-bench/slice-real-mix
+
+`--src` takes an existing checkpoint (the 24-layer real-mix slice of `make bench`) instead of the synthetic one.
 
 Each run drops the page cache first when it can (root), so the rerun reads back its kept pieces from the disk.
 """
@@ -70,12 +73,15 @@ def main() -> None:
     parser.add_argument("--at", type=float, default=0.6)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--max-shard-size", default="100MB")
+    parser.add_argument("--src", type=Path, help="an existing checkpoint to convert (default: a synthetic one)")
     ns = parser.parse_args()
-    from tests.conftest import synthetic
+    src = ns.src
+    if src is None:
+        from tests.conftest import synthetic
 
-    src = ns.dir / f"synthetic-{ns.layers}"
-    if not src.exists():
-        synthetic(src, layers=ns.layers)
+        src = ns.dir / f"synthetic-{ns.layers}"
+        if not src.exists():
+            synthetic(src, layers=ns.layers)
     size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     common = ["--max-shard-size", ns.max_shard_size, "--no-arch-check", "-q"]
     reference, dst = ns.dir / "reference", ns.dir / "out"

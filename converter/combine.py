@@ -68,7 +68,7 @@ class WriteCombiner:
         """Write every run of `writer` (before its shard is closed)."""
         with self._lock:
             for run in [r for r in self._runs if r.writer is writer]:
-                self._write(run)
+                self._write_one(run)
 
     def drop(self, writer) -> None:
         """Forget `writer`'s runs unwritten (its shard is abandoned; their pieces were never recorded)."""
@@ -78,6 +78,13 @@ class WriteCombiner:
                 self._free.append(run.buffer)
 
     def _write(self, run: _Run) -> None:
+        # a writer's runs go together, the others first: the scales gathered beside a run of FP8 weights are then
+        # recorded with them, not only when the shard closes (a rerun keeps a stripe only with its scales)
+        for other in [r for r in self._runs if r.writer is run.writer and r is not run]:
+            self._write_one(other)
+        self._write_one(run)
+
+    def _write_one(self, run: _Run) -> None:
         self._runs.remove(run)
         try:
             run.writer.write_run(run.offset, run.view[:run.size], run.pieces, run.name, run.doing)

@@ -215,15 +215,20 @@ def _convert(options: ConvertOptions, progress: Progress | None, on_start: Calla
     manifest = claimed.manifest
     finalized = False
     try:
-        done = verified_pieces(manifest, out.staging) if claimed.resumed else {}
-        watcher.check_names(_output_names(plan, source), _copied_gitignore(plan, source))
-        gone = watcher.resume(identity, done, mine, out.staging)  # shards done elsewhere (uploaded, removed)
-        gone_bytes = sum(source.stored_nbytes(t.source) for s in mine if s.name in gone for t in s.tensors
-                         if t.action != SCALE)
-        progress(gone_bytes)
-        resumed_bytes = gone_bytes + write_shards(
-            out, [s for s in mine if s.name not in gone], source, main_lane(source, quantizer), progress,
-            manifest, done, claimed.resumed, stop, watcher)
+        lane = main_lane(source, quantizer)
+        gone: set[str] = set()  # shards done elsewhere (uploaded, removed)
+        if claimed.resumed and not watcher.follows_shards:
+            watcher.check_names(_output_names(plan, source), _copied_gitignore(plan, source))
+            resumed_bytes = _write_resumed(out, mine, source, lane, progress, manifest, stop, watcher)
+        else:
+            done = verified_pieces(manifest, out.staging) if claimed.resumed else {}
+            watcher.check_names(_output_names(plan, source), _copied_gitignore(plan, source))
+            gone = watcher.resume(identity, done, mine, out.staging)
+            gone_bytes = sum(source.stored_nbytes(t.source) for s in mine if s.name in gone for t in s.tensors
+                             if t.action != SCALE)
+            progress(gone_bytes)
+            resumed_bytes = gone_bytes + write_shards(out, [s for s in mine if s.name not in gone], source, lane,
+                                                      progress, manifest, done, claimed.resumed, stop, watcher)
         manifest.close()
         gone = watcher.all_written(out.staging, [s for s in mine if s.name not in gone])
         if arch_check is not None:
@@ -268,6 +273,24 @@ def _convert(options: ConvertOptions, progress: Progress | None, on_start: Calla
         finalized=finalized,
         notes=notes,
     )
+
+
+def _write_resumed(out: OutputDir, mine: list[ShardPlan], source: SourceIndex, lane, progress: Progress,
+                   manifest: Manifest, stop: Stop, watcher: OutputWatcher) -> int:
+    """A rerun: the shards the earlier run recorded nothing of are written while the recorded pieces of the
+    others are read back and checked (a rerun's own cost, now beside the writing, not before it); then those
+    shards, keeping the pieces that check out. Returns the source bytes kept."""
+    recorded = manifest.load()  # before this run appends its own
+    touched = {piece.shard for piece in recorded.values()}
+    checking = _Background(verified_pieces, manifest, out.staging, recorded, on_error=stop.fail, name="check")
+    try:
+        kept = write_shards(out, [s for s in mine if s.name not in touched], source, lane, progress, manifest, {},
+                            True, stop, watcher)
+    finally:
+        checking.wait()  # its reads are over before a failure removes the staged files
+    done = checking.result()
+    return kept + write_shards(out, [s for s in mine if s.name in touched], source, lane, progress, manifest, done,
+                               True, stop, watcher)
 
 
 def _finished_summary(dst: Path, plan: Plan, source: SourceIndex, started: float, notes: list[str],
@@ -336,10 +359,10 @@ class _Background:
     """Runs a function in a daemon thread; `result()` returns its value or raises its exception, which is also
     handed to `on_error` as soon as it happens."""
 
-    def __init__(self, func, *args, on_error: Callable[[BaseException], None] | None = None):
+    def __init__(self, func, *args, on_error: Callable[[BaseException], None] | None = None, name: str = "arch"):
         self._value = self._error = None
         self._on_error = on_error
-        self._thread = threading.Thread(target=self._run, args=(func, *args), daemon=True, name="convert-fp8-arch")
+        self._thread = threading.Thread(target=self._run, args=(func, *args), daemon=True, name=f"convert-fp8-{name}")
         self._thread.start()
 
     def _run(self, func, *args):

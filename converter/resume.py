@@ -106,9 +106,10 @@ CHECK_SPAN_BYTES = 32 * 2**20  # kept pieces are read back in spans of up to thi
 CHECK_GAP_BYTES = 2**20  # bytes between two kept pieces that a span reads through rather than around
 
 
-def verified_pieces(manifest: Manifest, staging: Path) -> dict[tuple[str, str, int], Piece]:
-    """The recorded pieces whose bytes in the staged shards still match their CRC, every byte read back (see
-    `checksum`).
+def verified_pieces(manifest: Manifest, staging: Path,
+                    recorded: dict[tuple[str, str, int], Piece] | None = None) -> dict[tuple[str, str, int], Piece]:
+    """The recorded pieces (`recorded`, else those `manifest` holds) whose bytes in the staged shards still match
+    their CRC, every byte read back (see `checksum`).
 
     The pieces are read in file order, in spans of up to CHECK_SPAN_BYTES (straight from the disk where the page
     cache does not hold them), the next span read while this one's pieces are checked: a rerun's cost is
@@ -116,7 +117,7 @@ def verified_pieces(manifest: Manifest, staging: Path) -> dict[tuple[str, str, i
     """
     headers: dict[str, dict] = {}  # each staged shard's tensors, read once ({} where unreadable)
     located = []  # (shard, absolute offset, key, piece)
-    for key, piece in manifest.load().items():
+    for key, piece in (manifest.load() if recorded is None else recorded).items():
         if piece.shard not in headers:
             try:
                 headers[piece.shard] = read_header(staging / piece.shard).tensors

@@ -156,7 +156,7 @@ class _WriteBehind:
     def written(self, offset: int, length: int, what=None) -> None:
         """`length` bytes at `offset` were written; `what` (a piece) is confirmed once they are on disk."""
         large = length >= _WRITE_BEHIND_MIN
-        if _sync_file_range is not None and large:
+        if _sync_file_range is not None and (large or what is not None):  # small pieces too: see `settle`
             _sync_range(self._fd, offset, length, _SYNC_WRITE)
         with self._lock:
             self._ranges.append((offset, length, what))
@@ -178,6 +178,23 @@ class _WriteBehind:
                     except OSError:  # advice only: a file system that does not take it changes nothing written
                         pass
                 if done is not None:
+                    self._confirmed(done)
+
+    def settle(self) -> None:
+        """Confirm the small ranges at the head of the queue (their write-back started when they were written,
+        so they are on disk by the time the next large write returns): without this, small pieces written
+        between O_DIRECT writes (the scales of each stripe), which never fill the queue, would be recorded only
+        by the shard's final `fsync`, and a rerun would redo every stripe of an unfinished shard."""
+        if _sync_file_range is None:
+            return
+        with self._waiting:
+            while True:
+                with self._lock:
+                    if not self._ranges or self._ranges[0][1] >= _WRITE_BEHIND_MIN:
+                        return
+                    start, n, done = self._ranges.popleft()
+                if done is not None:  # nothing to record: the final fsync makes it durable
+                    _sync_range(self._fd, start, n, _SYNC_WAIT)
                     self._confirmed(done)
 
     def flush(self) -> None:
@@ -307,6 +324,9 @@ class ShardWriter:
         if self._combiner is not None and len(view) < _WRITE_BEHIND_MIN:
             self._combiner.add(self, offset, view, piece, name, doing)
         else:
+            if self._combiner is not None:  # the small writes held back (the scales of the stripes before this
+                # one) go first: a stripe is kept on rerun only with its scales recorded
+                self._combiner.flush(self)
             self.write_run(offset, view, [piece] if piece is not None else [], name, doing)
         self._done(len(view))
 
@@ -317,8 +337,10 @@ class ShardWriter:
             if not self._write_direct(view, offset):
                 _pwrite_all(self._fd, view, offset)
                 self._behind.written(offset, len(view), pieces or None)
-            elif pieces:
-                self._record(pieces)
+            else:
+                self._behind.settle()
+                if pieces:
+                    self._record(pieces)
         except OSError as exc:
             raise os_error(exc, self.path, f"{doing} {name}") from None
 
