@@ -126,6 +126,17 @@ def timed(cmd: list[str]) -> float:
     return timed_cpu(cmd)[0]
 
 
+def measured(cmd: list[str]) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds and peak resident bytes (of the command's largest process) of one command."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return time.perf_counter() - start, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+
+
 def timed_cpu(cmd: list[str]) -> tuple[float, float]:
     """Wall seconds and CPU seconds (user + system, the command and everything it waited for) of one command."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -229,10 +240,34 @@ def moe_slice(args, rows: list) -> None:
                           src_bytes, cp_runs, conv_runs, out_bytes)
 
 
+def checks(src: Path, out: Path, work: Path) -> list[tuple[str, list[str], int]]:
+    """`verify --src` and `dequantize` of a conversion's output: (name, command, bytes each moves)."""
+    moved = folder_bytes(src) + folder_bytes(out)
+    return [
+        ("verify --src", [sys.executable, "-m", "converter.cli", "verify", "--src", str(src), "--dst", str(out), "-q",
+                          "--no-arch-check", "--report", str(work / "verify.json")], moved),
+        ("dequantize", [sys.executable, "-m", "converter.cli", "dequantize", "--src", str(out), "--dst",
+                        str(work / "dequantized"), "-q", "--overwrite"], moved),
+    ]
+
+
+def dense_costs(src: Path, out: Path, work: Path) -> dict[str, tuple[float, int]]:
+    """CPU seconds per byte moved, and peak memory, of `verify --src` and `dequantize` on a dense model's output
+    (the small slice), warm: what a checkpoint's bytes cost these commands, whatever its tensor count."""
+    costs = {}
+    for what, cmd, moved in checks(src, out, work):
+        _, cpu, peak = measured(cmd)
+        costs[what] = (cpu / moved, peak)
+    shutil.rmtree(work / "dequantized", ignore_errors=True)
+    return costs
+
+
 def deepseek_count(args, rows: list) -> None:
     """DeepSeek-V3's names and tensor count at narrow widths (45,395 tensors, 3.1 GB): `cp -r` and the
-    conversion, cold and synced, alternated; then, warm, `--dry-run`, `verify` and `dequantize` of the output:
-    each one's CPU per tensor over what its bytes cost (cp's CPU for the same bytes)."""
+    conversion, cold and synced, alternated, the conversion's CPU per tensor over what its bytes cost (cp's CPU
+    for the same bytes); then, warm, the conversion's peak memory, `--dry-run`, and `verify` and `dequantize` of
+    the output, each one's CPU per tensor over what its bytes cost that command on a dense model (the small
+    slice's output, when it was measured; else cp's)."""
     src = args.dir / "deepseek-v3-count"
     if not (src / "config.json").exists():
         sh(sys.executable, "bench/make_slice.py", str(src), "--model", "deepseek-v3-count", "--shard-size",
@@ -247,19 +282,22 @@ def deepseek_count(args, rows: list) -> None:
     cp_cpu_per_byte = min(c for _, c in cp_runs) / (2 * src_bytes)  # cp reads and writes each byte
     over = (min(c for _, c in conv_runs) - cp_cpu_per_byte * (src_bytes + out_bytes)) / tensors
     rows.append((f"convert, {label}, CPU per tensor over its bytes' cost", f"{over * 1e3:.3f} ms", "goal < 0.05 ms"))
-    bf16 = args.dir / "deepseek-bf16"
-    for what, cmd, moved in [
-        ("--dry-run", [*convert_cmd(src, args.dir / "dry"), "--dry-run"], 0),
-        ("verify --src", [sys.executable, "-m", "converter.cli", "verify", "--src", str(src), "--dst", str(disk_out),
-                          "-q", "--no-arch-check", "--report", str(args.dir / "verify.json")], src_bytes + out_bytes),
-        ("dequantize", [sys.executable, "-m", "converter.cli", "dequantize", "--src", str(disk_out), "--dst",
-                        str(bf16), "-q", "--overwrite"], out_bytes + src_bytes),
-    ]:
-        wall, cpu = timed_cpu(cmd)
-        extra = (cpu - cp_cpu_per_byte * moved) / tensors
+    wall, cpu, peak = measured(convert_cmd(src, args.dir / "again"))
+    rows.append((f"convert, {label}, warm", f"{wall:.1f} s", f"{cpu:.1f} CPU-s; peak {peak / 2**20:.0f} MiB"))
+    shutil.rmtree(args.dir / "again", ignore_errors=True)
+    wall, cpu, peak = measured([*convert_cmd(src, args.dir / "dry"), "--dry-run"])
+    rows.append((f"--dry-run, {label}, warm", f"{wall:.1f} s", f"{cpu:.1f} CPU-s; peak {peak / 2**20:.0f} MiB; "
+                 "goal < 3 s"))
+    dense = getattr(args, "dense_costs", {})
+    for what, cmd, moved in checks(src, disk_out, args.dir):
+        wall, cpu, peak = measured(cmd)
+        bytes_cost = (f"{what} on the small slice's output: {dense[what][0] * 1e9:.2f} CPU-s per GB, peak "
+                      f"{dense[what][1] / 2**20:.0f} MiB") if what in dense else "`cp -r`"
+        extra = (cpu - (dense[what][0] if what in dense else cp_cpu_per_byte) * moved) / tensors
         rows.append((f"{what}, {label}, warm", f"{wall:.1f} s",
-                     f"{cpu:.1f} CPU-s; {extra * 1e3:.3f} ms CPU per tensor over its bytes' cost"))
-    shutil.rmtree(bf16, ignore_errors=True)
+                     f"{cpu:.1f} CPU-s, peak {peak / 2**20:.0f} MiB; {extra * 1e3:.3f} ms CPU per tensor over its "
+                     f"bytes' cost ({bytes_cost}); goal < 0.1 ms"))
+    shutil.rmtree(args.dir / "dequantized", ignore_errors=True)
     shutil.rmtree(disk_out, ignore_errors=True)
 
 
@@ -404,6 +442,7 @@ def main() -> int:
     rows.append(("kernel alone, 21504x5376 BF16, best of 3", f"fused {k['fused_gbs']:.2f} GB/s",
                  f"torch formula {k['torch_gbs']:.2f} GB/s ({k['fused_gbs'] / k['torch_gbs']:.1f}x); "
                  f"same bytes: {k['same_bytes']}"))
+    args.dense_costs = dense_costs(src, disk_out, args.dir)
     shutil.rmtree(disk_out, ignore_errors=True)
     if args.moe_layers:
         moe_slice(args, rows)

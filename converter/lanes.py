@@ -304,8 +304,10 @@ class QuantizeLane(MainLane):
 
 def _write_stripe(writer: ShardWriter, weight: str, scale: str, start: int, fp8: np.ndarray, scale_start: int,
                   scale_inv: np.ndarray) -> None:
-    """Write one stripe's FP8 bytes and its rows of inverse scales (the writer records both once on disk)."""
+    """Write one stripe's FP8 bytes and its rows of inverse scales (the writer records both once on disk). The
+    scales of a small stripe are gathered with the next ones, as its FP8 bytes are; those of a large one are not:
+    a rerun keeps a stripe only with its scales, and a run of them would fill only as the shard ends."""
     writer.write_at(weight, start, fp8)
-    writer.write_at(scale, scale_start, scale_inv)
+    writer.write_at(scale, scale_start, scale_inv, gather=fp8.nbytes < INLINE_WRITE_BYTES)
 
 

@@ -305,9 +305,10 @@ class ShardWriter:
             self._written[name] += nbytes
         return offset + start
 
-    def write_at(self, name: str, start: int, data, doing: str = "writing") -> None:
+    def write_at(self, name: str, start: int, data, doing: str = "writing", gather: bool = True) -> None:
         """Write bytes (any buffer) of tensor `name` from byte `start` of the tensor (`doing` names the action in
-        an error: "copying" for a tensor kept as it is).
+        an error: "copying" for a tensor kept as it is). A small write is gathered with others (see `combine`)
+        unless `gather` is False (the scales of a large stripe: recorded with it, not when a run fills).
 
         A large write whose file offset, length and buffer are all page-aligned (a stripe of whole tile rows
         from the quantize lane, a piece of a copied matrix, see `data_order`) goes straight to the disk with
@@ -321,12 +322,9 @@ class ShardWriter:
         view = memoryview(data).cast("B")
         offset = self._claim(name, start, len(view))
         piece = None if self._manifest is None else Piece(self.shard.name, name, start, len(view), buffer_crc(view))
-        if self._combiner is not None and len(view) < _WRITE_BEHIND_MIN:
+        if self._combiner is not None and gather and len(view) < _WRITE_BEHIND_MIN:
             self._combiner.add(self, offset, view, piece, name, doing)
         else:
-            if self._combiner is not None:  # the small writes held back (the scales of the stripes before this
-                # one) go first: a stripe is kept on rerun only with its scales recorded
-                self._combiner.flush(self)
             self.write_run(offset, view, [piece] if piece is not None else [], name, doing)
         self._done(len(view))
 

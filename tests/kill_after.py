@@ -39,8 +39,8 @@ elif mode == "writes":
     args = sys.argv[3:]
     count = [0]
     for method in ("write_at", "copy_at"):
-        def write_then_maybe_die(self, *a, _real=getattr(ShardWriter, method)):
-            _real(self, *a)
+        def write_then_maybe_die(self, *a, _real=getattr(ShardWriter, method), **k):
+            _real(self, *a, **k)
             count[0] += 1
             if count[0] >= limit:
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -45,8 +45,8 @@ def _staged(folder: Path) -> int:
 
 
 for _method in ("write_at", "copy_at"):
-    def _measuring(self, *args, _real=getattr(ShardWriter, _method)):
-        _real(self, *args)
+    def _measuring(self, *args, _real=getattr(ShardWriter, _method), **kwargs):
+        _real(self, *args, **kwargs)
         now = _staged(self.path.parent)
         if now > _most[0]:
             _most[0] = now

@@ -198,19 +198,19 @@ def test_disk_full_in_a_lane(toy_src, tmpfs, monkeypatch, lane, tensor):
     for method in ("write_at", "copy_at"):  # the copy lane writes whole pages with write_at, the rest with copy_at
         real = getattr(ShardWriter, method)
 
-        def guarded(writer, name, *args, _real=real):
+        def guarded(writer, name, *args, _real=real, **kwargs):
             if name == tensor:
                 with lock:
                     _fill(volume)
                     try:
-                        return _real(writer, name, *args)
+                        return _real(writer, name, *args, **kwargs)
                     finally:
                         failed.set()
             if quantized(name) != (lane == "quantize"):  # the other lane's
                 with lock:
                     if failed.is_set():
                         time.sleep(1)
-            return _real(writer, name, *args)
+            return _real(writer, name, *args, **kwargs)
 
         monkeypatch.setattr(ShardWriter, method, guarded)
     dst = volume / "out"

@@ -24,9 +24,9 @@ class Recorder:
         for method in ("write_at", "copy_at"):
             real = getattr(write.ShardWriter, method)
 
-            def slow(writer, name, *args, _real=real):
+            def slow(writer, name, *args, _real=real, **kwargs):
                 time.sleep(delay)
-                _real(writer, name, *args)
+                _real(writer, name, *args, **kwargs)
                 with self.lock:
                     self.pieces.append((name, self.failed_at is not None))
 
