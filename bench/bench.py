@@ -126,15 +126,21 @@ def timed(cmd: list[str]) -> float:
     return timed_cpu(cmd)[0]
 
 
-def measured(cmd: list[str]) -> tuple[float, float, int]:
-    """Wall seconds, CPU seconds and peak resident bytes (of the command's largest process) of one command."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise subprocess.CalledProcessError(proc.returncode, cmd)
-    return time.perf_counter() - start, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+def measured(cmd: list[str]) -> tuple[float, float, int | None]:
+    """Wall seconds, CPU seconds and peak resident bytes (of the command's largest process, through GNU time: a
+    child forked from this process would count this process's memory as its own) of one command."""
+    if not Path("/usr/bin/time").exists():
+        wall, cpu = timed_cpu(cmd)
+        return wall, cpu, None
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
+        wall, cpu = timed_cpu(["/usr/bin/time", "-o", report.name, "-f", "%M", *cmd])
+        return wall, cpu, int(report.read().split()[-1]) * 1024
+
+
+def mib(peak: int | None) -> str:
+    return "peak not measured (no /usr/bin/time)" if peak is None else f"peak {peak / 2**20:.0f} MiB"
 
 
 def timed_cpu(cmd: list[str]) -> tuple[float, float]:
@@ -235,6 +241,7 @@ def moe_slice(args, rows: list) -> None:
     copy_out, disk_out = args.dir / "cp-qwen3-moe", args.dir / "out-qwen3-moe"
     cp_runs, conv_runs = copy_then_convert(src, copy_out, disk_out, args.reps)
     out_bytes = folder_bytes(disk_out)
+    args.dense_costs = dense_costs(src, disk_out, args.dir)
     shutil.rmtree(disk_out, ignore_errors=True)
     copy_and_convert_rows(rows, f"Qwen3-30B-A3B-shaped slice, {args.moe_layers} layers ({src_bytes / 1e9:.1f} GB)",
                           src_bytes, cp_runs, conv_runs, out_bytes)
@@ -251,9 +258,10 @@ def checks(src: Path, out: Path, work: Path) -> list[tuple[str, list[str], int]]
     ]
 
 
-def dense_costs(src: Path, out: Path, work: Path) -> dict[str, tuple[float, int]]:
-    """CPU seconds per byte moved, and peak memory, of `verify --src` and `dequantize` on a dense model's output
-    (the small slice), warm: what a checkpoint's bytes cost these commands, whatever its tensor count."""
+def dense_costs(src: Path, out: Path, work: Path) -> dict[str, tuple[float, int | None]]:
+    """CPU seconds per byte moved, and peak memory, of `verify --src` and `dequantize` on the output of a model of
+    few large weights (the Qwen3-shaped slice: 1,575 tensors of megabytes, almost every byte an FP8 weight), warm:
+    what a checkpoint's bytes cost these commands, whatever its tensor count."""
     costs = {}
     for what, cmd, moved in checks(src, out, work):
         _, cpu, peak = measured(cmd)
@@ -266,8 +274,8 @@ def deepseek_count(args, rows: list) -> None:
     """DeepSeek-V3's names and tensor count at narrow widths (45,395 tensors, 3.1 GB): `cp -r` and the
     conversion, cold and synced, alternated, the conversion's CPU per tensor over what its bytes cost (cp's CPU
     for the same bytes); then, warm, the conversion's peak memory, `--dry-run`, and `verify` and `dequantize` of
-    the output, each one's CPU per tensor over what its bytes cost that command on a dense model (the small
-    slice's output, when it was measured; else cp's)."""
+    the output, each one's CPU per tensor over what its bytes cost that command on a model of few large weights
+    (`dense_costs`, when the Qwen3-shaped slice was measured; else cp's)."""
     src = args.dir / "deepseek-v3-count"
     if not (src / "config.json").exists():
         sh(sys.executable, "bench/make_slice.py", str(src), "--model", "deepseek-v3-count", "--shard-size",
@@ -283,19 +291,19 @@ def deepseek_count(args, rows: list) -> None:
     over = (min(c for _, c in conv_runs) - cp_cpu_per_byte * (src_bytes + out_bytes)) / tensors
     rows.append((f"convert, {label}, CPU per tensor over its bytes' cost", f"{over * 1e3:.3f} ms", "goal < 0.05 ms"))
     wall, cpu, peak = measured(convert_cmd(src, args.dir / "again"))
-    rows.append((f"convert, {label}, warm", f"{wall:.1f} s", f"{cpu:.1f} CPU-s; peak {peak / 2**20:.0f} MiB"))
+    rows.append((f"convert, {label}, warm", f"{wall:.1f} s", f"{cpu:.1f} CPU-s; {mib(peak)}"))
     shutil.rmtree(args.dir / "again", ignore_errors=True)
     wall, cpu, peak = measured([*convert_cmd(src, args.dir / "dry"), "--dry-run"])
-    rows.append((f"--dry-run, {label}, warm", f"{wall:.1f} s", f"{cpu:.1f} CPU-s; peak {peak / 2**20:.0f} MiB; "
+    rows.append((f"--dry-run, {label}, warm", f"{wall:.1f} s", f"{cpu:.1f} CPU-s; {mib(peak)}; "
                  "goal < 3 s"))
     dense = getattr(args, "dense_costs", {})
     for what, cmd, moved in checks(src, disk_out, args.dir):
         wall, cpu, peak = measured(cmd)
-        bytes_cost = (f"{what} on the small slice's output: {dense[what][0] * 1e9:.2f} CPU-s per GB, peak "
-                      f"{dense[what][1] / 2**20:.0f} MiB") if what in dense else "`cp -r`"
+        bytes_cost = (f"{what} on the Qwen3-shaped slice's output: {dense[what][0] * 1e9:.2f} CPU-s per GB, "
+                      f"{mib(dense[what][1])}") if what in dense else "`cp -r`"
         extra = (cpu - (dense[what][0] if what in dense else cp_cpu_per_byte) * moved) / tensors
         rows.append((f"{what}, {label}, warm", f"{wall:.1f} s",
-                     f"{cpu:.1f} CPU-s, peak {peak / 2**20:.0f} MiB; {extra * 1e3:.3f} ms CPU per tensor over its "
+                     f"{cpu:.1f} CPU-s, {mib(peak)}; {extra * 1e3:.3f} ms CPU per tensor over its "
                      f"bytes' cost ({bytes_cost}); goal < 0.1 ms"))
     shutil.rmtree(args.dir / "dequantized", ignore_errors=True)
     shutil.rmtree(disk_out, ignore_errors=True)
@@ -442,7 +450,6 @@ def main() -> int:
     rows.append(("kernel alone, 21504x5376 BF16, best of 3", f"fused {k['fused_gbs']:.2f} GB/s",
                  f"torch formula {k['torch_gbs']:.2f} GB/s ({k['fused_gbs'] / k['torch_gbs']:.1f}x); "
                  f"same bytes: {k['same_bytes']}"))
-    args.dense_costs = dense_costs(src, disk_out, args.dir)
     shutil.rmtree(disk_out, ignore_errors=True)
     if args.moe_layers:
         moe_slice(args, rows)
