@@ -13,7 +13,9 @@ the vision projection), then prints one table:
 - `cp -r` and the conversion of a second slice with the real model's mix (--mix-layers, 24 layers, 26 GB: the
   embedding is 11% of its bytes, 4.5% of the model's, 42% of the small slice's), cold, synced, alternated, with
   CPU seconds per GB;
-- the full 62.5 GB model projected from the real-mix rates.
+- the full 62.5 GB model projected from the real-mix rates;
+- with the transformers cross-check (--first): a model's first conversion, which asks transformers, against a
+  later one, which reads its answers from the cache, and the very first run in a Python environment.
 Cold runs need root (to drop the page cache); without it they are reported as warm-disk runs.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -335,6 +338,55 @@ def convert_cmd(src: Path, dst: Path) -> list[str]:
             "--no-arch-check"]
 
 
+def first_conversion(args, rows: list, src: Path, label: str) -> None:
+    """A model's first conversion with the transformers cross-check (its answers not cached yet: transformers is
+    asked, in a process of its own) against a later one (answers cached), cold and synced, alternated; then the
+    very first run in a new Python environment, without the record of the files transformers' import reads. A
+    private cache folder; each row's converter peak and the peak of the process asking transformers."""
+    from converter.configs import parse_size
+
+    cache, out = args.dir / "arch-cache", args.dir / "out-first"
+    env = dict(os.environ, CONVERT_FP8_CACHE_DIR=str(cache))
+    cmd = [sys.executable, "-m", "converter.cli", "--src", str(src), "--dst", str(out), "--overwrite"]
+
+    def run() -> tuple[float, int, int]:
+        shutil.rmtree(out, ignore_errors=True)
+        settle()
+        start = time.perf_counter()
+        said = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True).stdout
+        wall = time.perf_counter() - start
+        shutil.rmtree(out, ignore_errors=True)
+        peaks = re.search(r"peak memory ([\d.]+ [kMG]?B)(?: \(and ([\d.]+ [kMG]?B) in the process asking)?", said)
+        return wall, parse_size(peaks[1].replace(" ", "")), parse_size(peaks[2].replace(" ", "")) if peaks[2] else 0
+
+    def forget(keep_record: bool) -> None:
+        for entry in (cache.iterdir() if cache.is_dir() else []):
+            if not (keep_record and entry.name == "imports"):
+                shutil.rmtree(entry)
+
+    forget(keep_record=False)
+    very_first = run()  # records the import's files
+    firsts, laters = [], []
+    for _ in range(args.reps):
+        forget(keep_record=True)
+        firsts.append(run())
+        laters.append(run())
+    shutil.rmtree(cache, ignore_errors=True)
+
+    def memory(r) -> str:
+        return f"{r[1] / 2**20:.0f} MiB" + (f" + {r[2] / 2**20:.0f} MiB asking transformers" if r[2] else "")
+
+    rows.append((f"convert with the cross-check, {label}, cold: a later conversion (answers cached)",
+                 " / ".join(f"{w:.1f} s" for w, _, _ in laters), " / ".join(memory(r) for r in laters)))
+    rows.append((f"the same, a model's first conversion (transformers asked)",
+                 " / ".join(f"{w:.1f} s" for w, _, _ in firsts),
+                 " / ".join(f"+{f[0] - l[0]:.1f} s" for f, l in zip(firsts, laters)) + " over the later one it "
+                 "alternated with; " + " / ".join(memory(r) for r in firsts)))
+    rows.append((f"the same, the very first run in a Python environment (no record of the import's files)",
+                 f"{very_first[0]:.1f} s", f"+{very_first[0] - min(w for w, _, _ in laters):.1f} s over the best "
+                 f"later one; {memory(very_first)}"))
+
+
 def _seconds(func) -> float:
     start = time.perf_counter()
     func()
@@ -384,6 +436,8 @@ def main() -> int:
                         help="1: the DeepSeek-V3-shaped count checkpoint (45,395 tensors, 3.1 GB); 0: skip it")
     parser.add_argument("--moe-layers", type=int, default=4,
                         help="layers of the Qwen3-30B-A3B-shaped MoE slice (0: skip it; 4 is 6.2 GB)")
+    parser.add_argument("--first", type=int, default=1,
+                        help="1: a model's first conversion with the cross-check against a later one; 0: skip it")
     args = parser.parse_args()
     SETTLE_SECONDS = args.settle
     os.chdir(ROOT)
@@ -456,6 +510,9 @@ def main() -> int:
     if args.deepseek:
         deepseek_count(args, rows)
     mix = real_mix(args, rows) if args.mix_layers else None
+    if args.first:
+        first_conversion(args, rows, *((args.dir / "slice-real-mix", f"{args.mix_layers}-layer slice") if mix
+                                       else (src, "small slice")))
     if mix is not None:  # the right mix: the small slice's 42% of copied embedding flatters the conversion
         rows.append(("projected 62.5 GB model, from the real-mix slice",
                      f"cold {FULL_MODEL_BYTES / mix['bytes'] * mix['convert'] / 60:.1f} min",

@@ -12,7 +12,7 @@ inside functions too, and holds them to this table):
     write     lanes, decode, stripes, write, combine, output_dir, manifest, resume, card, watch
     plan      plan, transcode, presets
     dialects  dialects
-    source    origin, reader, source, hub, arch
+    source    origin, reader, source, hub, arch, arch_process
     math      quantize, quantize_fast, dequantize_fast, kernels
     base      errors, configs, checksum
 

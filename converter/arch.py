@@ -16,15 +16,19 @@ parameter unset: silent garbage, so it stops the conversion.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import hashlib
 import importlib.metadata
 import json
 import os
 import re
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import arch_process
 from .errors import PlanError
 
 # `<experts>.<i>.<proj>`: one expert's Linear as a per-expert checkpoint stores it
@@ -71,16 +75,16 @@ def _cache_path(kind: str, blob) -> Path | None:
     return cache_dir() / kind / f"{digest}.json"
 
 
-def _cached(kind: str, blob, compute):
-    """`compute()`, remembered per transformers version and `blob`: importing transformers costs seconds, and
-    the answer, positive or not (an architecture it does not know), never changes for the same two."""
-    path = _cache_path(kind, blob)
+def _cached(kind: str, args: list) -> dict:
+    """`_ANSWER_OF[kind](*args)`, remembered per transformers version and `args`: importing transformers costs
+    seconds, and the answer, positive or not (an architecture it does not know), never changes for the same two."""
+    path = _cache_path(kind, args)
     if path is not None and path.is_file():
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError):
             pass
-    answer = compute()
+    answer = _compute(kind, args)
     if path is not None and answer.pop("cacheable", True):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +96,48 @@ def _cached(kind: str, blob, compute):
     return answer
 
 
+_child: arch_process.Child | None = None
+_child_lock = threading.Lock()
+
+
+def _compute(kind: str, args: list) -> dict:
+    """The answer from transformers in this process where it is imported already, else from a child process
+    (`arch_process`), started on the first question and kept for the next ones until `release()`."""
+    global _child
+    if "transformers" in sys.modules:
+        return _ANSWER_OF[kind](*args)
+    with _child_lock:
+        if _child is None:
+            _child = arch_process.Child(__spec__.name if __spec__ else "converter.arch")
+            atexit.register(_child.kill)
+        child = _child
+    try:
+        return child.ask(kind, args)
+    except arch_process.ChildGone as gone:
+        release()
+        return {"unknown": f"the process asking transformers ended without an answer ({gone})", "cacheable": False}
+
+
+def release(now: bool = False) -> int:
+    """End the child process asking transformers, if one runs: once idle, or `now`, killed (its question, if
+    any, then gets an `unknown` answer).
+
+    Returns:
+        Its peak resident memory in bytes (0 where no child ran).
+    """
+    global _child
+    with _child_lock:
+        child, _child = _child, None
+    if child is None:
+        return 0
+    atexit.unregister(child.kill)
+    if now:
+        child.kill()
+    else:
+        child.close()
+    return child.peak_rss_bytes
+
+
 def placement(config: dict, names: list[str]) -> Placement | str:
     """Where transformers' FP8 loader puts the checkpoint tensors `names` of a model with this `config` (whose
     `quantization_config` is transformers' `fp8`).
@@ -99,8 +145,7 @@ def placement(config: dict, names: list[str]) -> Placement | str:
     Returns:
         The `Placement`, or why transformers cannot say (not installed, an architecture it does not know).
     """
-    blob = [config, sorted(names)]
-    answer = _cached("placement", blob, lambda: _placement(config, names))
+    answer = _cached("placement", [config, sorted(names)])
     if "unknown" in answer:
         return answer["unknown"]
     return Placement({n: tuple(v) for n, v in answer["tensors"].items()}, tuple(answer["unset"]))
@@ -304,21 +349,28 @@ def linear_modules(config: dict, patterns: tuple[str, ...], writer, stored=()) -
     expert's Linear (`<experts>.<i>.<proj>`) of an experts module transformers fuses them into at load. None when
     transformers cannot build the architecture."""
     per_expert = sorted(m for m in stored if _PER_EXPERT_LINEAR.match(m))
-
-    def compute():
-        model, why = _meta_model(config)
-        if model is None:
-            return {"unknown": why, "cacheable": why != "transformers is not installed"}
-        from torch import nn
-
-        modules = dict(model.named_modules())
-        loaded_name = _renamer(model, model.state_dict())
-        fused = [m for m in per_expert if not isinstance(modules.get(loaded_name(m + ".weight").rpartition(".")[0]),
-                                                         (nn.Linear, nn.ModuleList, type(None)))]
-        return {"modules": sorted(name for name, module in modules.items() if isinstance(module, nn.Linear)),
-                "per_expert": fused}
-
-    answer = _cached("linear-modules", [config, per_expert], compute)
+    answer = _cached("linear-modules", [config, per_expert])
     if "unknown" in answer:
         return None
     return {m for m in [*answer["modules"], *answer["per_expert"]] if writer.converts(m, list(patterns))}
+
+
+def _linear_modules(config: dict, per_expert: list[str]) -> dict:
+    model, why = _meta_model(config)
+    if model is None:
+        return {"unknown": why, "cacheable": why != "transformers is not installed"}
+    from torch import nn
+
+    modules = dict(model.named_modules())
+    loaded_name = _renamer(model, model.state_dict())
+    fused = [m for m in per_expert if not isinstance(modules.get(loaded_name(m + ".weight").rpartition(".")[0]),
+                                                     (nn.Linear, nn.ModuleList, type(None)))]
+    return {"modules": sorted(name for name, module in modules.items() if isinstance(module, nn.Linear)),
+            "per_expert": fused}
+
+
+# the questions a child process answers (`_compute`): a name and the function of JSON arguments that answers it
+_ANSWER_OF = {"placement": _placement, "linear-modules": _linear_modules}
+
+if __name__ == "__main__":
+    arch_process.serve(_ANSWER_OF, arch_process.record_path(cache_dir()))

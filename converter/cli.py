@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .configs import DEFAULT_MAX_SHARD_SIZE, DEFAULT_PRESET, ConvertOptions, format_size, parse_size
-from .console import print_summary, run_command, say_finished, with_progress_bar
+from .console import asked_memory, print_summary, run_command, say_finished, with_progress_bar
 
 EXAMPLES = """
 Examples:
@@ -375,7 +375,7 @@ def _dequantize(src, dst, dry_run, quiet, push_to_hub, private, hub_branch, comm
             f"copied, {summary.files_copied} other files; "
             f"{format_size(summary.bytes_in)} in, {format_size(summary.bytes_out)} out in {summary.shards} shard(s); "
             f"{summary.seconds:.1f} s ({format_size(int(summary.bytes_in / max(summary.seconds, 1e-9)))}/s); "
-            f"peak memory {format_size(summary.peak_rss_bytes)}"
+            f"peak memory {format_size(summary.peak_rss_bytes)}{asked_memory(summary)}"
         )
     click.echo(f"wrote {summary.dst}")
 

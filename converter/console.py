@@ -39,6 +39,13 @@ def say_finished(summary) -> None:
                "--overwrite writes it again)")
 
 
+def asked_memory(summary) -> str:
+    """The peak memory of the process that asked transformers, beside the conversion's own."""
+    if not summary.check_peak_rss_bytes:
+        return ""
+    return f" (and {format_size(summary.check_peak_rss_bytes)} in the process asking transformers)"
+
+
 def print_summary(summary) -> None:
     for note in summary.notes:
         click.echo(f"note: {note}")
@@ -48,7 +55,7 @@ def print_summary(summary) -> None:
         f"{summary.fp8_tensors} tensors to FP8, {summary.copied_tensors} copied, {summary.files_copied} other files; "
         f"{format_size(summary.bytes_in)} in, {format_size(summary.bytes_out)} out in {summary.shards} shard(s); "
         f"{summary.seconds:.1f} s ({format_size(int(summary.bytes_in / max(summary.seconds, 1e-9)))}/s); "
-        f"peak memory {format_size(summary.peak_rss_bytes)}"
+        f"peak memory {format_size(summary.peak_rss_bytes)}{asked_memory(summary)}"
     )
 
 

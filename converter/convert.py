@@ -43,6 +43,7 @@ class Summary:
     files_copied: int
     seconds: float
     peak_rss_bytes: int
+    check_peak_rss_bytes: int = 0  # the process that asked transformers, where one was started
     resumed_bytes: int = 0
     finalized: bool = True
     notes: list[str] = field(default_factory=list)
@@ -57,7 +58,10 @@ def prepare(options: ConvertOptions, check_arch_now: bool = True) -> tuple[Sourc
     Returns:
         `(source, plan, notes)`; notes say what could not be checked.
     """
-    source, plan, notes, _ = _prepare(options, check_arch_now, provisional=False)
+    try:
+        source, plan, notes, _ = _prepare(options, check_arch_now, provisional=False)
+    finally:
+        arch.release()
     return source, plan, notes
 
 
@@ -113,17 +117,29 @@ class _PlanChanged(Exception):
     """Transformers' answer on the source's tensors gives another plan than the provisional one being written."""
 
 
-def _arch_check(source: SourceIndex, options: ConvertOptions, plan: Plan, provisional: bool) -> list[str]:
+def _arch_check(source: SourceIndex, options: ConvertOptions, plan: Plan,
+                provisional: bool) -> tuple[list[str], int]:
     """The transformers cross-check, beside the writing. For a `provisional` plan, first transformers' answer on
     the source's tensors (then cached) and the plan it gives: another plan than the one being written raises
-    `_PlanChanged` (the run starts again with it). Returns notes on what could not be checked."""
-    notes = []
-    if provisional:
-        loader, notes = _loader(source, options)
-        if _plan(source, options, loader) != plan:
-            raise _PlanChanged()
-    _note_once(notes, arch.cross_check(plan))
-    return notes
+    `_PlanChanged` (the run starts again with it). Returns notes on what could not be checked, and the peak
+    memory of the process that asked transformers (0 where none was needed)."""
+    try:
+        notes = []
+        if provisional:
+            loader, notes = _loader(source, options)
+            if _plan(source, options, loader) != plan:
+                raise _PlanChanged()
+        _note_once(notes, arch.cross_check(plan))
+    finally:
+        asked_peak = arch.release()
+    return notes, asked_peak
+
+
+def _abandon(arch_check: _Background | None) -> None:
+    """A failed run: the cross-check's question is dropped (its process killed) and its thread waited for."""
+    if arch_check is not None:
+        arch.release(now=True)
+        arch_check.wait()
 
 
 def _note_once(notes: list[str], note: str | None) -> None:
@@ -204,6 +220,7 @@ def _convert(options: ConvertOptions, progress: Progress | None, on_start: Calla
     # beside the writing; its failure stops the lanes at once and removes what this run wrote before anything is
     # moved.
     stop = Stop()
+    check_peak = 0
     arch_check = (_Background(_arch_check, source, options, plan, pending, on_error=stop.fail)
                   if options.arch_check and plan.scheme is not None else None)
     stamp = source_stamp(source)
@@ -232,15 +249,15 @@ def _convert(options: ConvertOptions, progress: Progress | None, on_start: Calla
         manifest.close()
         gone = watcher.all_written(out.staging, [s for s in mine if s.name not in gone])
         if arch_check is not None:
-            for note in arch_check.result():
+            check_notes, check_peak = arch_check.result()
+            for note in check_notes:
                 _note_once(notes, note)
         out.write_text(f"part-{i}-of-{n}.done", identity + "\n")
         claimed.lock.release()
         finalized = finalize_if_complete(out, plan, source, options, notes, removed=gone)
     except (KeyboardInterrupt, PublishError):  # the same command resumes: the uploads' record stays with the work
         claimed.release()
-        if arch_check is not None:
-            arch_check.wait()
+        _abandon(arch_check)
         raise
     except BaseException:
         claimed.release()
@@ -250,8 +267,7 @@ def _convert(options: ConvertOptions, progress: Progress | None, on_start: Calla
             out.abort()
         else:
             _remove_part(out, mine, manifest, i, n)
-        if arch_check is not None:
-            arch_check.wait()
+        _abandon(arch_check)
         raise
     finally:
         if quantizer is not None:
@@ -269,6 +285,7 @@ def _convert(options: ConvertOptions, progress: Progress | None, on_start: Calla
         files_copied=len(plan.files_to_copy) if finalized else 0,
         seconds=time.monotonic() - started,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        check_peak_rss_bytes=check_peak,
         resumed_bytes=resumed_bytes,
         finalized=finalized,
         notes=notes,

@@ -1,0 +1,79 @@
+"""Transformers asked from a child process: the same answers as in-process, the import's files recorded for the
+next child, and a child that dies gives a one-line reason, never a hang."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from converter import arch, arch_process
+
+from .conftest import read_json, tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# a process that never imports transformers itself: the conversion's case
+ASK = """
+import json, sys
+from converter import arch
+config, names = json.load(sys.stdin)
+found = arch.placement(config, names)
+peak = arch.release()
+print(json.dumps({"tensors": found.tensors, "unset": found.unset, "imported_here": "transformers" in sys.modules,
+                  "child_peak": peak}))
+"""
+
+
+def ask_in_fresh_process(config: dict, names: list[str], cache: Path) -> dict:
+    done = subprocess.run([sys.executable, "-c", ASK], input=json.dumps([config, names]), capture_output=True,
+                          text=True, cwd=ROOT, env=dict(os.environ, **{arch.CACHE_ENV: str(cache)}), timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def fp8_config(src: Path) -> tuple[dict, list[str]]:
+    config = read_json(src / "config.json")
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128], "modules_to_not_convert": ["lm_head"]}
+    names = sorted(read_json(src / "model.safetensors.index.json")["weight_map"])
+    return config, names
+
+
+def test_a_child_answers_as_transformers_does_here_and_records_its_import(tmp_path):
+    src = tiny_llama(tmp_path / "llama")
+    config, names = fp8_config(src)
+    cache = tmp_path / "cache"
+    answered = ask_in_fresh_process(config, names, cache)
+    assert answered["imported_here"] is False  # asked of the child
+    assert answered["child_peak"] > 100 * 2**20  # torch and transformers were imported there
+    here = arch._placement(config, names)  # in this process, where transformers is imported
+    assert {n: list(v) for n, v in here["tensors"].items()} == answered["tensors"]
+    assert answered["tensors"]["model.layers.0.mlp.down_proj.weight"][0] == arch.FP8
+    record = list((cache / "imports").glob("*.txt"))
+    assert len(record) == 1
+    opened = record[0].read_text().splitlines()
+    assert any("/transformers/models/llama/" in p for p in opened), opened[:5]
+    # the next child (another question, the record read first) answers the same way
+    config["num_hidden_layers"] = 1
+    again = ask_in_fresh_process(config, [n for n in names if ".layers.1." not in n], cache)
+    assert again["tensors"]["model.layers.0.self_attn.q_proj.weight"][0] == arch.FP8
+    assert again["unset"] and not [p for p in again["unset"] if ".layers.0." not in p]  # one layer built
+
+
+def test_a_child_that_ends_without_answering_says_why(tmp_path):
+    child = arch_process.Child("converter.no_such_module")
+    with pytest.raises(arch_process.ChildGone, match=r"^exit 1: .*No module named converter.no_such_module"):
+        child.ask("placement", [{}, []])
+    child.kill()
+
+
+def test_a_killed_child_gives_an_unknown_answer_not_a_hang(tmp_path, monkeypatch):
+    monkeypatch.delitem(sys.modules, "transformers")  # as in the conversion's process: a child is asked
+    monkeypatch.setattr(arch, "_child", arch_process.Child("converter.no_such_module"))
+    answer = arch._compute("placement", [{}, []])
+    assert answer["cacheable"] is False
+    assert answer["unknown"].startswith("the process asking transformers ended without an answer (exit 1:")
+    assert arch._child is None
