@@ -380,10 +380,10 @@ def first_conversion(args, rows: list, src: Path, label: str) -> None:
                  " / ".join(f"{w:.1f} s" for w, _, _ in laters), " / ".join(memory(r) for r in laters)))
     rows.append((f"the same, a model's first conversion (transformers asked)",
                  " / ".join(f"{w:.1f} s" for w, _, _ in firsts),
-                 " / ".join(f"+{f[0] - l[0]:.1f} s" for f, l in zip(firsts, laters)) + " over the later one it "
+                 " / ".join(f"{f[0] - l[0]:+.1f} s" for f, l in zip(firsts, laters)) + " over the later one it "
                  "alternated with; " + " / ".join(memory(r) for r in firsts)))
     rows.append((f"the same, the very first run in a Python environment (no record of the import's files)",
-                 f"{very_first[0]:.1f} s", f"+{very_first[0] - min(w for w, _, _ in laters):.1f} s over the best "
+                 f"{very_first[0]:.1f} s", f"{very_first[0] - min(w for w, _, _ in laters):+.1f} s over the best "
                  f"later one; {memory(very_first)}"))
 
 

@@ -1,13 +1,15 @@
-"""What a resume costs: a synthetic Llama-shaped checkpoint converted once uninterrupted, then again killed with
-SIGKILL at a fraction of that time and rerun with the same command; prints both times (wall, and CPU: user +
-system, which moves less on a shared machine) and the rerun's share.
+"""What a resume costs: a synthetic Llama-shaped checkpoint converted uninterrupted, then again killed with SIGKILL
+at a fraction of that run's time and rerun with the same command, `--repeat` times interleaved; prints the times
+(wall, and CPU: user + system, which moves less on a shared machine) and each rerun's share of the uninterrupted
+run before it.
 
-    python bench/resume_cost.py --dir /tmp/resume-cost [--layers 24] [--at 0.6] [--repeat 3]
+    python bench/resume_cost.py --dir /tmp/resume-cost [--layers 24] [--at 0.6] [--repeat 3] [--settle 20]
     python bench/resume_cost.py --dir /tmp/resume-cost --src /tmp/convert-fp8-bench/slice-real-mix
 
 `--src` takes an existing checkpoint (the 24-layer real-mix slice of `make bench`) instead of the synthetic one.
 
-Each run drops the page cache first when it can (root), so the rerun reads back its kept pieces from the disk.
+Each timed run follows a sync, a dropped page cache (when it can: root) and `--settle` idle seconds, so the rerun
+reads back its kept pieces from the disk.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def main() -> None:
     parser.add_argument("--at", type=float, default=0.6)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--max-shard-size", default="100MB")
+    parser.add_argument("--settle", type=float, default=20.0, help="idle seconds before each timed run")
     parser.add_argument("--src", type=Path, help="an existing checkpoint to convert (default: a synthetic one)")
     ns = parser.parse_args()
     src = ns.src
@@ -87,28 +90,39 @@ def main() -> None:
     reference, dst = ns.dir / "reference", ns.dir / "out"
     for path in (reference, dst):
         shutil.rmtree(path, ignore_errors=True)
-    clean, clean_cpu = [], []
-    for k in range(ns.repeat):
+    # interleaved: each rerun beside the uninterrupted run before it, each timed run after the same idle time
+    clean, clean_cpu, reruns, rerun_cpu = [], [], [], []
+    first_digest = None
+    for _ in range(ns.repeat):
         shutil.rmtree(reference, ignore_errors=True)
+        settle(ns.settle)
         wall, _, used = run(["--src", str(src), "--dst", str(reference), *common])
         clean.append(wall)
         clean_cpu.append(used)
-    full, full_cpu = min(clean), min(clean_cpu)
-    reruns, rerun_cpu = [], []
-    for _ in range(ns.repeat):
+        first_digest = first_digest or digest(reference)
+        shutil.rmtree(reference, ignore_errors=True)
         shutil.rmtree(dst, ignore_errors=True)
-        _, rc, _ = run(["--src", str(src), "--dst", str(dst), *common], kill_after=full * ns.at)
+        settle(ns.settle)
+        _, rc, _ = run(["--src", str(src), "--dst", str(dst), *common], kill_after=wall * ns.at)
         assert rc == -signal.SIGKILL, f"the run ended (rc {rc}) before the kill: raise --layers"
+        settle(ns.settle)
         wall, _, used = run(["--src", str(src), "--dst", str(dst), *common])
         reruns.append(wall)
         rerun_cpu.append(used)
-        assert digest(dst) == digest(reference), "the resumed output differs from the uninterrupted one"
-    print(f"source {size / 1e6:.0f} MB; uninterrupted {min(clean):.2f}-{max(clean):.2f} s, "
-          f"{min(clean_cpu):.2f}-{max(clean_cpu):.2f} CPU-s; killed at {ns.at:.0%} of {full:.2f} s, rerun "
-          f"{min(reruns):.2f}-{max(reruns):.2f} s ({min(reruns) / full:.2f}-{max(reruns) / full:.2f}x), "
-          f"{min(rerun_cpu):.2f}-{max(rerun_cpu):.2f} CPU-s ({min(rerun_cpu) / full_cpu:.2f}-"
-          f"{max(rerun_cpu) / full_cpu:.2f}x); same bytes")
+        assert digest(dst) == first_digest, "the resumed output differs from the uninterrupted one"
+    pairs = " / ".join(f"{r / c:.2f}x" for r, c in zip(reruns, clean))
+    print(f"source {size / 1e6:.0f} MB; uninterrupted {' / '.join(f'{c:.2f}' for c in clean)} s, "
+          f"{min(clean_cpu):.2f}-{max(clean_cpu):.2f} CPU-s; killed at {ns.at:.0%} of the run before it, rerun "
+          f"{' / '.join(f'{r:.2f}' for r in reruns)} s: {pairs} the uninterrupted run it followed, "
+          f"best {min(reruns) / min(clean):.2f}x the best; "
+          f"{min(rerun_cpu):.2f}-{max(rerun_cpu):.2f} CPU-s ({min(rerun_cpu) / min(clean_cpu):.2f}-"
+          f"{max(rerun_cpu) / min(clean_cpu):.2f}x the least); same bytes")
 
+
+def settle(seconds: float) -> None:
+    """Sync, drop the page cache and idle: a virtual disk may still be writing the run before back."""
+    drop_caches()
+    time.sleep(seconds)
 
 if __name__ == "__main__":
     main()

@@ -108,7 +108,10 @@ def _compute(kind: str, args: list) -> dict:
         return _ANSWER_OF[kind](*args)
     with _child_lock:
         if _child is None:
-            _child = arch_process.Child(__spec__.name if __spec__ else "converter.arch")
+            try:
+                _child = arch_process.Child(__spec__.name if __spec__ else "converter.arch")
+            except OSError:  # no interpreter to start (an embedded Python): asked here, as slowly as that is
+                return _ANSWER_OF[kind](*args)
             atexit.register(_child.kill)
         child = _child
     try:
