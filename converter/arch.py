@@ -376,4 +376,7 @@ def _linear_modules(config: dict, per_expert: list[str]) -> dict:
 _ANSWER_OF = {"placement": _placement, "linear-modules": _linear_modules}
 
 if __name__ == "__main__":
+    # triton compiles GPU kernels, which a model on the meta device never runs; where it is installed torch imports
+    # it, and its library adds about 70 MB to this process
+    sys.modules.setdefault("triton", None)
     arch_process.serve(_ANSWER_OF, arch_process.record_path(cache_dir()))

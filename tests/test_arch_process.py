@@ -12,6 +12,7 @@ import pytest
 from converter import arch, arch_process
 
 from .conftest import read_json, tiny_llama
+from .model_zoo import save_family
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,6 +62,27 @@ def test_a_child_answers_as_transformers_does_here_and_records_its_import(tmp_pa
     again = ask_in_fresh_process(config, [n for n in names if ".layers.1." not in n], cache)
     assert again["tensors"]["model.layers.0.self_attn.q_proj.weight"][0] == arch.FP8
     assert again["unset"] and not [p for p in again["unset"] if ".layers.0." not in p]  # one layer built
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "granitemoe", "deepseek_v3", "gpt2"])
+def test_the_child_answers_as_this_process_for_experts_routers_and_conv1d(model_type, tmp_path, monkeypatch):
+    """The child hides triton from torch (it only compiles GPU kernels): the answers are still transformers' own
+    here, for fused and per-expert experts, routers and GPT-2's Conv1D."""
+    monkeypatch.setenv(arch.CACHE_ENV, str(tmp_path / "cache"))
+    config, names = fp8_config(save_family(model_type, tmp_path / model_type))
+    stored = sorted({n.rpartition(".")[0] for n in names})
+    per_expert = sorted(m for m in stored if arch._PER_EXPERT_LINEAR.match(m))
+    child = arch_process.Child("converter.arch")
+    try:
+        placed = child.ask("placement", [config, names])
+        linears = child.ask("linear-modules", [config, per_expert])
+    finally:
+        child.close()
+    here = arch._placement(config, names)
+    assert placed == json.loads(json.dumps(here))
+    fp8 = [name for name, (role, _, _) in placed["tensors"].items() if role == arch.FP8]
+    assert fp8 if model_type != "gpt2" else not fp8  # GPT-2's Conv1D is not a Linear transformers converts
+    assert linears == arch._linear_modules(config, per_expert) and linears["modules"]
 
 
 def test_a_child_that_ends_without_answering_says_why(tmp_path):
