@@ -333,7 +333,7 @@ def cpu_features() -> str:
 
 def convert_cmd(src: Path, dst: Path) -> list[str]:
     """The conversion timed: without the transformers cross-check, whose answer a model's first conversion
-    computes once (importing transformers and torch in a process of its own: about 5 CPU-s and 420 MiB) and later
+    computes once (importing transformers and torch in a process of its own: about 5 CPU-s and 350 MiB) and later
     ones read from a cache (`first_conversion` measures both)."""
     return [sys.executable, "-m", "converter.cli", "--src", str(src), "--dst", str(dst), "--overwrite", "-q",
             "--no-arch-check"]
