@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -92,10 +94,25 @@ def test_a_child_that_ends_without_answering_says_why(tmp_path):
     child.kill()
 
 
-def test_a_killed_child_gives_an_unknown_answer_not_a_hang(tmp_path, monkeypatch):
-    monkeypatch.delitem(sys.modules, "transformers")  # as in the conversion's process: a child is asked
+def test_a_child_that_dies_gives_an_unknown_answer_not_a_hang(tmp_path, monkeypatch):
+    monkeypatch.delitem(sys.modules, "transformers", raising=False)  # as in the conversion's process: a child is asked
     monkeypatch.setattr(arch, "_child", arch_process.Child("converter.no_such_module"))
     answer = arch._compute("placement", [{}, []])
     assert answer["cacheable"] is False
     assert answer["unknown"].startswith("the process asking transformers ended without an answer (exit 1:")
     assert arch._child is None
+
+
+def test_a_failed_run_kills_the_child_mid_import_and_does_not_wait_for_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(arch.CACHE_ENV, str(tmp_path / "cache"))
+    config, names = fp8_config(tiny_llama(tmp_path / "llama"))
+    monkeypatch.delitem(sys.modules, "transformers", raising=False)  # as in the conversion's process
+    answers = []
+    asking = threading.Thread(target=lambda: answers.append(arch._compute("placement", [config, names])))
+    asking.start()
+    time.sleep(0.5)  # the child is importing torch (seconds)
+    started = time.monotonic()
+    arch.release(now=True)
+    asking.join(5)
+    assert not asking.is_alive() and time.monotonic() - started < 2
+    assert answers[0]["unknown"].startswith("the process asking transformers ended without an answer (exit -9")
