@@ -86,13 +86,7 @@ def _cached(kind: str, args: list) -> dict:
             pass
     answer = _compute(kind, args)
     if path is not None and answer.pop("cacheable", True):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(answer))
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a cache that cannot be written only costs time
+        arch_process.write_cache_file(path, json.dumps(answer))
     return answer
 
 

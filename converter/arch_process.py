@@ -131,13 +131,19 @@ def _record_opens() -> list[str]:
 
 def _save_record(record: Path, opened: list[str]) -> None:
     paths = [p for p in dict.fromkeys(os.path.abspath(p) for p in list(opened)) if os.path.exists(p)]
+    write_cache_file(record, "\n".join(paths) + "\n")  # without one the next import reads its files one by one
+
+
+def write_cache_file(path: Path, text: str) -> None:
+    """Write a file of the cache whole (a reader sees the old file or the new one, never half of one), or nothing
+    where it cannot be written: a cache only saves time."""
     try:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text("\n".join(paths) + "\n")
-        os.replace(tmp, record)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     except OSError:
-        pass  # without a record the next import only reads its files one by one
+        pass
 
 
 def prefetch(record: Path) -> None:

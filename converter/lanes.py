@@ -15,7 +15,8 @@ from .combine import WriteCombiner
 from .configs import DTYPE_SIZES, matrix_shape
 from .manifest import Manifest
 from .plan import COPY, QUANTIZE, ShardPlan, TensorPlan
-from .resume import COPY_BUFFER_BYTES, stripe_keys, usable_copy_pieces, usable_stripe_pieces
+from .resume import (COPY_BUFFER_BYTES, scale_row_bytes, stripe_keys, stripe_offsets, usable_copy_pieces,
+                     usable_stripe_pieces)
 from .source import SourceIndex
 from .reader import DIRECT_ALIGN, AlignedBuffers, TensorReader
 from .stripes import Quantizer
@@ -267,7 +268,7 @@ class QuantizeLane(MainLane):
                 kept += n
                 advance(n)
             weights.append((info, kept_rows.__contains__))
-            places.append((cols, scale.shape[-1] * DTYPE_SIZES[scale.dtype]))
+            places.append((cols, scale_row_bytes(scale)))
             left.append(-(-rows // step) - len(kept_rows))
         for k in (k for k, n in enumerate(left) if n == 0):
             finished(items[k][1])
@@ -286,8 +287,7 @@ class QuantizeLane(MainLane):
                 if stop.is_set():  # looked at after the wait, which a failure elsewhere may have outlasted
                     return kept
                 writer, weight, scale = items[k]
-                cols, scale_row_bytes = places[k]  # the offsets `stripe_keys` records the stripe at
-                start, scale_start = first * cols, first // quantizer.block * scale_row_bytes
+                start, scale_start = stripe_offsets(*places[k], quantizer.block, first)
                 if fp8.nbytes < INLINE_WRITE_BYTES:  # handing it over would cost more than writing it
                     _write_stripe(writer, weight.name, scale.name, start, fp8, scale_start, scale_inv)
                     writing = None

@@ -8,6 +8,7 @@ import errno
 import os
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -72,6 +73,26 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
     raw = np.empty(nbytes + DIRECT_ALIGN, np.uint8)
     shift = -raw.ctypes.data % DIRECT_ALIGN
     return raw[shift:shift + nbytes]
+
+
+def adjacent_runs(items: list, place: Callable[[object], tuple[str, int, int]], max_gap: int, max_bytes: int,
+                  joins: Callable[[object, object], bool] | None = None) -> list[list]:
+    """`items`, in their order, in runs that one read can cover: `place(item)` is `(file, start, end)`; an item
+    joins the run before it when it lies in the same file, starts at most `max_gap` bytes after the run's last
+    item ends (never before), keeps the run within `max_bytes` from its start (a larger item stays alone) and,
+    where given, `joins(last item, item)` agrees."""
+    runs: list[list] = []
+    run_file, run_start, run_end = None, 0, 0
+    for item in items:
+        file, start, end = place(item)
+        if (runs and file == run_file and run_end <= start <= run_end + max_gap and end - run_start <= max_bytes
+                and (joins is None or joins(runs[-1][-1], item))):
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+            run_file, run_start = file, start
+        run_end = end
+    return runs
 
 
 class AlignedBuffers:

@@ -14,7 +14,7 @@ from .configs import DTYPE_SIZES, ConvertOptions, matrix_shape
 from .errors import ConvertError, SourceError
 from .hub import looks_like_repo_id
 from .manifest import Manifest, PartLock, Piece, claim_run
-from .reader import DIRECT_ALIGN, TensorReader, aligned_buffer
+from .reader import DIRECT_ALIGN, TensorReader, adjacent_runs, aligned_buffer
 from .source import SourceIndex, TensorInfo, read_header
 from .stripes import Quantizer
 from .output_dir import OutputDir
@@ -127,15 +127,8 @@ def verified_pieces(manifest: Manifest, staging: Path,
         if info is not None and piece.start + piece.length <= info.nbytes:
             located.append((piece.shard, info.offset + piece.start, key, piece))
     located.sort(key=lambda item: item[:2])
-    spans: list[list[tuple]] = []
-    for item in located:
-        last = spans[-1][-1] if spans else None
-        if (last is not None and last[0] == item[0] and last[1] + last[3].length <= item[1]
-                <= last[1] + last[3].length + CHECK_GAP_BYTES
-                and item[1] + item[3].length - spans[-1][0][1] <= CHECK_SPAN_BYTES):
-            spans[-1].append(item)
-        else:
-            spans.append([item])
+    spans = adjacent_runs(located, lambda item: (item[0], item[1], item[1] + item[3].length), CHECK_GAP_BYTES,
+                          CHECK_SPAN_BYTES)
     if not spans:
         return {}
     folder = SourceIndex(root=staging, config={}, tensors={}, shards=tuple(headers), files_to_copy=())
@@ -188,10 +181,20 @@ def _file_crc(path: Path, offset: int, length: int) -> int | None:
 
 
 def stripe_keys(shard: str, weight, scale, cols: int, block: int, first: int) -> tuple[tuple, tuple]:
-    """Manifest keys of the stripe starting at row `first`: its FP8 bytes and its rows of scales (`block` weight
-    rows per row of scales, of the scale tensor's dtype)."""
-    row_bytes = scale.shape[-1] * DTYPE_SIZES[scale.dtype]
-    return (shard, weight.name, first * cols), (shard, scale.name, first // block * row_bytes)
+    """Manifest keys of the stripe starting at row `first`: its FP8 bytes and its rows of scales."""
+    start, scale_start = stripe_offsets(cols, scale_row_bytes(scale), block, first)
+    return (shard, weight.name, start), (shard, scale.name, scale_start)
+
+
+def stripe_offsets(cols: int, scale_row_bytes: int, block: int, first: int) -> tuple[int, int]:
+    """Where the stripe starting at row `first` lies in its tensors: the byte of its FP8 weight (one byte per
+    value) and of its rows of scales (`block` weight rows per row of scales)."""
+    return first * cols, first // block * scale_row_bytes
+
+
+def scale_row_bytes(scale) -> int:
+    """Bytes of one row of a scale tensor (planned or stored)."""
+    return scale.shape[-1] * DTYPE_SIZES[scale.dtype]
 
 
 def usable_copy_pieces(done: dict, copies) -> dict:

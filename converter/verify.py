@@ -23,7 +23,7 @@ from .dialects.transformers_fp8_reader import renamed_scale
 from .errors import ConvertError
 from .plan import classify, experts_module, module_of
 from .source import SINGLE_FILE_NAME, ShardHeader, SourceIndex, TensorInfo, open_source, read_header
-from .reader import TensorReader
+from .reader import TensorReader, adjacent_runs
 from .verify_data import check_data
 from .verify_report import REPORT_NAME, Problem, TensorStats, VerifyReport, describe_report  # noqa: F401 - re-exported
 
@@ -153,16 +153,8 @@ def _check_scales(out: _Output, fp8: dict[str, TensorInfo], report: VerifyReport
 def _adjacent(scales: list[TensorInfo]) -> list[list[TensorInfo]]:
     """`scales` in runs of consecutive ones of one dtype that follow each other in one shard's file, each run up
     to SCALE_CHECK_BYTES."""
-    runs: list[list[TensorInfo]] = []
-    for info in scales:
-        last = runs[-1][-1] if runs else None
-        if (last is not None and last.shard == info.shard and last.dtype == info.dtype
-                and last.offset + last.nbytes == info.offset
-                and info.offset + info.nbytes - runs[-1][0].offset <= SCALE_CHECK_BYTES):
-            runs[-1].append(info)
-        else:
-            runs.append([info])
-    return runs
+    return adjacent_runs(scales, lambda info: (info.shard, info.offset, info.offset + info.nbytes), 0,
+                         SCALE_CHECK_BYTES, lambda last, info: last.dtype == info.dtype)
 
 
 def _check_scale(reader: TensorReader, info: TensorInfo, report: VerifyReport) -> None:

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from converter.errors import SourceError
 from converter.source import open_source, read_header
-from converter.reader import DIRECT_ALIGN, TensorReader, aligned_buffer
+from converter.reader import DIRECT_ALIGN, TensorReader, adjacent_runs, aligned_buffer
 
 
 def test_headers_give_offsets_that_read_the_right_bytes(gemma_src):
@@ -272,3 +272,13 @@ def test_read_stripe_of_a_shard_cut_short_names_it(stripe_source):
     with TensorReader(source) as reader, pytest.raises(SourceError, match=r"model.safetensors: truncated while "
                                                                           r"reading w.weight$"):
         reader.read_stripe(info, 40000, 30000, buffer)
+
+
+def test_adjacent_runs_join_what_one_read_covers():
+    ranges = [("a", 0, 10), ("a", 10, 20), ("a", 25, 30), ("a", 40, 41), ("b", 41, 50), ("b", 50, 200),
+              ("b", 200, 210), ("b", 205, 215)]
+    runs = adjacent_runs(ranges, lambda r: r, max_gap=5, max_bytes=100)
+    # a gap of 5 is read through, of 10 not; another file, a run past 100 bytes or an overlap starts a new run
+    assert runs == [[("a", 0, 10), ("a", 10, 20), ("a", 25, 30)], [("a", 40, 41)], [("b", 41, 50)],
+                    [("b", 50, 200)], [("b", 200, 210)], [("b", 205, 215)]]
+    assert adjacent_runs(ranges[:2], lambda r: r, 0, 100, joins=lambda last, r: False) == [[ranges[0]], [ranges[1]]]
