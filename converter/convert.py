@@ -234,12 +234,11 @@ def _convert(options: ConvertOptions, progress: Progress | None, on_start: Calla
     try:
         lane = main_lane(source, quantizer)
         gone: set[str] = set()  # shards done elsewhere (uploaded, removed)
+        watcher.check_names(_output_names(plan, source), _copied_gitignore(plan, source))
         if claimed.resumed and not watcher.follows_shards:
-            watcher.check_names(_output_names(plan, source), _copied_gitignore(plan, source))
             resumed_bytes = _write_resumed(out, mine, source, lane, progress, manifest, stop, watcher)
         else:
             done = verified_pieces(manifest, out.staging) if claimed.resumed else {}
-            watcher.check_names(_output_names(plan, source), _copied_gitignore(plan, source))
             gone = watcher.resume(identity, done, mine, out.staging)
             gone_bytes = sum(source.stored_nbytes(t.source) for s in mine if s.name in gone for t in s.tensors
                              if t.action != SCALE)

@@ -247,9 +247,10 @@ def open_source(src: Path, allow_external_links: bool = False) -> SourceIndex:
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise SourceError(f"{index_path}: corrupt index: no 'weight_map'")
-        # each name checked once (an MoE maps tens of thousands of tensors to a few hundred shards); ../x would
-        # read outside the source
-        for shard in [s for s in weight_map.values() if not isinstance(s, str)][:1] or set(weight_map.values()):
+        # each name checked once, in the index's order (an MoE maps tens of thousands of tensors to a few hundred
+        # shards; a value that is no string, unhashable perhaps, fails as it is); ../x would read outside the source
+        named = weight_map.values()
+        for shard in dict.fromkeys(named) if all(isinstance(s, str) for s in named) else named:
             if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
                 raise SourceError(f"{index_path}: corrupt index: {_short(shard)!r} is not a .safetensors file name "
                                   "in the source folder")

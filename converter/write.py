@@ -93,7 +93,6 @@ def _index_json(total_size: int, weight_map: dict[str, str]) -> str:
     return f'{{\n  "metadata": {{\n    "total_size": {int(total_size)}\n  }},\n  "weight_map": {body}\n}}\n'
 
 
-
 def config_json(plan: Plan) -> str:
     return json.dumps(plan.config, indent=2) + "\n"
 
