@@ -341,9 +341,10 @@ def convert_cmd(src: Path, dst: Path) -> list[str]:
 
 def first_conversion(args, rows: list, src: Path, label: str) -> None:
     """A model's first conversion with the transformers cross-check (its answers not cached yet: transformers is
-    asked, in a process of its own) against a later one (answers cached), cold and synced, alternated; then the
-    very first run in a new Python environment, without the record of the files transformers' import reads. A
-    private cache folder; each row's converter peak and the peak of the process asking transformers."""
+    asked, in a process of its own) against a later one (answers cached), cold and synced, alternated; before
+    them the very first run in a new Python environment, without the record of the files transformers' import
+    reads, which it makes. A private cache folder; each row's converter peak and the peak of the process asking
+    transformers."""
     from converter.configs import parse_size
 
     cache, out = args.dir / "arch-cache", args.dir / "out-first"
