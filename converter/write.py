@@ -274,8 +274,9 @@ class ShardWriter:
     def _record(self, pieces: list) -> None:
         self._manifest.record(pieces)
 
-    def _piece(self, name: str, start: int, nbytes: int, crc: int) -> Piece | None:
-        return None if self._manifest is None else Piece(self.shard.name, name, start, nbytes, crc)
+    def _piece(self, name: str, start: int, nbytes: int, crc: Callable[[], int]) -> Piece | None:
+        """The manifest piece of bytes just written; their CRC is computed only where there is a manifest."""
+        return None if self._manifest is None else Piece(self.shard.name, name, start, nbytes, crc())
 
     def credit(self, name: str, nbytes: int) -> None:
         """Count bytes of `name` that an earlier run wrote and that were checked, as written."""
@@ -320,7 +321,7 @@ class ShardWriter:
             self.gate()
         view = memoryview(data).cast("B")
         offset = self._claim(name, start, len(view))
-        piece = None if self._manifest is None else Piece(self.shard.name, name, start, len(view), buffer_crc(view))
+        piece = self._piece(name, start, len(view), lambda: buffer_crc(view))
         if self._combiner is not None and gather and len(view) < _WRITE_BEHIND_MIN:
             self._combiner.add(self, offset, view, piece, name, doing)
         else:
@@ -390,7 +391,7 @@ class ShardWriter:
                 if n == 0:
                     raise WriteError(f"{self.path}: source ended while copying {name}")
                 done += n
-            piece = self._piece(name, start, nbytes, file_crc(self._fd, offset, nbytes)) if self._manifest is not None else None
+            piece = self._piece(name, start, nbytes, lambda: file_crc(self._fd, offset, nbytes))
             self._behind.written(offset, nbytes, [piece] if piece is not None else None)
         except OSError as exc:
             raise os_error(exc, self.path, f"copying {name}") from None
